@@ -1,0 +1,1 @@
+"""fastattn: DiTFastAttn attention compression in pure PyTorch (no ComfyUI, no Reducio import)."""

@@ -1,0 +1,1 @@
+"""Reducio: image-conditioned video VAE and Reducio-DiT, in pure PyTorch (no ComfyUI import)."""

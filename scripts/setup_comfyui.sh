@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Install the two ComfyUI versions the test tiers run against, each with its own venv.
+#
+#   ~/comfy/ComfyUI          v0.8.0  (comfy-cli's default workspace; override with COMFYUI_PATH)
+#   ~/comfy/ComfyUI-0.3.64   v0.3.64 (override with COMFYUI_0364_PATH)
+#
+# ComfyUI is not on PyPI. Where its source is missing this script extracts it from a local git
+# mirror when one exists (COMFYUI_MIRROR / COMFYUI_0364_MIRROR); otherwise it says so loudly
+# and the ComfyUI test tiers report that they could not run.
+# Idempotent: a finished install is marked with .reducio_fastattn_setup_done and skipped.
+set -euo pipefail
+
+PACK_DIR="$(cd "$(dirname "$0")/.." && pwd)"
+COMFY_080="${COMFYUI_PATH:-$HOME/comfy/ComfyUI}"
+COMFY_0364="${COMFYUI_0364_PATH:-$HOME/comfy/ComfyUI-0.3.64}"
+MIRROR_080="${COMFYUI_MIRROR:-/work/.mirror/pollockjj+ComfyUI/repo}"
+MIRROR_0364="${COMFYUI_0364_MIRROR:-/work/.mirror/Comfy-Org+ComfyUI/repo}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+
+extract() {  # extract <mirror> <dest>
+  local mirror="$1" dest="$2"
+  if [ -f "$dest/main.py" ]; then return 0; fi
+  if [ ! -d "$mirror" ]; then
+    echo "!!! ComfyUI source missing at $dest and no mirror at $mirror: ComfyUI tiers cannot run !!!" >&2
+    return 1
+  fi
+  mkdir -p "$dest"
+  git -C "$mirror" archive HEAD -- . ':(exclude)comfy/text_encoders/llama_tokenizer/tokenizer.json' | tar -x -C "$dest"
+}
+
+install_venv() {  # install_venv <comfy dir> [overlay packages...]
+  local dir="$1"; shift
+  if [ -f "$dir/.reducio_fastattn_setup_done" ]; then echo "ComfyUI at $dir: already set up"; return 0; fi
+  [ -x "$dir/venv/bin/python" ] || "$PY" -m venv "$dir/venv"
+  "$dir/venv/bin/pip" install -q --upgrade pip
+  "$dir/venv/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
+  "$dir/venv/bin/pip" install -q -r "$dir/requirements.txt"
+  # requests: imported by app/frontend_management.py but missing from v0.8.0's requirements.
+  "$dir/venv/bin/pip" install -q requests pytest websocket-client einops safetensors numpy
+  if [ "$#" -gt 0 ]; then
+    "$dir/venv/bin/pip" install -q --no-deps --target "$dir/overlay" "$@"
+  fi
+  touch "$dir/.reducio_fastattn_setup_done"
+  echo "ComfyUI at $dir: set up"
+}
+
+status=0
+if extract "$MIRROR_080" "$COMFY_080"; then install_venv "$COMFY_080" || status=1; else status=1; fi
+# v0.3.64 dies at start with the newer templates package: it gets its pinned frontend packages in
+# an overlay folder that the tests put first on PYTHONPATH.
+if extract "$MIRROR_0364" "$COMFY_0364"; then
+  install_venv "$COMFY_0364" comfyui-frontend-package==1.27.10 comfyui-workflow-templates==0.1.95 \
+    comfyui-embedded-docs==0.2.6 || status=1
+else status=1; fi
+exit $status
