@@ -1,0 +1,33 @@
+"""Model folders the pack registers with ComfyUI's ``folder_paths``.
+
+``extra_model_paths.yaml`` is read before custom nodes load and may already have added one of these
+names (pointing at the user's own directory); we then append our default folder instead of
+replacing theirs, and widen the extension set to what we accept.
+"""
+from __future__ import annotations
+
+import os
+
+REDUCIO_FOLDER = "reducio"                 # Reducio VAE and Reducio-DiT checkpoints
+PLANS_FOLDER = "ditfastattn_plans"         # DiTFastAttn plans (JSON)
+PLAN_EXTENSIONS = {".json"}
+
+
+def register_model_folder(name: str, extensions: set[str] | None = None) -> None:
+    """Register ``models/<name>`` (idempotent); keep folders that extra_model_paths.yaml added."""
+    import folder_paths
+
+    if extensions is None:
+        extensions = set(folder_paths.supported_pt_extensions)
+    default_dir = os.path.join(folder_paths.models_dir, name)
+    entry = folder_paths.folder_names_and_paths.get(name)
+    if entry is None:
+        folder_paths.folder_names_and_paths[name] = ([default_dir], set(extensions))
+        return
+    paths, existing_extensions = entry
+    if default_dir not in paths:
+        paths.append(default_dir)
+    # add_model_folder_path creates names with an empty extension set, which matches every file;
+    # keep that, otherwise widen the set.
+    if existing_extensions:
+        existing_extensions.update(extensions)
