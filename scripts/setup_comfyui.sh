@@ -47,4 +47,10 @@ if extract "$MIRROR_080" "$COMFY_080"; then install_venv "$COMFY_080" || status=
 # Each version gets its own venv, so v0.3.64 keeps its own pinned frontend and templates packages
 # (it dies at start with 0.8.0's newer templates package).
 if extract "$MIRROR_0364" "$COMFY_0364"; then install_venv "$COMFY_0364" || status=1; else status=1; fi
+# comfy-cli in its own venv (`comfy node validate`, `comfy run --workflow`); tests use it when present.
+CLI_VENV="${COMFY_CLI_VENV:-$HOME/comfy/cli-venv}"
+if [ ! -x "$CLI_VENV/bin/comfy" ]; then
+  "$PY" -m venv "$CLI_VENV" && "$CLI_VENV/bin/pip" install -q comfy-cli || status=1
+fi
+[ -x "$CLI_VENV/bin/comfy" ] && "$CLI_VENV/bin/comfy" --skip-prompt tracking disable >/dev/null 2>&1 || true
 exit $status
