@@ -156,6 +156,6 @@ class DiTFastAttnCalibrate(io.ComfyNode):
         text += f"\ncalibration: {session.search.forward_count} trial evaluations over {plan.num_steps} denoiser evaluations"
         if saved:
             text += f"\nsaved: models/ditfastattn_plans/{saved}"
-        image = method_map_image([list(row) for row in plan.methods], plan.metadata.layer_names)
+        image = method_map_image(plan)
         log.info("%s", text.replace("\n", " | "))
         return io.NodeOutput(plan, image, text, latent, ui=ui.PreviewText(text))

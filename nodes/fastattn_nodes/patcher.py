@@ -206,14 +206,14 @@ def _make_override(spec_holder: list):
         q, k, v = args[0], args[1], args[2]
         skip_output_reshape = kwargs.get("skip_output_reshape", False)
         base_kwargs = {key: value for key, value in kwargs.items() if key not in ("skip_output_reshape",)}
-        rest = args[4:]
+        rest = args[3:]              # heads (when positional), mask, ...
 
         def full_attention(qq, kk, vv):
             # Output in the input layout; the chained override (if any) does the work.
             call_kwargs = dict(base_kwargs, skip_output_reshape=(layout == "bhld"))
             if previous is not None:
-                return previous(func, qq, kk, vv, heads, *rest, **call_kwargs)
-            return func(qq, kk, vv, heads, *rest, **call_kwargs)
+                return previous(func, qq, kk, vv, *rest, **call_kwargs)
+            return func(qq, kk, vv, *rest, **call_kwargs)
 
         try:
             out = run.attend(layer=layer, q=q, k=k, v=v, heads=heads, layout=layout,

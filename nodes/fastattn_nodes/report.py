@@ -10,19 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Optional
 
 import torch
 
-METHOD_COLOURS = {
-    "full_attn": (0.85, 0.85, 0.85),
-    "output_share": (0.20, 0.45, 0.85),
-    "residual_window_attn": (0.30, 0.70, 0.35),
-    "full_attn+cfg_attn_share": (0.95, 0.70, 0.20),
-    "residual_window_attn+cfg_attn_share": (0.60, 0.35, 0.75),
-    "residual_window_attn+without_residual": (0.85, 0.30, 0.30),
-}
 SHORT_NAMES = {
     "full_attn": "full",
     "output_share": "AST",
@@ -108,31 +100,14 @@ def build_run_report(spec, run, sampler_name: Optional[str]) -> RunReport:
         full_estimate_seconds=estimate, compressible_calls=len(calls), notes=notes)
 
 
-def method_map_image(methods, layer_names=None, cell: int = 12) -> torch.Tensor:
-    """IMAGE ``[1, H, W, 3]``: one row per layer, one column per step, coloured by method, with
-    a legend strip at the bottom (one swatch per method, in METHOD_COLOURS order)."""
-    steps = len(methods)
-    layers = len(methods[0]) if steps else 0
-    height = max(1, layers) * cell
-    legend_h = cell * 2
-    width = max(steps * cell, len(METHOD_COLOURS) * cell * 2)
-    image = torch.ones(height + legend_h, width, 3)
-    for t, row in enumerate(methods):
-        for i, method in enumerate(row):
-            colour = METHOD_COLOURS.get(method if isinstance(method, str) else "full_attn", (0, 0, 0))
-            image[i * cell:(i + 1) * cell - 1, t * cell:(t + 1) * cell - 1] = torch.tensor(colour)
-    for j, colour in enumerate(METHOD_COLOURS.values()):
-        x0 = j * cell * 2
-        image[height + cell // 2:height + cell // 2 + cell, x0:x0 + cell] = torch.tensor(colour)
-    return image.unsqueeze(0)
+def method_map_image(plan) -> torch.Tensor:
+    """The plan's method map (rows = layers, columns = evaluations) as an IMAGE ``[1, H, W, 3]``."""
+    from ...fastattn.report import method_map
+
+    return torch.from_numpy(method_map(plan)).unsqueeze(0).clamp(0, 1)
 
 
 def plan_summary(plan) -> str:
-    counts = plan.method_counts()
-    total = sum(counts.values()) or 1
-    meta = plan.metadata
-    parts = [f"{SHORT_NAMES.get(m, m)} {100 * n / total:.0f}%" for m, n in counts.items()]
-    per_layer = defaultdict(list)
-    return (f"DiTFastAttn plan: {meta.architecture or '?'} model, {plan.num_steps} evaluations x "
-            f"{plan.num_layers} layers, sampler {meta.sampler or '?'}, cfg {meta.cfg_scale}, "
-            f"threshold {meta.threshold}; methods: " + ", ".join(parts))
+    from ...fastattn.report import legend_text, summarize
+
+    return summarize(plan).text + "\n" + legend_text(plan)

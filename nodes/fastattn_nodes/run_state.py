@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import torch
 
 from ...fastattn.methods import parse_method
-from ...fastattn.runtime import CfgRows, FastAttnRuntime
+from ...fastattn.runtime import FastAttnRuntime
+from ...fastattn.windows import CallInfo
 from ...fastattn.state import FastAttnState
 
 FULL = "full_attn"
@@ -57,15 +58,13 @@ class RunState:
         self.cache = FastAttnState()
         self._needs_residual = needs_residual
         self.runtime = FastAttnRuntime(
-            methods_for=self._runtime_method,
+            methods_for=self.method_for,
             window=window_for,
             needs_residual=self._runtime_needs_residual,
             state=self.cache,
             on_missing_cache="full",
+            share_cfg_across_calls=True,
         )
-        # Split CFG (cond and uncond in separate model calls): the cond call's output and
-        # residual of the current evaluation, per layer, for the uncond call to reuse.
-        self.cfg_shared: dict[str, tuple[int, torch.Tensor, Optional[torch.Tensor]]] = {}
         self.stats = RunStats()
         self.measure_time = measure_time
         self.token_grid: Optional[tuple[int, ...]] = None
@@ -74,20 +73,14 @@ class RunState:
         # steps, calibration trials included): the baseline of the report's time comparison.
         self.full_times: dict[str, list[float]] = {}
 
-    # Layer keys inside the runtime are (layer name, cond/uncond chunk signature): when cond and
-    # uncond run in separate calls each has its own AST output and WA-RS residual.
-    def _runtime_method(self, step: int, layer_key) -> str:
-        return self.method_for(step, layer_key[0])
-
-    def _runtime_needs_residual(self, step: int, layer_key) -> bool:
+    def _runtime_needs_residual(self, step: int, layer) -> bool:
         if self._needs_residual is None:
             return True
-        return self._needs_residual(step, layer_key[0])
+        return self._needs_residual(step, layer)
 
     def begin_evaluation(self, sigma: Optional[float]) -> int:
         self.evaluation += 1
         self.evaluation_sigmas.append(float(sigma) if sigma is not None else math.nan)
-        self.cfg_shared.clear()
         return self.evaluation
 
     def snapshot(self):
@@ -95,60 +88,52 @@ class RunState:
         caches = {key: (self.cache.layer(key).cached_output, self.cache.layer(key).cached_residual)
                   for key in list(self.cache.keys())}
         stash = dict(getattr(self.cache, "cfg_share_stash", {}))
-        return caches, stash, dict(self.cfg_shared), len(self.stats.calls)
+        return caches, stash, len(self.stats.calls)
 
     def restore(self, snap) -> None:
-        caches, stash, shared, n_calls = snap
+        caches, stash, n_calls = snap
         for key in list(self.cache.keys()):
             layer = self.cache.layer(key)
             layer.cached_output, layer.cached_residual = caches.get(key, (None, None))
         if hasattr(self.cache, "cfg_share_stash"):
             self.cache.cfg_share_stash.clear()
             self.cache.cfg_share_stash.update(stash)
-        self.cfg_shared = shared
         del self.stats.calls[n_calls:]
 
     def free(self) -> None:
         self.cache.reset()
-        self.cfg_shared.clear()
 
     # ------------------------------------------------------------------------------------
     def attend(self, *, layer: str, q, k, v, heads: int, layout: str, cond_or_uncond,
                full_attention, prefix_tokens: int, suffix_tokens: int, token_grid):
-        """Run one compressible attention call through the DiTFastAttn runtime."""
+        """Run one compressible attention call through the DiTFastAttn runtime.
+
+        The runtime keys its caches by (layer, cond/uncond rows), so cond and uncond calls that
+        ComfyUI splits keep separate AST outputs and residuals, and an uncond-only call of an
+        ASC step reuses the cond-only call's output of the same evaluation.
+        """
         step = self.evaluation
         method = parse_method(self.method_for(step, layer))
         batch = q.shape[0]
-        chunks = tuple(cond_or_uncond) if cond_or_uncond else ()
-        key = (layer, chunks)
+        chunks = [int(c) for c in cond_or_uncond] if cond_or_uncond else None
         self._call_rows = batch      # full-attention times are scaled to the whole call batch
         start = time.perf_counter() if self.measure_time else 0.0
         if self.measure_time:
             full_attention = self._timed(full_attention, layer)
 
-        only_uncond = bool(chunks) and all(c == 1 for c in chunks)
-        shared = self.cfg_shared.get(layer) if (method.cfg_share and only_uncond) else None
-        if shared is not None and shared[0] == step and shared[1].shape == _out_shape(q, v, layout):
-            # ASC across split calls: the cond call of this evaluation already ran this layer.
-            out = shared[1]
-            cache = self.cache.layer(key)
-            cache.cached_output = out
-            if shared[2] is not None:
-                cache.cached_residual = shared[2]
-            computed_rows = 0
-        else:
-            cfg_rows = CfgRows.from_cond_or_uncond(list(chunks), batch) if chunks else None
-            out = self.runtime(q, k, v, layer=key, step=step, heads=heads, layout=layout,
-                               cfg_rows=cfg_rows, full_attention=full_attention,
-                               token_grid=token_grid, prefix_tokens=prefix_tokens,
-                               suffix_tokens=suffix_tokens)
-            computed_rows = batch
-            if method.cfg_share and chunks and cfg_rows is not None and 1 in chunks and 0 in chunks:
-                computed_rows = batch * sum(1 for c in chunks if c == 0) // len(chunks)
-            if chunks and all(c == 0 for c in chunks):
-                cache = self.cache.layer(key)
-                self.cfg_shared[layer] = (step, out, cache.cached_residual)
-
+        computed_rows = batch
+        if method.cfg_share and chunks:
+            conds = sum(1 for c in chunks if c == 0)
+            if conds == 0:
+                stashed = self.cache.cfg_share_stash.get(layer)
+                if stashed is not None and stashed[0] == step:
+                    computed_rows = 0            # reused from the cond call of this evaluation
+            elif conds < len(chunks):
+                computed_rows = batch * conds // len(chunks)
+        out = self.runtime(q, k, v, layer=layer, step=step, heads=heads, layout=layout,
+                           cfg_rows=chunks, full_attention=full_attention,
+                           token_grid=token_grid, prefix_tokens=prefix_tokens,
+                           suffix_tokens=suffix_tokens)
         if self.measure_time:
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
@@ -189,19 +174,11 @@ class RunState:
             if method.window:
                 kept = dense * rows * window_fraction
             else:
-                refresh = window_fraction if self._runtime_needs_residual(step, (layer, ())) else 0.0
+                refresh = window_fraction if self._runtime_needs_residual(step, layer) else 0.0
                 kept = dense * rows * (1.0 + refresh)
         return CallRecord(step, layer, str(method), seconds, dense, kept)
 
     def window_fraction(self, seq, prefix, suffix, grid) -> float:
-        window = self.runtime.window_for_call(seq, prefix, suffix, grid) \
-            if hasattr(self.runtime, "window_for_call") else None
-        if window is None:
-            return 1.0
-        return float(window.kept_fraction(seq))
+        info = CallInfo(None, self.evaluation, seq, tuple(grid) if grid else None, prefix, suffix)
+        return float(self.runtime.window_for(info).kept_fraction(seq))
 
-
-def _out_shape(q, v, layout):
-    if layout == "bhld":
-        return (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-    return (q.shape[0], q.shape[1], v.shape[2])
