@@ -40,7 +40,7 @@ def tiny_wan(seed=0, **kw):
 def flux_config(hidden=64, double=2, single=2, heads=4):
     import comfy.ldm.flux.model as flux_model
 
-    cfg = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=32,
+    cfg = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=32,
                hidden_size=hidden, mlp_ratio=2, num_heads=heads, depth=double, depth_single_blocks=single,
                axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False)
     if "txt_ids_dims" in inspect.signature(flux_model.FluxParams).parameters:
@@ -102,3 +102,55 @@ def video_latent(batch=1, frames=3, size=8):
 
 def image_latent(batch=1, channels=16, size=8):
     return {"samples": torch.zeros(batch, channels, size, size)}
+
+
+class PackModules:
+    """The pack's DiTFastAttn modules as ComfyUI's loader imported them (package name is a path)."""
+
+    def __init__(self, comfy):
+        import sys
+
+        base = comfy.pack_module.__name__ + ".nodes.fastattn_nodes"
+        import importlib
+
+        self.nodes_pkg = importlib.import_module(base)
+        self.patcher = importlib.import_module(base + ".patcher")
+        self.apply_node = importlib.import_module(base + ".apply_node")
+        self.calibrate_node = importlib.import_module(base + ".calibrate_node")
+        self.plan_io = importlib.import_module(base + ".plan_io_nodes")
+        self.report_node = importlib.import_module(base + ".report_node")
+        self.families = importlib.import_module(base + ".families")
+        self.fastattn_plan = importlib.import_module(comfy.pack_module.__name__ + ".fastattn.plan")
+        self.comfy = comfy
+        self._sys = sys
+
+    @property
+    def Plan(self):
+        return self.fastattn_plan.Plan
+
+    @property
+    def PlanMismatchError(self):
+        return self.fastattn_plan.PlanMismatchError
+
+    def sample(self, model, pos, neg, latent, *, steps=4, cfg=2.0, sampler="euler", scheduler="simple",
+               seed=0, denoise=1.0):
+        (out,) = self.comfy.nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, pos, neg, latent,
+                                                  denoise=denoise)
+        return out["samples"]
+
+    def calibrate(self, model, pos, neg, latent, *, steps=4, cfg=2.0, sampler="euler", scheduler="simple",
+                  seed=0, denoise=1.0, threshold=0.1, **kw):
+        plan, out, session = self.calibrate_node.calibrate_plan(
+            model, positive=pos, negative=neg, latent=latent, seed=seed, steps=steps, cfg=cfg,
+            sampler_name=sampler, scheduler=scheduler, denoise=denoise, threshold=threshold, **kw)
+        return plan, out["samples"], session
+
+    def apply(self, model, plan, **kw):
+        return self.apply_node.patch_model_with_plan(model, plan, **kw)
+
+    def full_plan(self, model, steps, sampler="euler"):
+        """An all-full_attn plan for ``model`` (no metadata checks beyond layers)."""
+        family = self.families.detect_family(model)
+        layers = family.layer_names(model.model.diffusion_model)
+        return self.Plan([["full_attn"] * len(layers) for _ in range(steps)],
+                         {"layer_names": layers, "architecture": family.name})
