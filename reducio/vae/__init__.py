@@ -1,0 +1,9 @@
+"""The Reducio video VAE in pure PyTorch (inference only). See docs/reducio_vae.md."""
+from .config import OFFICIAL_PARAM_COUNTS, official_config
+from .hooks import ReducioInterrupted, StepHooks
+from .model import ReducioVAE
+from .posterior import DiagonalGaussian, normalize_latent
+from .tiling import TileLayout
+
+__all__ = ["ReducioVAE", "DiagonalGaussian", "normalize_latent", "official_config", "OFFICIAL_PARAM_COUNTS",
+           "ReducioInterrupted", "StepHooks", "TileLayout"]
