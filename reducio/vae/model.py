@@ -307,15 +307,17 @@ class ReducioVAE(nn.Module):
     # ------------------------------------------------------------------ loading / memory
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "ReducioVAE":
+                        dtype: torch.dtype = torch.float32, config: Optional[dict] = None) -> "ReducioVAE":
         """Load official or converted weights (.ckpt / .pt / .safetensors) safely and strictly.
 
         The configuration comes from the safetensors metadata when present, otherwise it is detected
-        from the weights (ft4 vs ft2). Pickled files are read with ``weights_only=True``.
+        from the weights (ft4 vs ft2); ``config`` (constructor kwargs) overrides both, for custom
+        models. Pickled files are read with ``weights_only=True``; ``loss.*`` tensors are dropped.
+        Raises :class:`reducio.vae.checkpoint.CheckpointError` for unusable files.
         """
         from .checkpoint import load_model
 
-        return load_model(cls, path, device=device, dtype=dtype)
+        return load_model(cls, path, device=device, dtype=dtype, config=config)
 
     def estimate_memory(self, op: str, frames: int = 16, height: int = 256, width: int = 256, batch: int = 1,
                         dtype: Optional[torch.dtype] = None, tiling: Optional[bool] = None,
