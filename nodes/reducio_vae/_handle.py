@@ -91,23 +91,50 @@ class ReducioVAEHandle:
         return torch.cat(outputs, dim=0)
 
     # -- internals ----------------------------------------------------------------------------
-    def _attempts(self, tiling: str, height: int, width: int):
-        """(tiling, tile_size) settings to try in order: the requested one, then smaller footprints."""
+    def _estimate(self, kind: str, frames: int, pixel_hw: tuple[int, int], tiled: bool,
+                  tile_size: Optional[int]) -> int:
+        """Activation bytes (weights excluded) of one encode/decode call, from the reducio package."""
+        from ...reducio.vae import estimate_memory
+
+        return estimate_memory(self.model, kind, frames=frames, height=pixel_hw[0], width=pixel_hw[1], batch=1,
+                               dtype=self.dtype, tiling=tiled, tile_size=tile_size, include_weights=False)
+
+    def _first_attempt(self, kind: str, frames: int, pixel_hw: tuple[int, int], tiling: str):
+        """Load the weights and pick (tiled, tile_size): as asked, or for 'auto' what fits in memory."""
+        import comfy.model_management as mm
+        from ...reducio.vae import choose_tile_size
+
         if tiling not in TILING_MODES:
             raise ValueError(f"tiling must be one of {TILING_MODES}, got {tiling!r}")
+        factor = self.geometry.spatial_factor
+        padded = tuple(-(-side // factor) * factor for side in pixel_hw)
         if tiling == TILING_AUTO:
-            # The official rule: tile when the (padded) frame exceeds one tile window (320 px).
-            factor = self.geometry.spatial_factor
-            first = self.model.tile_layout().needs_tiling(-(-height // factor) * factor, -(-width // factor) * factor)
+            # The official rule first: tile when the padded frame exceeds one tile window (320 px).
+            tiled = self.model.tile_layout().needs_tiling(*padded)
         else:
-            first = tiling == TILING_ON
-        yield first, None
-        # Fallbacks (out of memory): the model's own tiles, then halved tiles down to the smallest
-        # size whose window still lines up with the latent grid (4 latent positions).
-        if not first:
+            tiled = tiling == TILING_ON
+        mm.load_models_gpu([self.patcher], memory_required=self._estimate(kind, frames, pixel_hw, tiled, None))
+        if tiling != TILING_AUTO:
+            return tiled, None
+        # Then memory: if the weights are loaded and the run still does not fit, use the largest
+        # tiles that do (the estimate is per clip; clips run one after another).
+        budget = mm.get_free_memory(self.load_device) + self.weight_bytes
+        try:
+            tile_size = choose_tile_size(self.model, kind, frames, pixel_hw[0], pixel_hw[1], budget,
+                                         dtype=self.dtype, min_tile=4 * factor)
+        except ValueError:
+            return True, None   # nothing is predicted to fit; try anyway, the fallbacks follow
+        if tile_size is None or (tiled and tile_size >= self.model.tile_sample_min_size):
+            return tiled, None
+        return True, tile_size
+
+    def _fallbacks(self, tiled: bool, tile_size: Optional[int]):
+        """Smaller footprints to try after out-of-memory: tiling on, then halved tiles down to the
+        smallest size whose window still lines up with the latent grid (4 latent positions)."""
+        if not tiled:
             yield True, None
         smallest = 4 * self.geometry.spatial_factor
-        size = self.model.tile_sample_min_size // 2
+        size = (tile_size or self.model.tile_sample_min_size) // 2
         while size >= smallest and size % smallest == 0:
             yield True, size
             size //= 2
@@ -115,13 +142,12 @@ class ReducioVAEHandle:
     def _run(self, kind: str, frames: int, pixel_hw: tuple[int, int], tiling: str, run) -> torch.Tensor:
         import comfy.model_management as mm
 
-        attempts = list(self._attempts(tiling, *pixel_hw))
+        first = self._first_attempt(kind, frames, pixel_hw, tiling)
+        attempts = [first, *self._fallbacks(*first)]
         for number, (tiled, tile_size) in enumerate(attempts):
-            needed = self.model.estimate_memory(kind, frames=self.geometry.clip_frames, height=pixel_hw[0],
-                                                width=pixel_hw[1], batch=1, dtype=self.dtype, tiling=tiled,
-                                                tile_size=tile_size)
-            mm.load_models_gpu([self.patcher], memory_required=max(needed - self.weight_bytes, 0))
-            out_of_memory = False
+            if number > 0:
+                mm.load_models_gpu([self.patcher],
+                                   memory_required=self._estimate(kind, frames, pixel_hw, tiled, tile_size))
             try:
                 with warnings.catch_warnings():
                     # The nodes already checked the 0..1 IMAGE range; the package's "no negative
@@ -132,16 +158,13 @@ class ReducioVAEHandle:
             except mm.OOM_EXCEPTION:
                 if number + 1 == len(attempts):
                     raise
-                out_of_memory = True
-            if out_of_memory:
-                # Outside the except block so the failed attempt's tensors can be freed (as comfy.sd.VAE).
-                next_tiled, next_size = attempts[number + 1]
-                log.warning("Reducio VAE %s ran out of memory (tiling=%s, tile size=%s); retrying with tiling, "
-                            "tile size %s.", kind, tiled, tile_size or "default",
-                            next_size or self.model.tile_sample_min_size)
-                gc.collect()
-                mm.soft_empty_cache(True)
-        raise AssertionError("unreachable")
+            # Outside the except block, so the failed attempt's tensors can be freed (as comfy.sd.VAE).
+            next_size = attempts[number + 1][1] or self.model.tile_sample_min_size
+            log.warning("Reducio VAE %s ran out of memory (tiling=%s, tile size %s); retrying with tiling, tile "
+                        "size %s.", kind, tiled, tile_size or self.model.tile_sample_min_size, next_size)
+            gc.collect()
+            mm.soft_empty_cache(True)
+        raise AssertionError("unreachable: the last attempt either returns or raises")
 
 
 def _comfy_interrupt() -> bool:

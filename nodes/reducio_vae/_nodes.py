@@ -1,6 +1,9 @@
 """V3 nodes of the Reducio VAE: loader, encode (frames -> motion latent) and decode."""
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from .._compat import io
@@ -50,18 +53,31 @@ def _check_handle(node: str, vae) -> None:
         raise ValueError(f"{node}: 'vae' must come from Load Reducio VAE (a REDUCIO_VAE), got {type(vae).__name__}.")
 
 
+def sidecar_config_path(path: str) -> str | None:
+    """``<checkpoint name>.json`` beside the checkpoint, if present: the model configuration for
+    pickled checkpoints of non-official configurations (safetensors files carry it in metadata)."""
+    candidate = os.path.splitext(path)[0] + ".json"
+    return candidate if os.path.isfile(candidate) else None
+
+
 def load_reducio_vae(path: str, name: str, dtype: torch.dtype) -> torch.nn.Module:
     """Load a checkpoint with the reducio package; any failure becomes one clear error and nothing
     is kept (the module only exists once every weight has loaded strictly)."""
     from ...reducio import ReducioVAE as ReducioVAEModel
+    from ...reducio.vae.checkpoint import load_model
 
     try:
-        return ReducioVAEModel.from_pretrained(path, device="cpu", dtype=dtype)
+        config_path = sidecar_config_path(path)
+        if config_path is None:
+            return ReducioVAEModel.from_pretrained(path, device="cpu", dtype=dtype)
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        return load_model(ReducioVAEModel, path, device="cpu", dtype=dtype, config=config)
     except Exception as error:  # noqa: BLE001 - re-raised with the file name and the fix
         raise ValueError(
-            f"ReducioVAELoader: cannot load {name!r} as a Reducio VAE: {type(error).__name__}: {error}. "
-            "Expected the official microsoft/Reducio-VAE checkpoint (reducio-ft4/ft2-fs32-attn23.ckpt) or a "
-            ".safetensors conversion of it; a Reducio-DiT checkpoint goes into the Reducio-DiT loader.") from error
+            f"ReducioVAELoader: cannot load {name!r} as a Reducio VAE: {type(error).__name__}: {error}. Expected "
+            "the official microsoft/Reducio-VAE checkpoint (reducio-ft4-fs32-attn23.ckpt or -ft2-) or a "
+            ".safetensors conversion of it (a Reducio-DiT checkpoint goes into the Reducio-DiT loader).") from error
 
 
 class ReducioVAELoader(io.ComfyNode):
@@ -170,7 +186,7 @@ class ReducioVAEDecode(io.ComfyNode):
             display_name="Reducio VAE Decode",
             category=CATEGORY,
             description=("Decodes a Reducio motion latent back to video frames, using the content frame of each "
-                         f"{CLIP_FRAMES}-frame clip. Output frames have the content frame's size."),
+                         "16-frame clip. Output frames have the content frame's size."),
             inputs=[
                 ReducioVAE.Input("vae", tooltip="The Reducio VAE from Load Reducio VAE (the one that made the latent)."),
                 io.Latent.Input("motion_latent", tooltip="Reducio motion latent from Reducio VAE Encode, Load Latent or "
