@@ -126,7 +126,7 @@ def test_ui_workflow_matches_object_info_and_its_api_twin(server, api_name):
     links = {link[0]: link for link in ui["links"]}
     assert ui["last_link_id"] >= max(links) and ui["last_node_id"] >= max(nodes)
     graph_nodes = {nid: n for nid, n in nodes.items() if n["type"] not in ("Note", "MarkdownNote")}
-    assert sorted(str(n) for n in graph_nodes) == sorted(api, key=int)
+    assert sorted(graph_nodes) == sorted(int(n) for n in api)
     for node_id, node in graph_nodes.items():
         api_node = api[str(node_id)]
         assert node["type"] == api_node["class_type"] in info
