@@ -211,9 +211,10 @@ class ReducioVAEDecode(io.ComfyNode):
             description=("Decodes a Reducio motion latent back to video frames, using the content frame of each "
                          "16-frame clip. Output frames have the content frame's size."),
             inputs=[
-                ReducioVAE.Input("vae", tooltip="The Reducio VAE from Load Reducio VAE (the one that made the latent)."),
-                io.Latent.Input("motion_latent", tooltip="Reducio motion latent from Reducio VAE Encode, Load Latent or "
-                                                         "a Reducio-DiT sampler: [B, C, clips x T', h, w]."),
+                ReducioVAE.Input("vae", tooltip="The Reducio VAE from Load Reducio VAE (the one that made the "
+                                                "latent)."),
+                io.Latent.Input("motion_latent", tooltip="Reducio motion latent from Reducio VAE Encode, Load Latent "
+                                                         "or a Reducio-DiT sampler: [B, C, clips x T', h, w]."),
                 io.Image.Input("content", tooltip="Content frame(s): one per 16-frame clip in the latent (Reducio VAE "
                                                   "Encode's content_frames), or one frame for all clips. Its size "
                                                   "sets the output size and must match the latent (up to 32 px)."),
