@@ -5,6 +5,13 @@ PyTorch packages ``reducio`` and ``fastattn`` never import ComfyUI and can be us
 the nodes reach them through relative imports (``from ..reducio import ...``), because ComfyUI has
 a top-level module of its own named ``nodes``.
 """
-from .nodes import comfy_entrypoint  # noqa: F401
+import importlib.util
+
+if importlib.util.find_spec("comfy_api") is not None:
+    from .nodes import comfy_entrypoint  # noqa: F401
+else:
+    # Imported outside ComfyUI (e.g. by pytest while collecting the pure tests): there is no node
+    # API to register with, and the pure packages are importable on their own.
+    comfy_entrypoint = None
 
 __all__ = ["comfy_entrypoint"]

@@ -29,8 +29,8 @@ extract() {  # extract <mirror> <dest>
   git -C "$mirror" archive HEAD -- . ':(exclude)comfy/text_encoders/llama_tokenizer/tokenizer.json' | tar -x -C "$dest"
 }
 
-install_venv() {  # install_venv <comfy dir> [overlay packages...]
-  local dir="$1"; shift
+install_venv() {  # install_venv <comfy dir>
+  local dir="$1"
   if [ -f "$dir/.reducio_fastattn_setup_done" ]; then echo "ComfyUI at $dir: already set up"; return 0; fi
   [ -x "$dir/venv/bin/python" ] || "$PY" -m venv "$dir/venv"
   "$dir/venv/bin/pip" install -q --upgrade pip
@@ -38,19 +38,19 @@ install_venv() {  # install_venv <comfy dir> [overlay packages...]
   "$dir/venv/bin/pip" install -q -r "$dir/requirements.txt"
   # requests: imported by app/frontend_management.py but missing from v0.8.0's requirements.
   "$dir/venv/bin/pip" install -q requests pytest websocket-client einops safetensors numpy
-  if [ "$#" -gt 0 ]; then
-    "$dir/venv/bin/pip" install -q --no-deps --target "$dir/overlay" "$@"
-  fi
   touch "$dir/.reducio_fastattn_setup_done"
   echo "ComfyUI at $dir: set up"
 }
 
 status=0
 if extract "$MIRROR_080" "$COMFY_080"; then install_venv "$COMFY_080" || status=1; else status=1; fi
-# v0.3.64 dies at start with the newer templates package: it gets its pinned frontend packages in
-# an overlay folder that the tests put first on PYTHONPATH.
-if extract "$MIRROR_0364" "$COMFY_0364"; then
-  install_venv "$COMFY_0364" comfyui-frontend-package==1.27.10 comfyui-workflow-templates==0.1.95 \
-    comfyui-embedded-docs==0.2.6 || status=1
-else status=1; fi
+# Each version gets its own venv, so v0.3.64 keeps its own pinned frontend and templates packages
+# (it dies at start with 0.8.0's newer templates package).
+if extract "$MIRROR_0364" "$COMFY_0364"; then install_venv "$COMFY_0364" || status=1; else status=1; fi
+# comfy-cli in its own venv (`comfy node validate`, `comfy run --workflow`); tests use it when present.
+CLI_VENV="${COMFY_CLI_VENV:-$HOME/comfy/cli-venv}"
+if [ ! -x "$CLI_VENV/bin/comfy" ]; then
+  "$PY" -m venv "$CLI_VENV" && "$CLI_VENV/bin/pip" install -q comfy-cli || status=1
+fi
+[ -x "$CLI_VENV/bin/comfy" ] && "$CLI_VENV/bin/comfy" --skip-prompt tracking disable >/dev/null 2>&1 || true
 exit $status
