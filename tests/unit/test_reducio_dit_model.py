@@ -33,6 +33,11 @@ def tiny_inputs(batch=2, size=256, frames=4, text_len=5, seed=1, cfg=None):
     )
 
 
+def close(a, b, rel=1e-4):
+    """Equal up to float32 reassociation noise, relative to the tensor's scale."""
+    return bool((a - b).abs().max() <= rel * b.abs().max() + 1e-6)
+
+
 def run(model, inputs, **kw):
     with torch.no_grad():
         return model(inputs["x"], inputs["t"], inputs["text"], inputs["text_mask"], inputs["clip"],
@@ -181,7 +186,7 @@ def test_attention_fn_hook_sees_every_self_attention_with_options():
     assert [c[0] for c in calls] == [0, 1, 2, 3]
     assert all(c[1] == 4 and c[2] == (2, 256, 64) and c[3] == (4, 8, 8) for c in calls)
     assert all(c[4] == 3 and c[5] == [0] for c in calls)
-    assert torch.allclose(out, reference, atol=1e-5)
+    assert close(out, reference)
     # a hook that changes self-attention changes the output (it is really used)
     changed = run(model, inputs, attention_fn=lambda q, k, v, heads, *, layer, options: torch.zeros_like(q))
     assert not torch.allclose(changed, reference)
@@ -219,14 +224,14 @@ def test_text_padding_truncation_and_mask_make_padded_values_irrelevant():
     padded = dict(inputs)
     padded["text"] = torch.cat([inputs["text"], 100 * torch.randn(2, 3, 32)], dim=1)
     padded["text_mask"] = torch.cat([inputs["text_mask"], torch.zeros(2, 3)], dim=1)
-    assert torch.allclose(run(model, padded), base, atol=1e-5)
+    assert close(run(model, padded), base)
     # longer than text_tokens (8): truncated, so tokens beyond 8 do not matter
     long = dict(inputs)
     long["text"] = torch.randn(2, 12, 32)
     long["text_mask"] = None
     out1 = run(model, long)
     long["text"] = torch.cat([long["text"][:, :8], torch.randn(2, 4, 32)], dim=1)
-    assert torch.allclose(run(model, long), out1, atol=1e-5)
+    assert close(run(model, long), out1)
 
 
 def test_null_text_uses_learned_embedding_with_all_ones_mask():
@@ -236,17 +241,17 @@ def test_null_text_uses_learned_embedding_with_all_ones_mask():
     explicit = dict(inputs)
     explicit["text"] = torch.stack([model.y_embedder.y_embedding.detach(), torch.nn.functional.pad(inputs["text"][1], (0, 0, 0, 5))])
     explicit["text_mask"] = torch.stack([torch.ones(8), torch.tensor([1, 1, 1, 0, 0, 0, 0, 0.0])])
-    assert torch.allclose(out, run(model, explicit), atol=1e-5)
+    assert close(out, run(model, explicit))
     assert not torch.allclose(out[0], run(model, inputs)[0])   # really replaced
-    assert torch.allclose(out[1], run(model, inputs)[1], atol=1e-5)  # other row untouched
+    assert close(out[1], run(model, inputs)[1])  # other row untouched
 
 
 def test_null_clip_and_none_clip_use_null_embedding():
     model, inputs = tiny_model(), tiny_inputs()
     out = run(model, inputs, drop_clip=torch.tensor([True, True]))
     explicit = dict(inputs, clip=model.clip_embedder.null_embedding.detach().expand(2, -1, -1).clone())
-    assert torch.allclose(out, run(model, explicit), atol=1e-5)
-    assert torch.allclose(out, run(model, dict(inputs, clip=None)), atol=1e-5)
+    assert close(out, run(model, explicit))
+    assert close(out, run(model, dict(inputs, clip=None)))
 
 
 def test_null_content_broadcasts_null_latent_before_scaling():
@@ -255,10 +260,10 @@ def test_null_content_broadcasts_null_latent_before_scaling():
     scale = model.config.content_latent_scale
     null_raw = (model.content_embedder.null_latent.detach() / scale).reshape(1, 4, 1, 1).expand(1, 4, 32, 32)
     explicit = dict(inputs, content=torch.cat([null_raw, inputs["content"][1:]]))
-    assert torch.allclose(out, run(model, explicit), atol=1e-4)
+    assert close(out, run(model, explicit))
     none = run(model, dict(inputs, content=None))
     all_null = run(model, inputs, drop_content=torch.tensor([True, True]))
-    assert torch.allclose(none, all_null, atol=1e-5)
+    assert close(none, all_null)
 
 
 def test_content_latent_is_scaled_inside_the_model():
