@@ -58,6 +58,7 @@ class ComfyReducioDiT(ReducioDiT):
     def __init__(self, reducio_config: dict, image_model: str | None = None, device=None, dtype=None,
                  operations=None, **kwargs):
         super().__init__(ReducioDiTConfig.from_dict(reducio_config), operations=operations, device=device, dtype=dtype)
+        self.dtype = dtype  # BaseModel.get_dtype() reads it
 
     def forward(self, x, timesteps, context, text_mask=None, clip_tokens=None, content_latent=None,
                 reducio_drop=None, transformer_options={}, **kwargs):
