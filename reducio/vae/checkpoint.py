@@ -134,8 +134,10 @@ def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
     pos = state_dict.get("decoder.mid.fuse.0.pos_embed")
     down = state_dict.get("encoder_3d.down.3.downsample.conv.weight")
     if pos is None or down is None or pos.ndim != 4 or down.ndim != 5:
-        raise CheckpointError(f"cannot detect the Reducio VAE configuration: this looks like "
-                              f"{describe_state_dict(state_dict)}")
+        description = describe_state_dict(state_dict)
+        hint = (f"; for a custom Reducio configuration pass config=... or store the constructor kwargs as "
+                f"JSON in the safetensors metadata key {CONFIG_METADATA_KEY!r}" if "Reducio" in description else "")
+        raise CheckpointError(f"cannot detect the Reducio VAE configuration: this looks like {description}{hint}")
     by_pos = {4: "ft4", 8: "ft2"}.get(pos.shape[1])
     by_kernel = {3: "ft4", 1: "ft2"}.get(down.shape[2])
     if by_pos is None or by_kernel is None or by_pos != by_kernel or pos.shape[-1] != 512:

@@ -1,0 +1,438 @@
+"""The DiTFastAttn (V1) per-call algorithm at the attention-core level.
+
+q, k, v in; the attention output before the output projection out. What happens at
+one call is decided by the plan's method for (step, layer) (spec ditfastattn.md 1.2-1.6):
+
+* full attention, also caching the residual R = full - window when a later WA-RS step
+  of the layer needs it;
+* WA-RS: window attention + the cached residual;
+* AST: the layer's cached output, no attention at all;
+* ASC: the method computed on the conditional rows only, copied to the unconditional rows.
+
+`compute_attention_core` is the shared step (q/k/v already restricted to the computed
+rows); `FastAttnRuntime` adds plan lookup, CFG row handling, layouts and caching for
+callers that see only q/k/v (ComfyUI's attention override, Reducio-DiT); the diffusers
+processor calls `compute_attention_core` directly so that it can skip projections like
+the official code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .kernels import from_bhld, reference_attention, to_bhld, window_attention
+from .methods import FULL, Method, MethodLike, parse_method
+from .state import FastAttnState, LayerCache
+from .windows import CallInfo
+
+COND, UNCOND = 0, 1
+
+
+class MissingCacheError(RuntimeError):
+    """A step needs a cached output or residual that this run has not produced."""
+
+
+@dataclass(frozen=True)
+class CfgRows:
+    """Which batch rows of one call are conditional (0) and unconditional (1).
+
+    DiT orders its CFG batch cond first, PixArt uncond first, and ComfyUI lists one id
+    per equal chunk in `transformer_options["cond_or_uncond"]` (0 = positive/cond,
+    1 = negative/uncond).
+    """
+
+    labels: Tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        labels = tuple(int(label) for label in self.labels)
+        if any(label not in (COND, UNCOND) for label in labels):
+            raise ValueError(f"CFG row labels must be 0 (cond) or 1 (uncond), got {self.labels!r}")
+        object.__setattr__(self, "labels", labels)
+
+    @classmethod
+    def cond_first(cls, batch: int) -> "CfgRows":
+        return cls.from_cond_or_uncond([COND, UNCOND], batch)
+
+    @classmethod
+    def uncond_first(cls, batch: int) -> "CfgRows":
+        return cls.from_cond_or_uncond([UNCOND, COND], batch)
+
+    @classmethod
+    def from_cond_or_uncond(cls, chunks: Sequence[int], batch: int) -> "CfgRows":
+        chunks = list(chunks)
+        if not chunks or batch % len(chunks):
+            raise ValueError(
+                f"cond_or_uncond {chunks!r} must split the batch of {batch} rows into equal chunks"
+            )
+        size = batch // len(chunks)
+        return cls(tuple(label for label in chunks for _ in range(size)))
+
+    @property
+    def batch(self) -> int:
+        return len(self.labels)
+
+    @property
+    def cond_rows(self) -> Tuple[int, ...]:
+        return tuple(i for i, label in enumerate(self.labels) if label == COND)
+
+    @property
+    def uncond_rows(self) -> Tuple[int, ...]:
+        return tuple(i for i, label in enumerate(self.labels) if label == UNCOND)
+
+    @property
+    def has_both(self) -> bool:
+        return bool(self.cond_rows) and bool(self.uncond_rows)
+
+    def expansion(self) -> Tuple[int, ...]:
+        """For every row of the batch, the row of the kept (cond) sub-batch it copies.
+
+        Cond rows map to themselves; the j-th uncond row copies the j-th cond row
+        (cyclically), which is the official `cat([y, y])` for two equal halves in
+        either order."""
+        cond = self.cond_rows
+        position = {row: i for i, row in enumerate(cond)}
+        result, uncond_seen = [], 0
+        for row, label in enumerate(self.labels):
+            if label == COND:
+                result.append(position[row])
+            else:
+                result.append(uncond_seen % len(cond))
+                uncond_seen += 1
+        return tuple(result)
+
+
+def _as_cfg_rows(value, batch: int) -> Optional[CfgRows]:
+    if value is None:
+        return None
+    if isinstance(value, CfgRows):
+        rows = value
+    else:
+        labels = list(value)
+        rows = CfgRows(tuple(labels)) if len(labels) == batch else CfgRows.from_cond_or_uncond(labels, batch)
+    if rows.batch != batch:
+        raise ValueError(f"cfg_rows describes {rows.batch} rows but the call has a batch of {batch}")
+    return rows
+
+
+FullAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def compute_attention_core(
+    method: Method,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: LayerCache,
+    window,
+    *,
+    needs_residual: bool,
+    residual_expansion: Optional[torch.Tensor] = None,
+    residual_rows: Optional[torch.Tensor] = None,
+    full_attention: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One full / WA-RS / WA step on the computed rows ([b, H, L, D] in and out).
+
+    needs_residual:     (full steps) also compute and cache R = full - window.
+    residual_expansion: (full steps under ASC) row index mapping the computed rows to the
+                        whole batch before caching R (the official `cat([R, R])`).
+    residual_rows:      (WA-RS) rows of the cached residual added to the window output;
+                        None = all rows (they must match the computed rows).
+    full_attention:     backend for full attention on [b, H, L, D]; None = SDPA.
+    """
+    if method.output_share:
+        raise ValueError("output_share (AST) computes nothing; return the cached output instead")
+    if method.is_full:
+        out = full_attention(q, k, v) if full_attention is not None else reference_attention(q, k, v)
+        if needs_residual:
+            residual = out - window_attention(q, k, v, window, backend)
+            if residual_expansion is not None:
+                residual = residual.index_select(0, residual_expansion)
+            cache.cached_residual = residual
+        return out
+    windowed = window_attention(q, k, v, window, backend)
+    if not method.residual:
+        return windowed
+    residual = cache.cached_residual
+    if residual is None:
+        raise MissingCacheError("WA-RS step without a cached residual: a full step must come first")
+    if residual_rows is not None:
+        residual = residual.index_select(0, residual_rows)
+    if residual.shape != windowed.shape:
+        raise MissingCacheError(
+            f"cached residual {tuple(residual.shape)} does not match this call {tuple(windowed.shape)}"
+        )
+    return windowed + residual.to(windowed.dtype)
+
+
+MethodsFor = Callable[[int, Hashable], MethodLike]
+WindowFor = Union[object, Callable[[CallInfo], object]]
+
+
+class FastAttnRuntime:
+    """Model-agnostic DiTFastAttn runtime for callers that see q, k, v of each attention call.
+
+    methods_for(step, layer) -> method string or Method: the plan.
+    window: a window spec (e.g. Window1D(w, w)) or a factory (CallInfo) -> window spec.
+    needs_residual(step, layer) -> bool: whether a full step must cache the residual
+        (the official lookahead); None computes it at every full step (always correct,
+        costs one extra window attention per full step).
+    cache_output(step, layer) -> bool: whether to keep this step's output for a later
+        AST step; None keeps it always.
+    state: the caches of this run (created if omitted; `reset()` between runs).
+    official_asc_residual: under ASC, add the FIRST b rows of the cached residual like
+        the official code (True, golden-data compatible), or the rows of the kept half.
+    on_missing_cache: "full" runs full attention (caching a residual) when a needed cache
+        is missing or has another shape; "error" raises MissingCacheError.
+    share_cfg_across_calls: when cond and uncond arrive in separate calls of the same
+        step, reuse the cond call's output for the uncond call of an ASC step.
+    kernel_backend: window kernel backend ("auto", "banded", "flex", "flash", "reference").
+    """
+
+    def __init__(
+        self,
+        methods_for: MethodsFor,
+        window: WindowFor,
+        *,
+        needs_residual: Optional[Callable[[int, Hashable], bool]] = None,
+        cache_output: Optional[Callable[[int, Hashable], bool]] = None,
+        state: Optional[FastAttnState] = None,
+        official_asc_residual: bool = True,
+        on_missing_cache: str = "full",
+        share_cfg_across_calls: bool = True,
+        kernel_backend: str = "auto",
+    ) -> None:
+        if on_missing_cache not in ("full", "error"):
+            raise ValueError(f"on_missing_cache must be 'full' or 'error', got {on_missing_cache!r}")
+        self.methods_for = methods_for
+        self.window = window
+        self.needs_residual = needs_residual
+        self.cache_output = cache_output
+        self.state = state if state is not None else FastAttnState()
+        self.official_asc_residual = official_asc_residual
+        self.on_missing_cache = on_missing_cache
+        self.share_cfg_across_calls = share_cfg_across_calls
+        self.kernel_backend = kernel_backend
+
+    def __deepcopy__(self, memo) -> "FastAttnRuntime":
+        # ComfyUI deep-copies model options on clone; the runtime (and its state) is shared.
+        return self
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def method_at(self, step: int, layer: Hashable) -> Method:
+        try:
+            return parse_method(self.methods_for(step, layer))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"plan entry for step {step}, layer {layer!r}: {error}") from None
+
+    def window_for(self, info: CallInfo):
+        return self.window(info) if callable(self.window) else self.window
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layer: Hashable,
+        step: int,
+        heads: Optional[int] = None,
+        layout: str = "bhld",
+        cfg_rows=None,
+        full_attention: Optional[FullAttention] = None,
+        token_grid: Optional[Tuple[int, ...]] = None,
+        prefix_tokens: int = 0,
+        suffix_tokens: int = 0,
+    ) -> torch.Tensor:
+        """Attention output of one call, in the input `layout`.
+
+        full_attention(q, k, v) -> out receives q/k/v in `layout` (a subset of rows under
+        ASC) and returns the output in the same layout; None uses SDPA.
+        cfg_rows: CfgRows, per-row labels, or a ComfyUI `cond_or_uncond` chunk list;
+        None means no CFG information (ASC is then off).
+        """
+        method = self.method_at(step, layer)
+        qh, kh, vh = (to_bhld(t, layout, heads) for t in (q, k, v))
+        batch, n_heads, seq_len, _ = qh.shape
+        rows = _as_cfg_rows(cfg_rows, batch)
+        out_shape = (batch, n_heads, seq_len, vh.shape[-1])
+        cache_key = (layer, rows.labels if rows is not None else None)
+        cache = self.state.layer(cache_key)
+        asc_requested = method.cfg_share
+
+        if method.cfg_share and (rows is None or not rows.has_both):
+            reused = self._reuse_split_cfg(method, rows, layer, step, out_shape)
+            if reused is not None:
+                return self._finish(reused, cache, step, layer, layout, full_attention_out=None)
+            method = method.without_cfg_share()
+
+        if method.output_share:
+            cached = cache.cached_output
+            if cached is not None and tuple(cached.shape) == out_shape:
+                return from_bhld(cached, layout)
+            self._missing(f"AST step {step} of layer {layer!r} has no cached output of shape {out_shape}")
+            method = FULL
+            force_residual = True  # later WA-RS steps of this layer would lack a residual too
+        else:
+            force_residual = False
+
+        if method.window and seq_len != kh.shape[2]:
+            raise ValueError(
+                f"layer {layer!r}: window methods apply to self-attention only, got {seq_len} "
+                f"queries and {kh.shape[2]} keys; route cross-attention around the runtime"
+            )
+        if method.window and method.residual and not self._residual_usable(cache, rows, method, out_shape):
+            self._missing(f"WA-RS step {step} of layer {layer!r} has no matching cached residual")
+            method = Method(cfg_share=method.cfg_share)
+            force_residual = True
+
+        info = CallInfo(layer, step, seq_len, tuple(token_grid) if token_grid else None, prefix_tokens, suffix_tokens)
+        self_attention = seq_len == kh.shape[2]
+        needs_residual = method.is_full and self_attention and (
+            force_residual or self.needs_residual is None or bool(self.needs_residual(step, layer))
+        )
+        window = self.window_for(info) if method.window or needs_residual else None
+
+        plain_full = method == FULL and not needs_residual
+        if plain_full:
+            # Keep the caller's backend output untouched: an all-full plan is exactly plain attention.
+            out = full_attention(q, k, v) if full_attention is not None else from_bhld(
+                reference_attention(qh, kh, vh), layout
+            )
+            return self._finish(to_bhld(out, layout, heads), cache, step, layer, layout, full_attention_out=out)
+
+        core_full = self._bhld_backend(full_attention, layout, heads)
+        if method.cfg_share:
+            kept = torch.tensor(rows.cond_rows, device=qh.device)
+            expansion = torch.tensor(rows.expansion(), device=qh.device)
+            if self.official_asc_residual:
+                residual_rows = torch.arange(len(rows.cond_rows), device=qh.device)
+            else:
+                residual_rows = kept
+            out_kept = compute_attention_core(
+                method,
+                qh.index_select(0, kept),
+                kh.index_select(0, kept),
+                vh.index_select(0, kept),
+                cache,
+                window,
+                needs_residual=needs_residual,
+                residual_expansion=expansion,
+                residual_rows=residual_rows,
+                full_attention=core_full,
+                backend=self.kernel_backend,
+            )
+            out = out_kept.index_select(0, expansion)
+        else:
+            out = compute_attention_core(
+                method, qh, kh, vh, cache, window,
+                needs_residual=needs_residual, full_attention=core_full, backend=self.kernel_backend,
+            )
+        if asc_requested and self.share_cfg_across_calls and rows is not None and not rows.uncond_rows:
+            self.state.cfg_share_stash[layer] = (step, out)
+        return self._finish(out, cache, step, layer, layout, full_attention_out=None)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _finish(self, out_bhld, cache: LayerCache, step, layer, layout, full_attention_out):
+        if self.cache_output is None or self.cache_output(step, layer):
+            cache.cached_output = out_bhld
+        if full_attention_out is not None:
+            return full_attention_out
+        return from_bhld(out_bhld, layout)
+
+    def _missing(self, message: str) -> None:
+        if self.on_missing_cache == "error":
+            raise MissingCacheError(message)
+
+    def _residual_usable(self, cache: LayerCache, rows, method: Method, out_shape) -> bool:
+        residual = cache.cached_residual
+        if residual is None:
+            return False
+        if method.cfg_share:
+            needed_rows = len(rows.cond_rows)
+            return residual.shape[0] >= needed_rows and tuple(residual.shape[1:]) == out_shape[1:]
+        return tuple(residual.shape) == out_shape
+
+    def _reuse_split_cfg(self, method: Method, rows, layer, step, out_shape):
+        """Uncond-only call of an ASC step: reuse the cond-only call's output of this step."""
+        if not self.share_cfg_across_calls or rows is None or rows.cond_rows:
+            return None
+        stashed = self.state.cfg_share_stash.get(layer)
+        if stashed is None or stashed[0] != step or tuple(stashed[1].shape) != out_shape:
+            return None
+        return stashed[1]
+
+    @staticmethod
+    def _bhld_backend(full_attention: Optional[FullAttention], layout: str, heads: Optional[int]):
+        if full_attention is None:
+            return None
+
+        def run(q, k, v):
+            out = full_attention(from_bhld(q, layout), from_bhld(k, layout), from_bhld(v, layout))
+            return to_bhld(out, layout, heads)
+
+        return run
+
+    # ------------------------------------------------------------------ adapters
+
+    def as_attention_fn(self) -> Callable:
+        """Adapter `attention_fn(q, k, v, heads, *, layer, options) -> out` on [B, L, heads*dim].
+
+        options: "step" (required, denoiser evaluation index); "cfg_rows" (CfgRows or
+        per-row labels) or "cond_or_uncond" (ComfyUI chunk list); optional "token_grid",
+        "prefix_tokens", "suffix_tokens", "full_attention" ((q, k, v) -> out on
+        [B, L, heads*dim])."""
+        runtime = self
+
+        def attention_fn(q, k, v, heads, *, layer, options):
+            if "step" not in options:
+                raise KeyError(
+                    "DiTFastAttn attention_fn needs options['step'] (the denoiser evaluation index)"
+                )
+            cfg_rows = options.get("cfg_rows")
+            if cfg_rows is None:
+                cfg_rows = options.get("cond_or_uncond")
+            return runtime(
+                q, k, v,
+                layer=layer,
+                step=int(options["step"]),
+                heads=heads,
+                layout="blc",
+                cfg_rows=cfg_rows,
+                full_attention=options.get("full_attention"),
+                token_grid=options.get("token_grid"),
+                prefix_tokens=int(options.get("prefix_tokens", 0)),
+                suffix_tokens=int(options.get("suffix_tokens", 0)),
+            )
+
+        return attention_fn
+
+
+def methods_from_table(table: Sequence[Sequence[MethodLike]]) -> MethodsFor:
+    """methods_for(step, layer) over a per-layer list of per-step methods (the official plan
+    shape `[layer][step]`); parsed once, with a clear error for steps/layers out of range."""
+    parsed = [[parse_method(m) for m in steps] for steps in table]
+
+    def methods_for(step: int, layer: Hashable) -> Method:
+        if not isinstance(layer, int) or not 0 <= layer < len(parsed):
+            raise KeyError(f"the plan has {len(parsed)} layers; no entry for layer {layer!r}")
+        steps = parsed[layer]
+        if not 0 <= step < len(steps):
+            raise KeyError(f"the plan has {len(steps)} steps for layer {layer}; no entry for step {step}")
+        return steps[step]
+
+    return methods_for
+
+
+def residual_lookahead_from_table(table: Sequence[Sequence[MethodLike]]) -> Callable[[int, Hashable], bool]:
+    """needs_residual(step, layer) from a `[layer][step]` plan (the official lookahead)."""
+    from .methods import residual_needed
+
+    needed = [residual_needed(steps) for steps in table]
+    return lambda step, layer: needed[layer][step]
