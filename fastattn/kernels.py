@@ -152,19 +152,29 @@ def banded_window_attention(
     block = int(block_size or default_block_size(window, seq_len))
     if block <= 0:
         raise ValueError(f"block_size must be positive, got {block}")
+    # A 1-D band is translation invariant: every interior block has the same mask
+    # relative to its key range, so masks are built once per relative geometry.
+    relative_masks = {}
     for q_start in range(start, end, block):
         q_end = min(q_start + block, end)
         ranges = window.key_ranges(q_start, q_end, seq_len)
         if len(ranges) == 1:
             k_start, k_end = ranges[0]
             keys, values = k[:, :, k_start:k_end], v[:, :, k_start:k_end]
-            key_index = torch.arange(k_start, k_end, device=device)
+            geometry = (q_end - q_start, k_start - q_start, k_end - q_start)
+            if isinstance(window, Window1D) and geometry in relative_masks:
+                mask = relative_masks[geometry]
+            else:
+                key_index = torch.arange(k_start, k_end, device=device)
+                mask = window.row_mask(torch.arange(q_start, q_end, device=device), seq_len, key_index)
+                mask = None if bool(mask.all()) else mask
+                if isinstance(window, Window1D):
+                    relative_masks[geometry] = mask
         else:
             key_index = torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
             keys, values = k.index_select(2, key_index), v.index_select(2, key_index)
-        mask = window.row_mask(torch.arange(q_start, q_end, device=device), seq_len, key_index)
-        if bool(mask.all()):
-            mask = None
+            mask = window.row_mask(torch.arange(q_start, q_end, device=device), seq_len, key_index)
+            mask = None if bool(mask.all()) else mask
         out[:, :, q_start:q_end] = reference_attention(q[:, :, q_start:q_end], keys, values, mask)
     return out
 
