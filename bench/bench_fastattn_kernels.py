@@ -40,14 +40,18 @@ from fastattn.kernels import (  # noqa: E402
 from fastattn.windows import GridWindow, Window1D, grid_window_fraction, CallInfo  # noqa: E402
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, lazy init)
-    times = []
+def interleaved_best_times(functions: dict, repeats: int) -> dict:
+    """Best time of each function, timing them round-robin so that load changes on a
+    shared machine hit every kernel alike (the ratios are what the bench reports)."""
+    for fn in functions.values():
+        fn()  # warm-up (allocations, lazy init, compilation)
+    best = {name: float("inf") for name in functions}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def grid_for(length: int):
@@ -76,7 +80,6 @@ def bench(lengths, heads, dim, repeats, use_flex, masked_limit, flex_limit):
     for length in lengths:
         q, k, v = (torch.randn(1, heads, length, dim, generator=generator) for _ in range(3))
         reps = repeats if length <= 8192 else max(1, repeats - 2)
-        full = best_time(lambda: F.scaled_dot_product_attention(q, k, v), reps)
         w = length // 8
         grid = grid_for(length)
         windows = {
@@ -84,22 +87,29 @@ def bench(lengths, heads, dim, repeats, use_flex, masked_limit, flex_limit):
             f"2-D grid {grid[0]}x{grid[1]}": grid_window_fraction(0.25)(CallInfo(0, 0, length, token_grid=grid)),
         }
         for label, window in windows.items():
-            row = {"L": length, "window": label, "kept": window.kept_fraction(length), "full_s": full}
+            row = {"L": length, "window": label, "kept": window.kept_fraction(length)}
+            functions = {
+                "full": lambda: F.scaled_dot_product_attention(q, k, v),
+                "banded": lambda: banded_window_attention(q, k, v, window),
+            }
             if length <= masked_limit:
-                row["masked"] = best_time(lambda: masked_reference_window_attention(q, k, v, window), reps) / full
-            out = banded_window_attention(q, k, v, window)
-            row["banded"] = best_time(lambda: banded_window_attention(q, k, v, window), reps) / full
-            row["block"] = (
-                "tiles " + "x".join(map(str, window.tile_shape())) if isinstance(window, GridWindow)
-                else str(default_block_size(window, length))
-            )
-            row["err_banded"] = max_error_vs_reference(out, q, k, v, window)
+                functions["masked"] = lambda: masked_reference_window_attention(q, k, v, window)
             if use_flex and length <= flex_limit:
                 start = time.perf_counter()
                 out = flex_window_attention(q, k, v, window)
                 row["flex_compile_s"] = time.perf_counter() - start
-                row["flex"] = best_time(lambda: flex_window_attention(q, k, v, window), reps) / full
                 row["err_flex"] = max_error_vs_reference(out, q, k, v, window)
+                functions["flex"] = lambda: flex_window_attention(q, k, v, window)
+            times = interleaved_best_times(functions, reps)
+            row["full_s"] = times["full"]
+            for name in ("banded", "masked", "flex"):
+                if name in times:
+                    row[name] = times[name] / times["full"]
+            row["block"] = (
+                "tiles " + "x".join(map(str, window.tile_shape())) if isinstance(window, GridWindow)
+                else str(default_block_size(window, length))
+            )
+            row["err_banded"] = max_error_vs_reference(banded_window_attention(q, k, v, window), q, k, v, window)
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
     return rows
@@ -122,7 +132,7 @@ def to_markdown(rows, args) -> str:
     header = (
         f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} thread(s), "
         f"batch 1, {args.heads} heads, head dim {args.dim}, float32; best of {args.repeats} "
-        f"(fewer above 8k). Ratios are kernel time / full SDPA time in the same run."
+        f"(fewer above 8k), kernels timed round-robin. Ratios are kernel time / full SDPA time in the same run."
     )
     return header + "\n\n" + "\n".join(lines) + "\n"
 
