@@ -4,3 +4,4 @@ from .methods import METHOD_STRINGS, Method, parse_method, parse_methods, residu
 from .runtime import CfgRows, FastAttnRuntime, MissingCacheError, compute_attention_core
 from .state import FastAttnState, LayerCache
 from .windows import CallInfo, GridWindow, Window1D, grid_window_fraction, window_1d_fraction
+from .plan import Plan  # noqa: E402,F401  (added by fa-calib)
