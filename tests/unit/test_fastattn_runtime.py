@@ -216,9 +216,13 @@ def test_cfg_rows_helpers():
         runtime(*qkv(), layer=0, step=0, cfg_rows=CfgRows((0, 1)))
 
 
-def test_split_cfg_calls_share_the_cond_output():
-    """ComfyUI may send cond and uncond as separate calls of the same step."""
-    runtime = FastAttnRuntime(methods_from_table([["full_attn", "full_attn+cfg_attn_share"]]), Window1D(3, 3))
+@pytest.mark.parametrize("residual_lookahead", [None, lambda step, layer: False])
+def test_split_cfg_calls_share_the_cond_output(residual_lookahead):
+    """ComfyUI may send cond and uncond as separate calls of the same step (with and
+    without a residual to compute, i.e. through the plain full-attention path too)."""
+    runtime = FastAttnRuntime(
+        methods_from_table([["full_attn", "full_attn+cfg_attn_share"]]), Window1D(3, 3), needs_residual=residual_lookahead
+    )
     q, k, v = qkv(batch=2)
     qu, ku, vu = qkv(batch=2, seed=9)
     runtime(q, k, v, layer=0, step=0, cfg_rows=[0])
