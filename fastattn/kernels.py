@@ -242,13 +242,20 @@ def flex_window_attention(q, k, v, window, compile: bool = True) -> torch.Tensor
     """Window attention with FlexAttention and a block mask (block masks cached per shape).
 
     `compile=False` runs FlexAttention eagerly, which materialises the full score
-    matrix: correct but slow, for tests only."""
+    matrix: correct but slow, for tests only. If compilation fails (no C++ compiler on
+    CPU, no Triton on CUDA) it warns and runs eagerly."""
     seq_len = _check_self_attention(q, k, v)
     if not flex_attention_available():
         raise RuntimeError("torch.nn.attention.flex_attention is not available in this torch build (needs torch >= 2.5)")
     block_mask = _block_mask(window, seq_len, str(q.device))
     if compile:
-        return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+        try:
+            return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+        except Exception as error:  # noqa: BLE001 - no compiler / Triton: stay correct, run eagerly
+            warnings.warn(
+                f"torch.compile of FlexAttention failed ({type(error).__name__}: {error}); running it "
+                f"eagerly (correct, but computes every score). backend='banded' is faster here."
+            )
     from torch.nn.attention.flex_attention import flex_attention
 
     with warnings.catch_warnings():
@@ -303,7 +310,8 @@ def compiled_flex_works(device_type: str) -> bool:
         return False
     try:
         probe = torch.zeros(1, 1, 128, 16, device=device_type)
-        flex_window_attention(probe, probe, probe, Window1D(16, 16))
+        block_mask = _block_mask(Window1D(16, 16), 128, str(probe.device))
+        _compiled_flex_attention()(probe, probe, probe, block_mask=block_mask)
     except Exception as error:  # noqa: BLE001 - any compile/runtime failure means "not usable"
         warnings.warn(f"compiled FlexAttention unavailable on {device_type} ({error!r}); using the banded kernel")
         return False
