@@ -134,6 +134,7 @@ class PlanMetadata:
     num_steps: int
     num_layers: int
     num_heads: int | None = None
+    head_dim: int | None = None
     architecture: str | None = None
     layer_names: tuple[str, ...] | None = None
     weights_fingerprint: str | None = None
@@ -309,6 +310,7 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
         num_steps=steps,
         num_layers=layers,
         num_heads=heads,
+        head_dim=_optional(m.get("head_dim"), _int, "metadata.head_dim", 1, 1 << 16),
         architecture=_optional(m.get("architecture"), _str, "metadata.architecture"),
         layer_names=layer_names,
         weights_fingerprint=_optional(m.get("weights_fingerprint"), _str,

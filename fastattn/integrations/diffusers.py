@@ -87,6 +87,7 @@ def model_signature(transformer: torch.nn.Module) -> dict[str, Any]:
         "architecture": type(transformer).__name__,
         "num_layers": len(layers),
         "num_heads": int(attn.heads),
+        "head_dim": int(attn.inner_dim // attn.heads),
         "layer_names": [name for name, _ in layers],
         "weights_fingerprint": weights_fingerprint(transformer.state_dict().items()),
     }

@@ -204,7 +204,8 @@ def test_calibrated_plan_metadata(golden_runs, dit, tmp_path):
     plan = golden_runs["0.15"].plan
     meta = plan.metadata
     assert meta.architecture == "DiTTransformer2DModel" and meta.num_layers == 4
-    assert meta.num_heads == 4 and meta.token_grid == (8, 8) and meta.window == (8, 8)
+    assert meta.num_heads == 4 and meta.head_dim == 16
+    assert meta.token_grid == (8, 8) and meta.window == (8, 8)
     assert meta.cond_first is True and meta.cfg_scale == 4.0 and meta.threshold == 0.15
     assert meta.sampler == "DPMSolverMultistepScheduler" and len(meta.sigmas) == 10
     assert meta.sigmas[0] > meta.sigmas[-1] > 0
