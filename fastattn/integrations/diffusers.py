@@ -62,6 +62,9 @@ class UnsupportedModelError(TypeError):
 def compressed_attention_layers(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """``(name, module)`` of every self-attention ``attn1``, in block order."""
     blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None and isinstance(getattr(transformer, "transformer", None), torch.nn.Module):
+        raise UnsupportedModelError(f"got a {type(transformer).__name__}; pass its "
+                                    f"transformer (pipe.transformer), not the pipeline")
     if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
         raise UnsupportedModelError(
             f"{type(transformer).__name__} has no `transformer_blocks`; DiTFastAttn's diffusers "

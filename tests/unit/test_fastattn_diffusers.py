@@ -228,6 +228,22 @@ def test_apply_plan_restores_model_exactly(dit, golden_runs):
     _assert_restored(dit.transformer, before)
 
 
+def test_property_random_plans_restore_model_and_match_runtime_cache_rules(dit):
+    """Random valid 3-step plans: every run completes, outputs are finite, and the model
+    is restored exactly after each."""
+    import random
+
+    rng = random.Random(7)
+    before = _snapshot(dit.transformer)
+    methods = [FULL, AST, WARS, ASC, WARS_ASC, "residual_window_attn+without_residual"]
+    for _ in range(6):
+        rows = [[FULL] * 4] + [[rng.choice(methods) for _ in range(4)] for _ in range(2)]
+        with apply_plan(dit.transformer, Plan(rows, {"window": [8, 8]})):
+            images = dit(**_dit_kwargs(), num_inference_steps=3, output_type="np").images
+        assert np.isfinite(images).all()
+        _assert_restored(dit.transformer, before)
+
+
 def test_apply_plan_restores_on_error(dit, golden_runs):
     before = _snapshot(dit.transformer)
     with pytest.raises(RuntimeError, match="boom"):
@@ -350,9 +366,15 @@ def test_calibration_without_cfg_drops_asc(dit):
     assert any("no CFG batch" in n for n in plan.metadata.notes)
 
 
-def test_unsupported_model_refused():
+def test_unsupported_model_refused(dit):
     with pytest.raises(UnsupportedModelError, match="transformer_blocks"):
         model_signature(torch.nn.Linear(2, 2))
+    with pytest.raises(UnsupportedModelError, match="pipe.transformer"):
+        with apply_plan(dit, Plan([[FULL] * 4])):
+            pass
+    with pytest.raises(TypeError, match="Plan.load"):
+        with apply_plan(dit.transformer, [{"attn1": [FULL]}]):
+            pass
 
 
 def test_measure_attention_share_restores(dit):
