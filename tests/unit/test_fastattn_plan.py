@@ -73,6 +73,7 @@ def test_golden_official_plans_import(thr):
     plan = Plan.from_official(raw)
     assert plan.num_layers == 4 and plan.num_steps == 10
     assert plan.to_official() == raw["blocks"]
+    assert Plan.load(GOLDEN / f"calib_dit_thr{thr}_plan.json") == plan  # detected by shape
     manifest = json.loads((GOLDEN / "manifest.json").read_text())
     assert plan.method_counts() == manifest["calib_dit"]["runs"][thr]["method_counts"]
 
