@@ -106,8 +106,9 @@ def default_block_size(window, seq_len: int) -> int:
     """Query block size for the banded kernel.
 
     For a 1-D band of reach r per side, a block of b queries touches b + 2r keys of
-    which ~2r + 1 are used per row: blocks around half the reach waste ~25 % while
-    keeping the number of SDPA calls low (see bench/fastattn_kernels_results.md).
+    which ~2r + 1 are used per row: small blocks waste little but multiply the SDPA
+    calls. A quarter of the reach (64..512) measured best on CPU at 2k-16k tokens
+    (see bench/fastattn_kernels_results.md).
     Grid windows use whole image rows (multiples of the grid width)."""
     if isinstance(window, GridWindow):
         width = window.grid3[2]
@@ -115,7 +116,7 @@ def default_block_size(window, seq_len: int) -> int:
         return width * rows
     if isinstance(window, Window1D):
         left, right = window.resolved(window.image_tokens(seq_len))
-        return int(min(1024, max(64, (left + right) // 4)))
+        return int(min(512, max(64, (left + right) // 8)))
     return 256
 
 
@@ -126,7 +127,8 @@ def banded_window_attention(
 
     Text query rows of joint attention (global in every window) run as one full
     attention call; image queries run in blocks, each against the union of its rows'
-    key ranges with the exact window mask inside. Agrees with
+    key ranges with the exact window mask inside (`block_size` contiguous queries; for a
+    GridWindow without `block_size`, rectangular tiles of the grid). Agrees with
     `masked_reference_window_attention` to float rounding."""
     seq_len = _check_self_attention(q, k, v)
     start, end = window.image_range(seq_len)
@@ -135,23 +137,44 @@ def banded_window_attention(
         out[:, :, :start] = reference_attention(q[:, :, :start], k, v)
     if end < seq_len:
         out[:, :, end:] = reference_attention(q[:, :, end:], k, v)
+    device = q.device
+    if isinstance(window, GridWindow) and block_size is None:
+        # Rectangular query tiles also skip the columns outside the box.
+        for query_index, key_index in window.blocks(seq_len):
+            query_index, key_index = query_index.to(device), key_index.to(device)
+            mask = window.row_mask(query_index, seq_len, key_index)
+            result = reference_attention(
+                q.index_select(2, query_index), k.index_select(2, key_index), v.index_select(2, key_index),
+                None if bool(mask.all()) else mask,
+            )
+            out.index_copy_(2, query_index, result)
+        return out
     block = int(block_size or default_block_size(window, seq_len))
     if block <= 0:
         raise ValueError(f"block_size must be positive, got {block}")
-    device = q.device
+    # A 1-D band is translation invariant: every interior block has the same mask
+    # relative to its key range, so masks are built once per relative geometry.
+    relative_masks = {}
     for q_start in range(start, end, block):
         q_end = min(q_start + block, end)
         ranges = window.key_ranges(q_start, q_end, seq_len)
         if len(ranges) == 1:
             k_start, k_end = ranges[0]
             keys, values = k[:, :, k_start:k_end], v[:, :, k_start:k_end]
-            key_index = torch.arange(k_start, k_end, device=device)
+            geometry = (q_end - q_start, k_start - q_start, k_end - q_start)
+            if isinstance(window, Window1D) and geometry in relative_masks:
+                mask = relative_masks[geometry]
+            else:
+                key_index = torch.arange(k_start, k_end, device=device)
+                mask = window.row_mask(torch.arange(q_start, q_end, device=device), seq_len, key_index)
+                mask = None if bool(mask.all()) else mask
+                if isinstance(window, Window1D):
+                    relative_masks[geometry] = mask
         else:
             key_index = torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
             keys, values = k.index_select(2, key_index), v.index_select(2, key_index)
-        mask = window.row_mask(torch.arange(q_start, q_end, device=device), seq_len, key_index)
-        if bool(mask.all()):
-            mask = None
+            mask = window.row_mask(torch.arange(q_start, q_end, device=device), seq_len, key_index)
+            mask = None if bool(mask.all()) else mask
         out[:, :, q_start:q_end] = reference_attention(q[:, :, q_start:q_end], keys, values, mask)
     return out
 

@@ -354,9 +354,9 @@ class FastAttnRuntime:
         residual = cache.cached_residual
         if residual is None:
             return False
-        if method.cfg_share:
-            needed_rows = len(rows.cond_rows)
-            return residual.shape[0] >= needed_rows and tuple(residual.shape[1:]) == out_shape[1:]
+        if method.cfg_share and self.official_asc_residual:
+            # the official code reads the first b rows, whatever batch the residual had
+            return residual.shape[0] >= len(rows.cond_rows) and tuple(residual.shape[1:]) == out_shape[1:]
         return tuple(residual.shape) == out_shape
 
     def _reuse_split_cfg(self, method: Method, rows, layer, step, out_shape):

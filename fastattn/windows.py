@@ -279,6 +279,45 @@ class GridWindow(_WindowBase):
         return self._with_text_ranges(_merge_ranges(ranges), query_start, query_end, seq_len)
 
 
+    def tile_shape(self, min_queries: int = 64) -> Tuple[int, int, int]:
+        """Query tile (t, h, w) for the chunked kernel: about half the reach on each axis
+        (a tile then touches ~1.25**d times the keys a single query needs), widened
+        along w until it holds at least `min_queries` queries."""
+        sizes = [min(n, max(1, r // 2)) for n, r in zip(self.grid3, self.radius3)]
+        t_size, h_size, w_size = sizes
+        if t_size * h_size * w_size < min_queries:
+            w_size = min(self.grid3[2], -(-min_queries // (t_size * h_size)))
+        return t_size, h_size, w_size
+
+    def blocks(self, seq_len: int, min_queries: int = 64):
+        """Yield (query_index, key_index) LongTensors covering every image query once:
+        rectangular query tiles and the box of keys their rows can see (plus text keys)."""
+        self._check_length(seq_len)
+        start, end = self.image_range(seq_len)
+        t_all, h_all, w_all = self.grid3
+        text_keys = torch.cat([torch.arange(0, start), torch.arange(end, seq_len)])
+        tile = self.tile_shape(min_queries)
+
+        def axis_ranges(first, size, reach, length):
+            query = torch.arange(first, min(first + size, length))
+            key = torch.arange(max(0, first - reach), min(length, first + size + reach))
+            return query, key
+
+        def flat(t, h, w):
+            return start + (t[:, None, None] * h_all * w_all + h[None, :, None] * w_all + w[None, None, :]).reshape(-1)
+
+        for t0 in range(0, t_all, tile[0]):
+            qt, kt = axis_ranges(t0, tile[0], self.radius3[0], t_all)
+            for h0 in range(0, h_all, tile[1]):
+                qh, kh = axis_ranges(h0, tile[1], self.radius3[1], h_all)
+                for w0 in range(0, w_all, tile[2]):
+                    qw, kw = axis_ranges(w0, tile[2], self.radius3[2], w_all)
+                    keys = flat(kt, kh, kw)
+                    if len(text_keys):
+                        keys = torch.cat([text_keys, keys]).sort().values
+                    yield flat(qt, qh, qw), keys
+
+
 @dataclass(frozen=True)
 class CallInfo:
     """What a window factory may look at when choosing the window of one attention call."""
