@@ -21,10 +21,10 @@ def patch_model_with_plan(model, plan, *, allow_remap=False, ignore_model_mismat
     family = detect_family(model)
     ignore = ("weights_fingerprint", "architecture") if ignore_model_mismatch else ()
     if family is not None and family.tagging != "unsupported":
-        signature = RunSignature(num_layers=len(family.layer_names(model.model.diffusion_model)),
-                                 architecture=family.name,
-                                 weights_fingerprint=weights_fingerprint_of(model))
-        plan.check(signature, ignore=ignore)          # clear error now, not mid-sampling
+        model_signature = RunSignature(num_layers=len(family.layer_names(model.model.diffusion_model)),
+                                       architecture=family.name,
+                                       weights_fingerprint=weights_fingerprint_of(model))
+        plan.check(model_signature, ignore=ignore)    # clear error now, not mid-sampling
     patched, _ = apply_patch(model, plan=plan, window=window_config_of(plan), allow_remap=allow_remap,
                              ignore=ignore, measure_time=measure_time,
                              signature=RunSignature(architecture=family.name if family else None))

@@ -141,7 +141,6 @@ class DiTFastAttnCalibrate(io.ComfyNode):
             progress=lambda done, total: bar.update_absolute(min(done, total), total),
             interrupted=comfy.model_management.throw_exception_if_processing_interrupted)
         saved = save_plan_to_folder(plan, filename_prefix) if filename_prefix.strip() else None
-        run_report = session.finished_run
         text = plan_summary(plan)
         text += f"\ncalibration: {session.search.forward_count} trial evaluations over {plan.num_steps} denoiser evaluations"
         if saved:

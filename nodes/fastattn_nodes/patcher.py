@@ -18,11 +18,11 @@ import dataclasses
 import logging
 import math
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ...fastattn.methods import parse_method, residual_needed
+from ...fastattn.methods import residual_needed
 from ...fastattn.plan import Plan, PlanMismatchError, RunSignature
 from ...fastattn.windows import grid_window_fraction, window_1d_fraction
 from .families import Family, detect_family
@@ -226,6 +226,7 @@ def _make_override(spec_holder: list):
         except PlanMismatchError:
             raise
         except Exception as exc:   # never take a user's run down because of an unexpected layout
+            run.skipped_calls += 1
             if (layer, type(exc)) not in warned:
                 warned.add((layer, type(exc)))
                 log.warning("DiTFastAttn: layer %s left uncompressed after an error: %s", layer, exc)
