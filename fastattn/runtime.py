@@ -181,7 +181,8 @@ class FastAttnRuntime:
         (the official lookahead); None computes it at every full step (always correct,
         costs one extra window attention per full step).
     cache_output(step, layer) -> bool: whether to keep this step's output for a later
-        AST step; None keeps it always.
+        AST step; None keeps it always. False leaves the existing cache untouched (the
+        official `need_cache_output=False`, used by calibration trials).
     state: the caches of this run (created if omitted; `reset()` between runs).
     official_asc_residual: under ASC, add the FIRST b rows of the cached residual like
         the official code (True, golden-data compatible), or the rows of the kept half.
@@ -528,3 +529,18 @@ def residual_lookahead_from_table(table: Sequence[Sequence[MethodLike]]) -> Call
 
     needed = [residual_needed(steps) for steps in table]
     return lambda step, layer: needed[layer][step]
+
+
+def output_cache_lookahead_from_table(table: Sequence[Sequence]) -> Callable[[int, Hashable], bool]:
+    """cache_output(step, layer) from a `[layer][step]` plan: keep a step's output only when
+    the next step of that layer is AST (an AST step returns the output of the last computed
+    step, and AST steps in a row pass it on). Saves one [B, H, L, D] tensor per layer
+    whenever the plan does not use AST next. Head-wise entries count if any head is AST."""
+
+    def is_ast(entry) -> bool:
+        if isinstance(entry, (list, tuple)):
+            return any(parse_method(m).output_share for m in entry)
+        return parse_method(entry).output_share
+
+    keep = [[t + 1 < len(steps) and is_ast(steps[t + 1]) for t in range(len(steps))] for steps in table]
+    return lambda step, layer: keep[layer][step]

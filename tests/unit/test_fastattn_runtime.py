@@ -472,3 +472,18 @@ def test_v2_headwise_arrow_attention_and_head_caching_match_official(v2_golden):
         text_out = project(weights, out[:, x.shape[1]:], "to_add_out")
         torch.testing.assert_close(image_out, outputs[f"fast.step{step}.hidden_states_out"], atol=1e-5, rtol=0)
         torch.testing.assert_close(text_out, outputs[f"fast.step{step}.encoder_hidden_states_out"], atol=1e-5, rtol=0)
+
+
+def test_output_cache_lookahead_keeps_only_what_ast_needs():
+    from fastattn.runtime import output_cache_lookahead_from_table
+
+    table = [["full_attn", "output_share", "output_share", "residual_window_attn", "full_attn"]]
+    keep = output_cache_lookahead_from_table(table)
+    assert [keep(t, 0) for t in range(5)] == [True, True, False, False, False]
+    runtime = FastAttnRuntime(methods_from_table(table), Window1D(3, 3), cache_output=keep, on_missing_cache="error")
+    outs = [runtime(*qkv(seed=t), layer=0, step=t) for t in range(5)]
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    # like the official need_cache_output=False, a step that does not cache leaves the old cache alone
+    assert runtime.state.layer((0, None)).cached_output is outs[0]
+    headwise = output_cache_lookahead_from_table([[["full_attn", "full_attn"], ["output_share", "full_attn"]]])
+    assert headwise(0, 0) and not headwise(1, 0)
