@@ -197,6 +197,43 @@ def test_encode_then_decode_through_latent_files(server):
     assert (count, height, width, rate) == (PADDED_FRAMES, VIDEO_HEIGHT, VIDEO_WIDTH, 16)
 
 
+def test_progress_is_reported_per_clip_over_the_websocket(server):
+    websocket = pytest.importorskip("websocket", reason="websocket-client not installed")
+    _bump_mtime(server.input_dir / VIDEO_NAME, 5)           # make the graph run again, not come from cache
+    connection = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}",
+                                             timeout=900)
+    try:
+        status, payload = server.post_prompt(load(WORKFLOWS["reducio_vae_roundtrip.api.json"]))
+        assert status == 200, payload
+        prompt_id, progress = payload["prompt_id"], {}
+        while True:
+            message = connection.recv()
+            if not isinstance(message, str):
+                continue                                     # binary preview frames
+            message = json.loads(message)
+            data = message.get("data", {})
+            if message["type"] == "progress" and data.get("prompt_id", prompt_id) == prompt_id:
+                progress.setdefault(data["node"], []).append((data["value"], data["max"]))
+            if message["type"] == "execution_error" and data.get("prompt_id") == prompt_id:
+                pytest.fail(f"the workflow failed: {data.get('exception_message')}")
+            if message["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                break
+    finally:
+        connection.close()
+    # Encode (node 4) and decode (node 5) step once per tile of each clip: 2 clips x 2 x 2 tiles (the
+    # tiny model's tile window is 40 px and the padded frame is 40 x 48, so 'auto' tiles), in order.
+    for node_id in ("4", "5"):
+        assert progress.get(node_id), f"no progress from node {node_id}: {progress}"
+        assert progress[node_id] == [(step, 8) for step in range(1, 9)], progress[node_id]
+
+
+def _bump_mtime(path: Path, seconds: int) -> None:
+    """A new modification time makes Load Video (fingerprinted by mtime) and everything after it run
+    again instead of coming from the server's cache."""
+    stamp = path.stat().st_mtime + seconds
+    os.utime(path, (stamp, stamp))
+
+
 def test_bad_widget_value_is_rejected_with_node_errors(server):
     prompt = load(WORKFLOWS["reducio_vae_roundtrip.api.json"])
     prompt["4"]["inputs"]["frame_handling"] = "stretch"
@@ -236,11 +273,7 @@ def test_comfy_cli_runs_the_roundtrip_workflow(server, kind, tmp_path):
         pytest.skip("comfy-cli not installed (scripts/setup_comfyui.sh installs it)")
     api_path = WORKFLOWS["reducio_vae_roundtrip.api.json"]
     path = api_path if kind == "api" else ui_twin(api_path)
-    # A new modification time makes Load Video (fingerprinted by mtime) and everything after it run
-    # again instead of coming from the server's cache, so the run really writes its outputs.
-    video = server.input_dir / VIDEO_NAME
-    stamp = video.stat().st_mtime + (10 if kind == "api" else 20)
-    os.utime(video, (stamp, stamp))
+    _bump_mtime(server.input_dir / VIDEO_NAME, 10 if kind == "api" else 20)   # run, do not reuse the cache
     result = subprocess.run(
         [cli, "--skip-prompt", "run", "--workflow", str(path), "--host", "127.0.0.1", "--port", str(server.port),
          "--wait", "--timeout", "900"],
