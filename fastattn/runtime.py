@@ -272,8 +272,11 @@ class FastAttnRuntime:
         cache = self.state.layer(cache_key)
         info = CallInfo(layer, step, seq_len, tuple(token_grid) if token_grid else None, prefix_tokens, suffix_tokens)
         if isinstance(method, tuple):
-            out = self._call_headwise(method, qh, kh, vh, rows, cache, info, out_shape)
-            return self._finish(out, cache, step, layer, layout, full_attention_out=None)
+            if len(set(method)) == 1 and len(method) == n_heads and self._uniform_windows(info):
+                method = method[0]  # every head alike: the layer-wise path (caller's backend, exact)
+            else:
+                out = self._call_headwise(method, qh, kh, vh, rows, cache, info, out_shape)
+                return self._finish(out, cache, step, layer, layout, full_attention_out=None)
         asc_requested = method.cfg_share
 
         if method.cfg_share and (rows is None or not rows.has_both):
@@ -306,7 +309,11 @@ class FastAttnRuntime:
         needs_residual = method.is_full and self_attention and (
             force_residual or self.needs_residual is None or bool(self.needs_residual(step, layer))
         )
-        window = self.window_for(info) if method.window or needs_residual else None
+        window = self._layer_window(info) if method.window or needs_residual else None
+        if window is None:
+            if method.window:
+                raise ValueError(f"layer {layer!r}: the window for step {step} is None but the plan uses {method}")
+            needs_residual = False  # no window for this layer (e.g. a full head list): nothing to subtract
 
         # A cond-only call of an ASC step keeps its output for the uncond-only call of this step.
         stash_cond = asc_requested and self.share_cfg_across_calls and rows is not None and not rows.uncond_rows
@@ -348,6 +355,22 @@ class FastAttnRuntime:
                 needs_residual=needs_residual, full_attention=core_full, backend=self.kernel_backend,
             )
         return self._finish(out, cache, step, layer, layout, full_attention_out=None, stash=stash_cond)
+
+    def _uniform_windows(self, info: CallInfo) -> bool:
+        window = self.window_for(info)
+        return not isinstance(window, (list, tuple)) or len(set(window)) <= 1
+
+    def _layer_window(self, info: CallInfo):
+        """The one window of a layer-wise call (a per-head list with a single distinct value collapses)."""
+        window = self.window_for(info)
+        if isinstance(window, (list, tuple)):
+            distinct = set(window)
+            if len(distinct) != 1:
+                raise ValueError(
+                    f"layer {info.layer!r}: per-head windows need a head-wise plan entry (one method per head)"
+                )
+            window = distinct.pop()
+        return window
 
     # ------------------------------------------------------------------ head-wise plans
 

@@ -487,3 +487,19 @@ def test_output_cache_lookahead_keeps_only_what_ast_needs():
     assert runtime.state.layer((0, None)).cached_output is outs[0]
     headwise = output_cache_lookahead_from_table([[["full_attn", "full_attn"], ["output_share", "full_attn"]]])
     assert headwise(0, 0) and not headwise(1, 0)
+
+
+def test_uniform_headwise_entry_uses_the_layer_path_and_callers_backend():
+    seen = []
+
+    def backend(q, k, v):
+        seen.append(q.shape)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    runtime = FastAttnRuntime(lambda s, l: ["full_attn"] * 2, Window1D(2, 2), needs_residual=lambda s, l: False)
+    q, k, v = qkv(heads=2)
+    out = runtime(q, k, v, layer=0, step=0, full_attention=backend)
+    assert seen and torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    mixed_windows = FastAttnRuntime(constant_plan("residual_window_attn+without_residual"), lambda info: [Window1D(1, 1), Window1D(2, 2)])
+    with pytest.raises(ValueError, match="head-wise plan entry"):
+        mixed_windows(q, k, v, layer=0, step=0)
