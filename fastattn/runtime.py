@@ -272,7 +272,9 @@ class FastAttnRuntime:
         cache = self.state.layer(cache_key)
         info = CallInfo(layer, step, seq_len, tuple(token_grid) if token_grid else None, prefix_tokens, suffix_tokens)
         if isinstance(method, tuple):
-            if len(set(method)) == 1 and len(method) == n_heads and self._uniform_windows(info):
+            uniform = len(set(method)) == 1 and len(method) == n_heads
+            # WA-RS stays head-wise: only that path checks the per-head residual validity
+            if uniform and not (method[0].window and method[0].residual) and self._uniform_windows(info):
                 method = method[0]  # every head alike: the layer-wise path (caller's backend, exact)
             else:
                 out = self._call_headwise(method, qh, kh, vh, rows, cache, info, out_shape)
@@ -405,7 +407,19 @@ class FastAttnRuntime:
         output_usable = cached_output is not None and tuple(cached_output.shape) == out_shape
         residual = cache.cached_residual
         residual_usable = residual is not None and tuple(residual.shape) == out_shape
-        for (method, window), heads in groups.items():
+        if residual_usable:
+            # heads whose residual was never computed (NaN) cannot run WA-RS: split them off
+            missing_heads = torch.isnan(residual).flatten(2).any(dim=2).any(dim=0).tolist()
+            split: dict = {}
+            for (method, window), heads in groups.items():
+                if method.window and method.residual:
+                    for head in heads:
+                        split.setdefault((method, window, missing_heads[head]), []).append(head)
+                else:
+                    split[(method, window, False)] = heads
+        else:
+            split = {(method, window, residual is None): heads for (method, window), heads in groups.items()}
+        for (method, window, residual_missing), heads in split.items():
             index = torch.tensor(heads, device=qh.device)
             if method.cfg_share and (rows is None or not rows.has_both):
                 method = method.without_cfg_share()
@@ -420,7 +434,7 @@ class FastAttnRuntime:
                 raise ValueError(f"layer {layer!r}: window methods apply to self-attention only")
             if method.window and window is None:
                 raise ValueError(f"layer {layer!r}: heads {heads} use a window method but have no window (None)")
-            if method.window and method.residual and not residual_usable:
+            if method.window and method.residual and (residual_missing or not residual_usable):
                 self._missing(f"WA-RS heads {heads} at step {step} of layer {layer!r} have no cached residual")
                 method, force_residual = Method(cfg_share=method.cfg_share), True
             needs_residual = method.is_full and self_attention and window is not None and (
@@ -445,7 +459,8 @@ class FastAttnRuntime:
             if needs_residual:
                 residual_updates.append((index, head_cache.cached_residual))
         if residual_updates:
-            updated = residual.clone() if residual_usable else torch.zeros(out_shape, dtype=vh.dtype, device=vh.device)
+            # heads without a residual yet are NaN, so a later WA-RS step on them is detected as missing
+            updated = residual.clone() if residual_usable else torch.full(out_shape, float("nan"), dtype=vh.dtype, device=vh.device)
             for index, head_residual in residual_updates:
                 updated[:, index] = head_residual.to(updated.dtype)
             cache.cached_residual = updated

@@ -503,3 +503,19 @@ def test_uniform_headwise_entry_uses_the_layer_path_and_callers_backend():
     mixed_windows = FastAttnRuntime(constant_plan("residual_window_attn+without_residual"), lambda info: [Window1D(1, 1), Window1D(2, 2)])
     with pytest.raises(ValueError, match="head-wise plan entry"):
         mixed_windows(q, k, v, layer=0, step=0)
+
+
+def test_headwise_residual_is_tracked_per_head():
+    entries = [["full_attn", "residual_window_attn+without_residual"], ["residual_window_attn", "residual_window_attn"]]
+    q, k, v = qkv(heads=2)
+    strict = FastAttnRuntime(lambda s, l: entries[s], Window1D(2, 2), on_missing_cache="error")
+    strict(q, k, v, layer=0, step=0)
+    residual = strict.state.layer((0, None)).cached_residual
+    assert not torch.isnan(residual[:, 0]).any() and torch.isnan(residual[:, 1]).all()
+    with pytest.raises(MissingCacheError, match=r"heads \[1\]"):
+        strict(q, k, v, layer=0, step=1)
+    lenient = FastAttnRuntime(lambda s, l: entries[s], Window1D(2, 2))
+    lenient(q, k, v, layer=0, step=0)
+    out = lenient(q, k, v, layer=0, step=1)
+    full = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)  # head 0: W + (O - W); head 1: full fallback
