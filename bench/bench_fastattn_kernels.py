@@ -115,6 +115,46 @@ def bench(lengths, heads, dim, repeats, use_flex, masked_limit, flex_limit):
     return rows
 
 
+METHOD_ROWS = [
+    ("full_attn (no residual)", "full_attn", False),
+    ("full_attn + residual (W computed too)", "full_attn", True),
+    ("residual_window_attn (WA-RS)", "residual_window_attn", False),
+    ("full_attn+cfg_attn_share (ASC)", "full_attn+cfg_attn_share", False),
+    ("residual_window_attn+cfg_attn_share", "residual_window_attn+cfg_attn_share", False),
+    ("output_share (AST)", "output_share", False),
+]
+
+
+def bench_methods(length, heads, dim, repeats):
+    """Per-call cost of each method through FastAttnRuntime on a CFG batch (1 cond + 1 uncond row)."""
+    from fastattn.runtime import FastAttnRuntime
+
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, heads, length, dim, generator=generator) for _ in range(3))
+    w = length // 8
+    functions = {}
+    for label, method, residual in METHOD_ROWS:
+        runtime = FastAttnRuntime(
+            lambda step, layer, m=method: "full_attn" if step == 0 else m,
+            Window1D(w, w),
+            needs_residual=lambda step, layer, r=residual: step == 0 or r,
+        )
+        runtime(q, k, v, layer=0, step=0, cfg_rows=[1, 0])  # step 0: full, fills the caches
+        functions[label] = lambda rt=runtime: rt(q, k, v, layer=0, step=1, cfg_rows=[1, 0])
+    times = interleaved_best_times(functions, repeats)
+    base = times[METHOD_ROWS[0][0]]
+    lines = [
+        f"Per-call cost through `FastAttnRuntime` at L = {length}, CFG batch of 2 rows (uncond, cond), "
+        f"{heads} heads, head dim {dim}, window ({w}, {w}); ratio to plain full attention:",
+        "",
+        "| method at this step | time (s) | ratio |",
+        "| --- | ---: | ---: |",
+    ]
+    for label, _, _ in METHOD_ROWS:
+        lines.append(f"| {label} | {times[label]:.3f} | {times[label] / base:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(rows, args) -> str:
     def fmt(value, spec):
         return "—" if value is None else format(value, spec)
@@ -151,11 +191,14 @@ def main(argv=None) -> int:
     parser.add_argument("--flex", action="store_true", help="also time compiled FlexAttention (slow to compile on CPU)")
     parser.add_argument("--flex-limit", type=int, default=4096, help="longest L for the flex timing (each shape compiles)")
     parser.add_argument("--masked-limit", type=int, default=8192, help="longest L for the masked-SDPA reference timing")
+    parser.add_argument("--methods-length", type=int, default=4096, help="L of the per-method table (0 = skip)")
     parser.add_argument("--write", type=Path, help="write the markdown table to this file (atomically)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = bench(args.lengths, args.heads, args.dim, args.repeats, args.flex, args.masked_limit, args.flex_limit)
     table = to_markdown(rows, args)
+    if args.methods_length:
+        table += "\n" + bench_methods(args.methods_length, args.heads, args.dim, args.repeats)
     print(table)
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ the window keeps:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -53,7 +54,7 @@ def to_bhld(x: torch.Tensor, layout: str, heads: Optional[int] = None) -> torch.
         batch, length, channels = x.shape
         if channels % heads:
             raise ValueError(f"{channels} channels are not divisible by heads={heads}")
-        return x.view(batch, length, heads, channels // heads).transpose(1, 2)
+        return x.reshape(batch, length, heads, channels // heads).transpose(1, 2)
     raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
 
 
@@ -241,15 +242,20 @@ def flex_window_attention(q, k, v, window, compile: bool = True) -> torch.Tensor
     """Window attention with FlexAttention and a block mask (block masks cached per shape).
 
     `compile=False` runs FlexAttention eagerly, which materialises the full score
-    matrix: correct but slow, for tests only."""
+    matrix: correct but slow, for tests only. If compilation fails (no C++ compiler on
+    CPU, no Triton on CUDA) it warns and runs eagerly."""
     seq_len = _check_self_attention(q, k, v)
     if not flex_attention_available():
         raise RuntimeError("torch.nn.attention.flex_attention is not available in this torch build (needs torch >= 2.5)")
     block_mask = _block_mask(window, seq_len, str(q.device))
     if compile:
-        return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
-    import warnings
-
+        try:
+            return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+        except Exception as error:  # noqa: BLE001 - no compiler / Triton: stay correct, run eagerly
+            warnings.warn(
+                f"torch.compile of FlexAttention failed ({type(error).__name__}: {error}); running it "
+                f"eagerly (correct, but computes every score). backend='banded' is faster here."
+            )
     from torch.nn.attention.flex_attention import flex_attention
 
     with warnings.catch_warnings():
@@ -296,13 +302,29 @@ def available_backends(device: torch.device | str = "cpu") -> list:
     return backends
 
 
+@functools.lru_cache(maxsize=None)
+def compiled_flex_works(device_type: str) -> bool:
+    """Whether compiled FlexAttention runs on this device type (probed once per process
+    on a tiny problem: a missing compiler or Triton makes torch.compile fail)."""
+    if not flex_attention_available():
+        return False
+    try:
+        probe = torch.zeros(1, 1, 128, 16, device=device_type)
+        block_mask = _block_mask(Window1D(16, 16), 128, str(probe.device))
+        _compiled_flex_attention()(probe, probe, probe, block_mask=block_mask)
+    except Exception as error:  # noqa: BLE001 - any compile/runtime failure means "not usable"
+        warnings.warn(f"compiled FlexAttention unavailable on {device_type} ({error!r}); using the banded kernel")
+        return False
+    return True
+
+
 def choose_backend(q: torch.Tensor, window) -> str:
     """The fastest correct backend for this call (what backend='auto' runs)."""
     if q.is_cuda:
         plain_1d = isinstance(window, Window1D) and not (window.prefix_tokens or window.suffix_tokens)
         if plain_1d and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
             return "flash"
-        if flex_attention_available():
+        if compiled_flex_works(q.device.type):
             return "flex"
     return "banded"
 
@@ -316,6 +338,11 @@ def window_attention(q, k, v, window, backend: str = "auto", block_size: Optiona
         return reference_attention(q, k, v)
     if backend == "auto":
         backend = choose_backend(q, window)
+        if backend == "flex":
+            try:
+                return flex_window_attention(q, k, v, window)
+            except Exception:  # noqa: BLE001 - shapes flex cannot compile still get a correct result
+                return banded_window_attention(q, k, v, window, block_size)
     if backend == "reference":
         return masked_reference_window_attention(q, k, v, window)
     if backend == "banded":

@@ -298,13 +298,17 @@ class FastAttnRuntime:
         )
         window = self.window_for(info) if method.window or needs_residual else None
 
+        # A cond-only call of an ASC step keeps its output for the uncond-only call of this step.
+        stash_cond = asc_requested and self.share_cfg_across_calls and rows is not None and not rows.uncond_rows
         plain_full = method == FULL and not needs_residual
         if plain_full:
             # Keep the caller's backend output untouched: an all-full plan is exactly plain attention.
             out = full_attention(q, k, v) if full_attention is not None else from_bhld(
                 reference_attention(qh, kh, vh), layout
             )
-            return self._finish(to_bhld(out, layout, heads), cache, step, layer, layout, full_attention_out=out)
+            return self._finish(
+                to_bhld(out, layout, heads), cache, step, layer, layout, full_attention_out=out, stash=stash_cond
+            )
 
         core_full = self._bhld_backend(full_attention, layout, heads)
         if method.cfg_share:
@@ -333,15 +337,15 @@ class FastAttnRuntime:
                 method, qh, kh, vh, cache, window,
                 needs_residual=needs_residual, full_attention=core_full, backend=self.kernel_backend,
             )
-        if asc_requested and self.share_cfg_across_calls and rows is not None and not rows.uncond_rows:
-            self.state.cfg_share_stash[layer] = (step, out)
-        return self._finish(out, cache, step, layer, layout, full_attention_out=None)
+        return self._finish(out, cache, step, layer, layout, full_attention_out=None, stash=stash_cond)
 
     # ------------------------------------------------------------------ helpers
 
-    def _finish(self, out_bhld, cache: LayerCache, step, layer, layout, full_attention_out):
+    def _finish(self, out_bhld, cache: LayerCache, step, layer, layout, full_attention_out, stash=False):
         if self.cache_output is None or self.cache_output(step, layer):
             cache.cached_output = out_bhld
+        if stash:
+            self.state.cfg_share_stash[layer] = (step, out_bhld)
         if full_attention_out is not None:
             return full_attention_out
         return from_bhld(out_bhld, layout)

@@ -23,8 +23,8 @@ chunked kernel to skip masked work).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -33,12 +33,22 @@ KeyRanges = List[Tuple[int, int]]
 
 @runtime_checkable
 class WindowSpec(Protocol):
+    """What the kernels and the runtime need from a window (Window1D and GridWindow)."""
+
     prefix_tokens: int
     suffix_tokens: int
+
+    def image_range(self, seq_len: int) -> Tuple[int, int]: ...
+
+    def mask(self, seq_len: int, device=None) -> torch.Tensor: ...
 
     def row_mask(self, query_index: torch.Tensor, seq_len: int, key_index: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
     def kept_pairs(self, seq_len: int) -> int: ...
+
+    def kept_fraction(self, seq_len: int) -> float: ...
+
+    def is_full(self, seq_len: int) -> bool: ...
 
     def key_ranges(self, query_start: int, query_end: int, seq_len: int) -> KeyRanges: ...
 

@@ -179,3 +179,10 @@ def test_grid_tiles_partition_queries_and_cover_kept_keys(window, length):
         assert not (mask[query_index] & ~covered).any()
         assert len(torch.unique(key_index)) == len(key_index)
     assert (seen[start:end] == 1).all() and (seen[:start] == 0).all() and (seen[end:] == 0).all()
+
+
+def test_both_window_kinds_satisfy_the_protocol():
+    from fastattn.windows import WindowSpec
+
+    assert isinstance(Window1D(1, 1), WindowSpec)
+    assert isinstance(GridWindow((2, 2), (1, 1)), WindowSpec)

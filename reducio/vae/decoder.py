@@ -1,0 +1,127 @@
+"""The fusion decoder: 3-D conv decoder that injects content features by cross-attention."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import (FULL, SPATIAL, TEMPORAL, FloatGroupNorm, FusionBlock, ResnetBlock,
+                     SelfAttention, Upsample)
+from .encoder import _as_window
+
+
+def decoder_upsample_kind(level: int, n_levels: int, f_s: int, f_t: int) -> Optional[str]:
+    """Kind of the upsample at the end of decoder level ``level`` (upsample-first layout).
+
+    The f_t levels closest to the latent double T; the rest are spatial only.
+    """
+    if level == 0 or level < n_levels - max(f_s, f_t):
+        return None
+    if f_t < f_s and level < n_levels - f_t:
+        return SPATIAL
+    if f_s < f_t and level < n_levels - f_s:
+        return TEMPORAL
+    return FULL
+
+
+def decoder_level_frames(level: int, n_levels: int, temp_res: int, f_t: int) -> int:
+    """Number of frames the features have at decoder level ``level`` (before its upsample)."""
+    if level < n_levels - f_t:
+        return temp_res
+    if level == n_levels - 1:
+        return temp_res // 2 ** f_t
+    return temp_res // 2 ** (f_t - n_levels + 1 + level)
+
+
+class FusionDecoder(nn.Module):
+    """Official ``FusionDecoder`` (fuse_type 'attn', upsample_first, interpolate up-sampling).
+
+    ``up`` is indexed by resolution level (0 = output resolution) and run from the deepest level.
+    Each level: ``block_1`` ResNet blocks -> optional ``fuse.0`` cross-attention with content
+    feature ``ch_fuse[level]`` -> ``block_2`` ResNet blocks -> optional ``upsample``.
+    A middle fusion block (content feature [-1]) exists when the content encoder is shallower than
+    the video encoder (f_s != f_s_2d) or ``fuse_mid_type == 'attn'``.
+    """
+
+    def __init__(self, *, ch: int, ch_mult: Sequence[int], ch_fuse: Sequence[int], num_res_blocks: int,
+                 z_channels: int, temp_res: int, ch_2d: int, ch_mult_2d: Sequence[int],
+                 f_t: int = 0, f_s: Optional[int] = None, f_s_2d: Optional[int] = None,
+                 ch_in: Optional[int] = None, out_ch: int = 3, fuse_mid: bool = False,
+                 fuse_mid_type: Optional[str] = None, window_size=(256, 256)):
+        super().__init__()
+        self.n_levels = len(ch_mult)
+        if len(ch_fuse) != self.n_levels:
+            raise ValueError(f"ch_fuse needs one entry per level ({self.n_levels}), got {list(ch_fuse)}")
+        self.ch_fuse = list(ch_fuse)
+        f_s = self.n_levels - 1 if f_s is None else f_s
+        f_s_2d = len(ch_mult_2d) - 1 if f_s_2d is None else f_s_2d
+        ch_in = ch if ch_in is None else ch_in
+        window = _as_window(window_size)
+        self.f_s, self.f_t, self.temp_res = f_s, f_t, temp_res
+
+        block_in_m = ch * ch_mult[-1]
+        block_in = ch_in * ch_mult[-1]
+        latent_frames = temp_res // 2 ** f_t
+        self.conv_in = nn.Conv3d(z_channels, block_in_m, 3, padding=1)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in_m, block_in, 3)
+        self.mid.fuse = nn.ModuleList()
+        if fuse_mid and (f_s != f_s_2d or fuse_mid_type == "attn"):
+            self.mid.fuse.append(FusionBlock(block_in, ch_2d * ch_mult_2d[-1], latent_frames,
+                                             window=window))
+        elif fuse_mid and fuse_mid_type is not None:
+            raise NotImplementedError(f"fuse_mid_type {fuse_mid_type!r} is not used by any official "
+                                      f"Reducio model and is not implemented")
+        self.mid.attn_1 = SelfAttention(block_in, 3, heads=8, window=window)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, 3)
+
+        levels = [None] * self.n_levels
+        for level in reversed(range(self.n_levels)):
+            stage = nn.Module()
+            block_out = ch_in * ch_mult[level]
+            stage.block_1 = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stage.block_1.append(ResnetBlock(block_in, block_out, 3))
+                block_in = block_out
+            stage.fuse = nn.ModuleList()
+            if self.ch_fuse[level] >= 0:
+                frames = decoder_level_frames(level, self.n_levels, temp_res, f_t)
+                context_dim = ch_2d * ch_mult_2d[self.ch_fuse[level]]
+                stage.fuse.append(FusionBlock(block_in, context_dim, frames, window=window))
+            stage.block_2 = nn.ModuleList(ResnetBlock(block_in, block_in, 3) for _ in range(num_res_blocks))
+            kind = decoder_upsample_kind(level, self.n_levels, f_s, f_t)
+            if kind is not None:
+                stage.upsample = Upsample(block_in, kind)
+            levels[level] = stage
+        self.up = nn.ModuleList(levels)
+
+        self.norm_out = FloatGroupNorm(block_in)
+        self.conv_out = nn.Conv3d(block_in, out_ch, 3, padding=1)
+
+    def used_content_levels(self) -> list[int]:
+        """Indices into the content-feature list that this decoder reads (-1 = the last entry)."""
+        used = [i for i in self.ch_fuse if i >= 0]
+        if len(self.mid.fuse):
+            used.append(-1)
+        return used
+
+    def forward(self, z: torch.Tensor, content: Sequence[torch.Tensor]) -> torch.Tensor:
+        """z [B, z_channels, T', h, w] (after post_quant_conv), content = content-feature list."""
+        h = self.mid.block_1(self.conv_in(z))
+        for block in self.mid.fuse:
+            h = block(h, content[-1])
+        h = self.mid.block_2(self.mid.attn_1(h))
+        for level in reversed(range(self.n_levels)):
+            stage = self.up[level]
+            for block in stage.block_1:
+                h = block(h)
+            for block in stage.fuse:
+                h = block(h, content[self.ch_fuse[level]])
+            for block in stage.block_2:
+                h = block(h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,176 @@
+"""Memory estimate for encode/decode, used by the nodes to pick tile and batch sizes.
+
+The estimate is analytic: weights + (peak activation factor x the largest activation tensor of the
+network at the processed size) + attention score chunks + the input/output/tile buffers of the
+call. The factor was calibrated on the full ft4 model: the official float32 CPU run at 16x256x256
+needs about +2.1 GiB over the weights to encode (largest tensor 0.5 GiB) and up to +4.2 GiB to
+decode (largest tensor 1 GiB), i.e. ~4.2x the largest tensor; we use 4.5x. In half precision the
+norms run in float32 and add an fp32 input copy and output for the largest tensor. The Python/torch
+process itself (~0.4 GiB on CPU, the CUDA context on GPU) is not included.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from .blocks import MAX_ATTENTION_SCORE_ELEMENTS
+from .decoder import decoder_level_frames, decoder_upsample_kind
+from .encoder import encoder_downsample_kind
+from .tiling import TileLayout
+
+PEAK_ACTIVATION_FACTOR = 4.5
+FP32_NORM_BYTES_PER_ELEMENT = 8  # fp32 copy of the input + fp32 output when running in half precision
+
+
+def _config_of(config_or_model) -> dict:
+    return config_or_model.config if hasattr(config_or_model, "config") else config_or_model
+
+
+def parameter_count(config_or_model) -> int:
+    """Number of parameters (built on the meta device when only a config is given)."""
+    if isinstance(config_or_model, torch.nn.Module):
+        return sum(p.numel() for p in config_or_model.parameters())
+    from .model import ReducioVAE
+
+    with torch.device("meta"):
+        model = ReducioVAE(**config_or_model)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _encoder_peak_elements(dd: dict, frames: int, height: int, width: int) -> tuple[int, int]:
+    """(largest activation, largest attention score matrix) of encoder_3d for one sample."""
+    n = len(dd["ch_mult"])
+    f_s, f_t = dd.get("f_s", n - 1), dd.get("f_t", 0)
+    ch = dd["ch"]
+    largest = 0
+    t, h, w = frames, height, width
+    for level in range(n):
+        width_in = ch * ((1,) + tuple(dd["ch_mult"]))[level]
+        width_out = ch * dd["ch_mult"][level]
+        largest = max(largest, max(width_in, width_out) * t * h * w)
+        kind = encoder_downsample_kind(level, n, f_s, f_t)
+        if kind in ("spatial", "full"):
+            h, w = h // 2, w // 2
+        if kind in ("temporal", "full"):
+            t = t // 2
+    tokens = t * h * w
+    return largest, 8 * tokens * tokens
+
+
+def _content_peak_elements(dd2: dict, height: int, width: int) -> int:
+    ch, mult = dd2["ch"], dd2["ch_mult"]
+    largest, h, w = 0, height, width
+    for level in range(len(mult)):
+        largest = max(largest, ch * max(((1,) + tuple(mult))[level], mult[level]) * h * w)
+        if level < len(mult) - 1:
+            h, w = h // 2, w // 2
+    return largest
+
+
+def _decoder_peak_elements(dd: dict, dd2: dict, height: int, width: int) -> tuple[int, int]:
+    """(largest activation, largest cross/self-attention score matrix) of the decoder, one sample."""
+    n = len(dd["ch_mult"])
+    f_s, f_t, temp_res = dd.get("f_s", n - 1), dd.get("f_t", 0), dd["temp_res"]
+    ch_in = dd.get("ch_in") or dd["ch"]
+    largest, scores = 0, 0
+    latent_h, latent_w = height // 2 ** f_s, width // 2 ** f_s
+    latent_t = temp_res // 2 ** f_t
+    latent_tokens = latent_t * latent_h * latent_w
+    scores = 8 * latent_tokens * latent_tokens
+    prev_width = ch_in * dd["ch_mult"][-1]
+    for level in reversed(range(n)):
+        frames = decoder_level_frames(level, n, temp_res, f_t)
+        h, w = height // 2 ** level, width // 2 ** level
+        width_l = ch_in * dd["ch_mult"][level]
+        largest = max(largest, max(prev_width, width_l) * frames * h * w)
+        fuse = dd["ch_fuse"][level]
+        if fuse >= 0:
+            ctx = (height // 2 ** fuse) * (width // 2 ** fuse)
+            scores = max(scores, max(1, width_l // 64) * frames * h * w * ctx)
+        kind = decoder_upsample_kind(level, n, f_s, f_t)
+        if kind is not None:
+            up_frames = frames * (2 if kind in ("temporal", "full") else 1)
+            largest = max(largest, width_l * up_frames * (2 * h) * (2 * w))  # up-sampled map
+        prev_width = width_l
+    return largest, scores
+
+
+def _activation_bytes(elements: int, scores: int, itemsize: int) -> int:
+    per_element = PEAK_ACTIVATION_FACTOR * itemsize + (FP32_NORM_BYTES_PER_ELEMENT if itemsize < 4 else 0)
+    return int(elements * per_element) + min(scores, MAX_ATTENTION_SCORE_ELEMENTS) * itemsize
+
+
+def estimate_memory(config_or_model, op: str, frames: int = 16, height: int = 256, width: int = 256,
+                    batch: int = 1, dtype: torch.dtype = torch.float32, tiling: Optional[bool] = None,
+                    tile_size: Optional[int] = None, include_weights: bool = True) -> int:
+    """Bytes needed by ``ReducioVAE.encode`` / ``decode`` for a video of ``frames`` x ``height`` x ``width``.
+
+    ``op``: "encode" or "decode". ``tiling``/``tile_size`` as in the encode/decode calls
+    (None = the automatic choice). Clips are processed one after the other, so ``frames`` only adds
+    input/output buffers; ``batch`` multiplies the activations.
+    """
+    if op not in ("encode", "decode"):
+        raise ValueError(f"op must be 'encode' or 'decode', got {op!r}")
+    config = _config_of(config_or_model)
+    dd, dd2 = config["ddconfig"], config["ddconfig_2d"]
+    n = len(dd["ch_mult"])
+    factor = 2 ** dd.get("f_s", n - 1)
+    clip = dd["temp_res"]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    padded_h, padded_w = math.ceil(height / factor) * factor, math.ceil(width / factor) * factor
+    layout = TileLayout(tile=tile_size or config.get("tile_sample_min_size", 256),
+                        overlap=config.get("tile_overlap_factor", 0.25), spatial_factor=factor)
+    use_tiling = layout.needs_tiling(padded_h, padded_w) if tiling is None else tiling
+    tile_h = min(padded_h, layout.pixel_window) if use_tiling else padded_h
+    tile_w = min(padded_w, layout.pixel_window) if use_tiling else padded_w
+
+    n_clips = max(1, math.ceil(frames / clip))
+    video_elements = 3 * n_clips * clip * padded_h * padded_w
+    if op == "encode":
+        largest, scores = _encoder_peak_elements(dd, clip, tile_h, tile_w)
+        # caller's input (float32) + padded copy + clip copy in the model dtype
+        buffers = video_elements * 4 + 2 * 3 * clip * padded_h * padded_w * itemsize
+    else:
+        largest, scores = _decoder_peak_elements(dd, dd2, tile_h, tile_w)
+        largest = max(largest, _content_peak_elements(dd2, tile_h, tile_w))
+        rows, cols = layout.grid_shape(padded_h, padded_w) if use_tiling else (1, 1)
+        tile_out = 3 * clip * tile_h * tile_w * itemsize
+        # output video (float32) + per-clip output + two rows of decoded tiles being blended
+        buffers = video_elements * 4 + 3 * clip * padded_h * padded_w * 4 + 2 * cols * tile_out
+        if use_tiling:  # blended content features kept for every tile (decoder levels only)
+            kept = sum(dd2["ch"] * dd2["ch_mult"][i] * (tile_h // 2 ** (i % len(dd2["ch_mult"])))
+                       * (tile_w // 2 ** (i % len(dd2["ch_mult"])))
+                       for i in {k % len(dd2["ch_mult"]) for k in dd["ch_fuse"] if k >= 0} | {len(dd2["ch_mult"]) - 1})
+            buffers += rows * cols * kept * itemsize
+    total = batch * (_activation_bytes(largest, scores, itemsize) + buffers)
+    if include_weights:
+        total += parameter_count(config_or_model) * itemsize
+    return int(total)
+
+
+def choose_tile_size(config_or_model, op: str, frames: int, height: int, width: int, budget_bytes: int,
+                     batch: int = 1, dtype: torch.dtype = torch.float32,
+                     min_tile: int = 128) -> Optional[int]:
+    """Largest tile size whose estimate fits ``budget_bytes``; None when no tiling is needed.
+
+    Returns None if the untiled run fits and the frame is not larger than the default tile window.
+    Raises ValueError when even ``min_tile`` does not fit.
+    """
+    config = _config_of(config_or_model)
+    common = dict(frames=frames, height=height, width=width, batch=batch, dtype=dtype)
+    weights = parameter_count(config_or_model) * torch.empty((), dtype=dtype).element_size()
+    if estimate_memory(config, op, tiling=False, **common, include_weights=False) + weights <= budget_bytes:
+        return None
+    step = 128
+    start = max(min_tile, math.ceil(max(height, width) / step) * step)
+    for tile in range(start, min_tile - 1, -step):
+        if tile < min_tile:
+            break
+        if estimate_memory(config, op, tiling=True, tile_size=tile, include_weights=False, **common) + weights <= budget_bytes:
+            return tile
+    need = estimate_memory(config, op, tiling=True, tile_size=min_tile, include_weights=False, **common) + weights
+    raise ValueError(f"Reducio VAE {op} of {frames}x{height}x{width} needs about {need / 2**30:.1f} GiB even with "
+                     f"{min_tile}-px tiles, more than the {budget_bytes / 2**30:.1f} GiB available; lower the batch "
+                     f"size, use a half-precision dtype or free memory")
