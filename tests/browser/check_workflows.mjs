@@ -1,0 +1,152 @@
+// Loads every UI-format example workflow into the real ComfyUI web frontend (Debian Chromium driven
+// by playwright-core) and records what the frontend made of it. One browser, one page, all workflows.
+//
+// Usage: node check_workflows.mjs <config.json>
+//   config: {"url": "http://127.0.0.1:PORT", "pack": "reducio-fastattn", "out": "<result.json>",
+//            "screenshot_dir": "<dir>" | null, "user_data_dir": "<fresh dir>",
+//            "workflows": [{"name": "x.json", "path": "/abs/x.json"}]}
+//
+// The script only observes and writes raw facts to `out`; tests/server/test_browser_workflows.py
+// compares them with the committed files, so a failure message can name file, node and widget.
+import { readFileSync, writeFileSync, renameSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const CHROMIUM = process.env.REDUCIO_CHROMIUM || '/usr/bin/chromium';
+const PAGE_READY_TIMEOUT_MS = 180_000;   // the frontend bundle is large; 2 busy CPU cores are slow
+const LOAD_SETTLE_MS = 400;              // dialogs and toasts are shown asynchronously after loading
+
+const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
+
+// Runs inside the page: the visible PrimeVue dialogs and toasts, as text.
+function visibleOverlays() {
+  const texts = (selector) => [...document.querySelectorAll(selector)]
+    .filter((el) => el.offsetParent !== null || el.getClientRects().length > 0)
+    .map((el) => el.innerText.trim().replace(/\s+/g, ' ').slice(0, 600))
+    .filter(Boolean);
+  return { dialogs: texts('.p-dialog'), toasts: texts('.p-toast-message') };
+}
+
+async function closeOverlays(page) {
+  // The templates browser (and any warning dialog) closes on Escape.
+  for (let i = 0; i < 3; i++) {
+    const { dialogs } = await page.evaluate(visibleOverlays);
+    if (!dialogs.length) return;
+    await page.keyboard.press('Escape');
+    await page.waitForTimeout(300);
+  }
+}
+
+// Runs inside the page: loads one workflow and reads back the live graph.
+async function loadAndInspect({ text, name }) {
+  const app = window.app;
+  const workflow = JSON.parse(text);
+  const types = [...new Set(workflow.nodes.map((n) => n.type))];
+  const unregistered = types.filter((t) => !(t in window.LiteGraph.registered_node_types));
+  let loadError = null;
+  try {
+    await app.loadGraphData(workflow, true, true, name);
+  } catch (err) {
+    loadError = String(err && err.stack || err);
+  }
+  const graph = app.graph;
+  const nodes = (graph._nodes || graph.nodes || []).map((node) => ({
+    id: node.id,
+    type: node.type,
+    title: node.title,
+    has_errors: !!node.has_errors,
+    widgets: (node.widgets || []).map((w) => ({
+      name: w.name, type: w.type, value: w.value === undefined ? null : w.value,
+      serialize: w.options?.serialize !== false && w.serialize !== false,
+      options: Array.isArray(w.options?.values) ? w.options.values.slice(0, 200) : null,
+    })),
+    inputs: (node.inputs || []).map((i) => ({ name: i.name, type: i.type, link: i.link ?? null,
+                                              widget: i.widget?.name ?? null })),
+  }));
+  const serialized = graph.serialize();
+  let prompt = null;
+  let promptError = null;
+  try {
+    prompt = (await app.graphToPrompt()).output;
+  } catch (err) {
+    promptError = String(err && err.stack || err);
+  }
+  return { unregistered, load_error: loadError, nodes, serialized, prompt, prompt_error: promptError };
+}
+
+async function main() {
+  mkdirSync(config.user_data_dir, { recursive: true });
+  const context = await chromium.launchPersistentContext(config.user_data_dir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    viewport: { width: 1600, height: 1000 },
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+           '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  const result = { url: config.url, browser: null, frontend_version: null, page_ready_s: null,
+                   registered_node_type_count: 0, templates: null, workflows: {}, page_errors: [] };
+  let consoleErrors = [];
+  try {
+    result.browser = context.browser()?.version() ?? null;
+    const page = context.pages()[0] || await context.newPage();
+    page.on('pageerror', (err) => result.page_errors.push(String(err && err.message || err)));
+    page.on('console', (msg) => { if (msg.type() === 'error') consoleErrors.push(msg.text().slice(0, 500)); });
+
+    const started = Date.now();
+    await page.goto(config.url + '/', { waitUntil: 'domcontentloaded', timeout: PAGE_READY_TIMEOUT_MS });
+    await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types
+      && Object.keys(window.LiteGraph.registered_node_types).length > 50,
+      null, { timeout: PAGE_READY_TIMEOUT_MS, polling: 500 });
+    await page.waitForTimeout(1500);   // let the first-run templates dialog appear before closing it
+    await closeOverlays(page);
+    result.page_ready_s = (Date.now() - started) / 1000;
+    result.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+    result.registered_node_type_count = await page.evaluate(
+      () => Object.keys(window.LiteGraph.registered_node_types).length);
+    result.startup_console_errors = consoleErrors;
+
+    // The template browser's data source, fetched by the page itself.
+    result.templates = await page.evaluate(async ({ pack, names }) => {
+      const listing = await (await fetch('/workflow_templates')).json();
+      const served = {};
+      for (const name of names) {
+        const resp = await fetch(`/api/workflow_templates/${pack}/${encodeURIComponent(name)}`);
+        served[name] = { status: resp.status, text: resp.ok ? await resp.text() : null };
+      }
+      return { listing: listing[pack] ?? null, served };
+    }, { pack: config.pack, names: config.workflows.map((w) => w.name) });
+
+    for (const wf of config.workflows) {
+      consoleErrors = [];
+      const text = readFileSync(wf.path, 'utf8');
+      const record = await page.evaluate(loadAndInspect, { text, name: wf.name });
+      await page.waitForTimeout(LOAD_SETTLE_MS);
+      const overlays = await page.evaluate(visibleOverlays);
+      record.dialogs = overlays.dialogs;
+      record.toasts = overlays.toasts;
+      record.console_errors = consoleErrors;
+      if (config.screenshot_dir) {
+        await closeOverlays(page);
+        await page.evaluate(() => window.app.canvas?.setDirty?.(true, true));
+        const shot = join(config.screenshot_dir, wf.name.replace(/\.json$/, '.png'));
+        await page.screenshot({ path: shot });
+        record.screenshot = shot;
+      }
+      await closeOverlays(page);
+      result.workflows[wf.name] = record;
+    }
+  } catch (err) {
+    result.fatal = String(err && err.stack || err);
+  } finally {
+    await context.close();
+  }
+  // Written to a temp name then renamed: a reader never sees half a file.
+  writeFileSync(config.out + '.tmp', JSON.stringify(result, null, 1));
+  renameSync(config.out + '.tmp', config.out);
+  if (result.fatal) {
+    console.error(result.fatal);
+    process.exit(2);
+  }
+}
+
+main().catch((err) => { console.error(err); process.exit(3); });
