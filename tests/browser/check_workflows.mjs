@@ -15,6 +15,7 @@ import { chromium } from 'playwright-core';
 const CHROMIUM = process.env.REDUCIO_CHROMIUM || '/usr/bin/chromium';
 const PAGE_READY_TIMEOUT_MS = 180_000;   // the frontend bundle is large; 2 busy CPU cores are slow
 const LOAD_SETTLE_MS = 400;              // dialogs and toasts are shown asynchronously after loading
+const FIRST_RUN_DIALOG_WAIT_MS = 20_000; // the first-run Templates browser opens a few seconds late
 
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 
@@ -29,12 +30,49 @@ function visibleOverlays() {
 
 async function closeOverlays(page) {
   // The templates browser (and any warning dialog) closes on Escape.
-  for (let i = 0; i < 3; i++) {
+  for (let i = 0; i < 5; i++) {
     const { dialogs } = await page.evaluate(visibleOverlays);
     if (!dialogs.length) return;
-    await page.keyboard.press('Escape');
-    await page.waitForTimeout(300);
+    if (i < 1) {
+      await page.keyboard.press('Escape');
+    } else {
+      // Escape does nothing while focus sits inside some dialogs (the Templates browser after a
+      // click in its sidebar): use the dialog's own close button, as a user would.
+      await page.locator('.p-dialog button:has(i.pi-times), .p-dialog button[aria-label="Close"], '
+                   + '.p-dialog .p-dialog-close-button')
+        .first().click({ timeout: 5000 }).catch(() => {});
+    }
+    await page.waitForTimeout(400);
   }
+  const { dialogs } = await page.evaluate(visibleOverlays);
+  if (dialogs.length) throw new Error('a dialog does not close on Escape: ' + dialogs.join(' | '));
+}
+
+// A fresh user sees the Templates browser on first load (it opens a few seconds after the app is
+// ready). Open the pack's section in it, as a user would, and record what it shows.
+async function inspectTemplateBrowser(page, config) {
+  const seen = { opened_by_itself: false, pack_section: false, text: null, screenshot: null };
+  const deadline = Date.now() + FIRST_RUN_DIALOG_WAIT_MS;
+  while (Date.now() < deadline) {
+    const { dialogs } = await page.evaluate(visibleOverlays);
+    if (dialogs.some((t) => t.includes(config.pack))) { seen.opened_by_itself = true; break; }
+    await page.waitForTimeout(500);
+  }
+  if (!seen.opened_by_itself) return seen;
+  const packEntry = page.locator('.p-dialog').getByText(config.pack, { exact: true }).first();
+  try {
+    await packEntry.click({ timeout: 10_000 });
+    seen.pack_section = true;
+    await page.waitForTimeout(1500);   // cards render after their thumbnails are requested
+  } catch (err) {
+    seen.click_error = String(err && err.message || err).slice(0, 500);
+  }
+  seen.text = (await page.evaluate(visibleOverlays)).dialogs.join(' | ');
+  if (config.screenshot_dir) {
+    seen.screenshot = join(config.screenshot_dir, 'template_browser.png');
+    await page.screenshot({ path: seen.screenshot });
+  }
+  return seen;
 }
 
 // Runs inside the page: loads one workflow and reads back the live graph.
@@ -97,7 +135,7 @@ async function main() {
     await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types
       && Object.keys(window.LiteGraph.registered_node_types).length > 50,
       null, { timeout: PAGE_READY_TIMEOUT_MS, polling: 500 });
-    await page.waitForTimeout(1500);   // let the first-run templates dialog appear before closing it
+    result.template_browser = await inspectTemplateBrowser(page, config);
     await closeOverlays(page);
     result.page_ready_s = (Date.now() - started) / 1000;
     result.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
@@ -117,6 +155,7 @@ async function main() {
     }, { pack: config.pack, names: config.workflows.map((w) => w.name) });
 
     for (const wf of config.workflows) {
+      await closeOverlays(page);
       consoleErrors = [];
       const text = readFileSync(wf.path, 'utf8');
       const record = await page.evaluate(loadAndInspect, { text, name: wf.name });

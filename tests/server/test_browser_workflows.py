@@ -121,23 +121,27 @@ def _write_placeholders(server, prompts: list[dict]) -> list[Path]:
         spec = _input_spec(server.object_info(node_class), name)
         return value in (_combo_options(spec) or [])
 
-    folders = None
+    model_dirs = None
     for node_class, name, value, spec in _missing_combo_values(server, prompts):
         if offered(node_class, name, value):   # an earlier placeholder already serves it
             continue
         if _is_upload_combo(spec):
-            create(server.input_dir / value)
-            continue
-        # Which model folder feeds this combo is the node's business; find it by asking the server.
-        if folders is None:
-            folders = server.get_json("/models")
-        for folder in folders:
-            path = server.models_dir / folder / value
+            candidates = [server.input_dir]
+        else:
+            # Which folder feeds this combo (a model folder, or the input folder as for LoadLatent)
+            # is the node's business: find it by asking the server after each try.
+            if model_dirs is None:
+                model_dirs = [server.models_dir / folder for folder in server.get_json("/models")]
+            candidates = model_dirs + [server.input_dir]
+        for directory in candidates:
+            path = directory / value
             if not create(path):
                 continue
             if offered(node_class, name, value):
                 break
-            _remove([created.pop() for _ in range(len(created) - created.index(path))])
+            start = created.index(path)   # the file, then the folders made for it, deepest first
+            _remove(created[start:])
+            del created[start:]
     return created
 
 
@@ -231,6 +235,29 @@ def test_template_routes_serve_every_workflow(browser_run):
         assert served["status"] == 200, \
             f"/api/workflow_templates/{PACK_FOLDER_NAME}/{path.name} -> HTTP {served['status']}"
         assert json.loads(served["text"]) == load(path), f"{path.name}: the served template differs from the file"
+
+
+def test_template_browser_offers_only_loadable_workflows(browser_run):
+    """Every entry the Templates browser shows under the pack must open as a UI-format workflow:
+    the browser loads the file with app.loadGraphData, which needs `nodes`/`links`."""
+    listing = browser_run["templates"]["listing"] or []
+    stems = {p.stem for p in ui_workflows()}
+    not_ui = sorted(name for name in listing if name not in stems)
+    assert not not_ui, (
+        f"the Templates browser lists {len(not_ui)} entries of '{PACK_FOLDER_NAME}' that are not UI-format "
+        f"workflows: {not_ui}. ComfyUI lists every *.json in workflows/, so the API-format twins appear "
+        "as templates that open as an empty graph; keep them in a folder the template scan does not "
+        "read (e.g. workflows/api/), which is not recursive.")
+
+
+def test_template_browser_dialog_shows_the_pack(browser_run):
+    seen = browser_run["template_browser"]
+    if not seen["opened_by_itself"]:
+        pytest.skip(f"frontend {browser_run['frontend_version']} did not open the Templates browser on first "
+                    "load; its listing is checked through its routes instead")
+    assert seen["pack_section"], f"no '{PACK_FOLDER_NAME}' section to click: {seen.get('click_error')}"
+    for path in ui_workflows():
+        assert path.stem in seen["text"], f"{path.stem} is not shown in the pack's Templates section: {seen['text']}"
 
 
 @pytest.mark.parametrize("path", ui_workflows(), ids=lambda p: p.name)
