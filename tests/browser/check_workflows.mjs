@@ -58,10 +58,13 @@ async function inspectTemplateBrowser(page, config) {
     if (dialogs.some((t) => t.includes(config.pack))) { seen.opened_by_itself = true; break; }
     await page.waitForTimeout(500);
   }
-  if (!seen.opened_by_itself) return seen;
+  if (!seen.opened_by_itself) {
+    // Older frontends (or a user who dismissed it once) do not open it: use the Templates command.
+    await page.evaluate(() => window.app.extensionManager?.command?.execute('Comfy.BrowseTemplates'));
+  }
   const packEntry = page.locator('.p-dialog').getByText(config.pack, { exact: true }).first();
   try {
-    await packEntry.click({ timeout: 10_000 });
+    await packEntry.click({ timeout: 30_000 });
     seen.pack_section = true;
     await page.waitForTimeout(1500);   // cards render after their thumbnails are requested
   } catch (err) {
@@ -124,10 +127,11 @@ async function main() {
   const result = { url: config.url, browser: null, frontend_version: null, page_ready_s: null,
                    registered_node_type_count: 0, templates: null, workflows: {}, page_errors: [] };
   let consoleErrors = [];
+  let pageErrors = [];   // uncaught exceptions, attributed to the phase (startup, workflow) they happen in
   try {
     result.browser = context.browser()?.version() ?? null;
     const page = context.pages()[0] || await context.newPage();
-    page.on('pageerror', (err) => result.page_errors.push(String(err && err.message || err)));
+    page.on('pageerror', (err) => pageErrors.push(String(err && (err.stack || err.message) || err).slice(0, 1200)));
     page.on('console', (msg) => { if (msg.type() === 'error') consoleErrors.push(msg.text().slice(0, 500)); });
 
     const started = Date.now();
@@ -135,9 +139,13 @@ async function main() {
     await page.waitForFunction(() => window.app?.graph && window.LiteGraph?.registered_node_types
       && Object.keys(window.LiteGraph.registered_node_types).length > 50,
       null, { timeout: PAGE_READY_TIMEOUT_MS, polling: 500 });
+    result.page_ready_s = (Date.now() - started) / 1000;
+    await page.waitForTimeout(2000);   // late start-up work (extensions, first-run dialog) runs now
+    result.page_errors = pageErrors;
+    pageErrors = [];
     result.template_browser = await inspectTemplateBrowser(page, config);
     await closeOverlays(page);
-    result.page_ready_s = (Date.now() - started) / 1000;
+    result.template_browser.page_errors = pageErrors;
     result.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
     result.registered_node_type_count = await page.evaluate(
       () => Object.keys(window.LiteGraph.registered_node_types).length);
@@ -157,6 +165,7 @@ async function main() {
     for (const wf of config.workflows) {
       await closeOverlays(page);
       consoleErrors = [];
+      pageErrors = [];
       const text = readFileSync(wf.path, 'utf8');
       const record = await page.evaluate(loadAndInspect, { text, name: wf.name });
       await page.waitForTimeout(LOAD_SETTLE_MS);
@@ -164,6 +173,7 @@ async function main() {
       record.dialogs = overlays.dialogs;
       record.toasts = overlays.toasts;
       record.console_errors = consoleErrors;
+      record.page_errors = pageErrors;
       if (config.screenshot_dir) {
         await closeOverlays(page);
         await page.evaluate(() => window.app.canvas?.setDirty?.(true, true));
@@ -173,6 +183,29 @@ async function main() {
       }
       await closeOverlays(page);
       result.workflows[wf.name] = record;
+    }
+
+    // Open every entry the pack lists as the Templates browser does (fetch, then loadGraphData
+    // with openSource 'template'), and count the nodes the user would get.
+    result.template_opens = {};
+    for (const name of result.templates.listing || []) {
+      await closeOverlays(page);
+      pageErrors = [];
+      const opened = await page.evaluate(async ({ pack, name }) => {
+        const data = await (await fetch(`/api/workflow_templates/${pack}/${encodeURIComponent(name)}.json`)).json();
+        let error = null;
+        try {
+          await window.app.loadGraphData(data, true, true, name, { openSource: 'template' });
+        } catch (err) {
+          error = String(err && err.message || err);
+        }
+        const graph = window.app.graph;
+        return { error, node_count: (graph._nodes || graph.nodes || []).length };
+      }, { pack: config.pack, name });
+      await page.waitForTimeout(LOAD_SETTLE_MS);
+      opened.dialogs = (await page.evaluate(visibleOverlays)).dialogs;
+      opened.page_errors = pageErrors;
+      result.template_opens[name] = opened;
     }
   } catch (err) {
     result.fatal = String(err && err.stack || err);

@@ -219,7 +219,7 @@ def _node_label(node: dict) -> str:
 def test_frontend_and_pack_loaded(browser_run):
     assert browser_run["frontend_version"], "window.__COMFYUI_FRONTEND_VERSION__ not set: page not ComfyUI?"
     assert browser_run["registered_node_type_count"] > 50
-    assert not browser_run["page_errors"], f"uncaught errors in the page: {browser_run['page_errors']}"
+    assert not browser_run["page_errors"], f"uncaught errors in the page at startup: {browser_run['page_errors']}"
 
 
 def test_template_routes_serve_every_workflow(browser_run):
@@ -240,22 +240,24 @@ def test_template_routes_serve_every_workflow(browser_run):
 def test_template_browser_offers_only_loadable_workflows(browser_run):
     """Every entry the Templates browser shows under the pack must open as a UI-format workflow:
     the browser loads the file with app.loadGraphData, which needs `nodes`/`links`."""
-    listing = browser_run["templates"]["listing"] or []
-    stems = {p.stem for p in ui_workflows()}
-    not_ui = sorted(name for name in listing if name not in stems)
-    assert not not_ui, (
-        f"the Templates browser lists {len(not_ui)} entries of '{PACK_FOLDER_NAME}' that are not UI-format "
-        f"workflows: {not_ui}. ComfyUI lists every *.json in workflows/, so the API-format twins appear "
-        "as templates that open as an empty graph; keep them in a folder the template scan does not "
-        "read (e.g. workflows/api/), which is not recursive.")
+    opens = browser_run["template_opens"]
+    broken = {}
+    for name, opened in sorted(opens.items()):
+        ui_file = REPO_ROOT / "workflows" / f"{name}.json"
+        expected_nodes = len(load(ui_file).get("nodes", [])) if ui_file.is_file() else 0
+        if opened["error"] or opened["dialogs"] or opened["page_errors"] or not expected_nodes or opened["node_count"] != expected_nodes:
+            broken[name] = opened
+    assert not broken, (
+        f"{len(broken)} of the {len(opens)} entries the Templates browser lists under '{PACK_FOLDER_NAME}' do "
+        f"not open as a workflow (node count, error, dialogs): {broken}. ComfyUI lists every *.json in "
+        "workflows/, so API-format twins (*.api.json) show up as templates too; keep them in a folder "
+        "the non-recursive template scan does not read (e.g. workflows/api/).")
 
 
 def test_template_browser_dialog_shows_the_pack(browser_run):
     seen = browser_run["template_browser"]
-    if not seen["opened_by_itself"]:
-        pytest.skip(f"frontend {browser_run['frontend_version']} did not open the Templates browser on first "
-                    "load; its listing is checked through its routes instead")
     assert seen["pack_section"], f"no '{PACK_FOLDER_NAME}' section to click: {seen.get('click_error')}"
+    assert not seen["page_errors"], f"uncaught errors in the page while browsing templates: {seen['page_errors']}"
     for path in ui_workflows():
         assert path.stem in seen["text"], f"{path.stem} is not shown in the pack's Templates section: {seen['text']}"
 
@@ -267,6 +269,7 @@ def test_workflow_loads_without_missing_nodes(browser_run, path):
         f"{path.name}: node types not registered in the frontend: {record['unregistered']}"
     assert record["load_error"] is None, f"{path.name}: app.loadGraphData raised: {record['load_error']}"
     assert not record["dialogs"], f"{path.name}: the frontend showed a dialog after loading: {record['dialogs']}"
+    assert not record["page_errors"], f"{path.name}: uncaught errors in the page while loading: {record['page_errors']}"
     errors = [n for n in record["nodes"] if n["has_errors"]]
     assert not errors, f"{path.name}: nodes flagged with errors: {[_node_label(n) for n in errors]}"
     file_nodes = load(path)["nodes"]
