@@ -160,7 +160,7 @@ async function main() {
         served[name] = { status: resp.status, text: resp.ok ? await resp.text() : null };
       }
       return { listing: listing[pack] ?? null, served };
-    }, { pack: config.pack, names: config.workflows.map((w) => w.name) });
+    }, { pack: config.pack, names: config.workflows.filter((w) => !w.control).map((w) => w.name) });
 
     for (const wf of config.workflows) {
       await closeOverlays(page);
@@ -174,7 +174,7 @@ async function main() {
       record.toasts = overlays.toasts;
       record.console_errors = consoleErrors;
       record.page_errors = pageErrors;
-      if (config.screenshot_dir) {
+      if (config.screenshot_dir && !wf.control) {
         await closeOverlays(page);
         await page.evaluate(() => window.app.canvas?.setDirty?.(true, true));
         const shot = join(config.screenshot_dir, wf.name.replace(/\.json$/, '.png'));
