@@ -179,10 +179,18 @@ class GreedyCalibration:
         return [{"block": layer, "step": step, "selected": self.methods[step][layer]}
                 for step in range(1, self.num_steps) for layer in range(self.num_layers)]
 
-    def to_plan(self, metadata: PlanMetadata | dict | None = None, **fields) -> Plan:
-        """The finished plan. ``fields`` are extra metadata (architecture, sigmas, ...)."""
-        if not self.complete:
-            raise RuntimeError(f"calibration saw {len(self.searched_steps)} of {self.num_steps} "
+    def to_plan(self, metadata: PlanMetadata | dict | None = None, *,
+                num_steps: int | None = None, **fields) -> Plan:
+        """The finished plan. ``fields`` are extra metadata (architecture, sigmas, ...).
+
+        ``num_steps`` keeps only the first steps, for callers that allocated more evaluations
+        than the sampler turned out to use; those steps must all have been searched.
+        """
+        steps = self.num_steps if num_steps is None else num_steps
+        if not 1 <= steps <= self.num_steps:
+            raise ValueError(f"num_steps must be in [1, {self.num_steps}], got {num_steps}")
+        if sorted(self.searched_steps)[:steps] != list(range(steps)):
+            raise RuntimeError(f"calibration saw {len(self.searched_steps)} of {steps} "
                                f"steps; the sampling run ended early or used fewer steps")
         meta = dict(metadata.to_dict() if isinstance(metadata, PlanMetadata) else metadata or {})
         meta.update(fields)
@@ -190,7 +198,7 @@ class GreedyCalibration:
         meta.setdefault("candidates", list(self.candidates))
         meta.setdefault("metric", OFFICIAL_METRIC if self.loss is official_loss else
                         getattr(self.loss, "__name__", "custom"))
-        return Plan(self.methods, meta)
+        return Plan(self.methods[:steps], meta)
 
 
 @runtime_checkable

@@ -75,6 +75,21 @@ class AttentionShape:
     cfg: bool = True
     window: WindowLike = None
 
+    @classmethod
+    def from_plan(cls, plan: Plan, rows: int | None = None) -> "AttentionShape":
+        """The shape recorded in a plan's metadata (token grid, heads, head dim, window, CFG)."""
+        meta = plan.metadata
+        missing = [name for name in ("token_grid", "num_heads", "head_dim", "window")
+                   if getattr(meta, name) is None]
+        if missing:
+            raise ValueError(f"the plan's metadata lacks {missing}; build AttentionShape "
+                             f"by hand for costs")
+        cfg = meta.cfg_scale is None or meta.cfg_scale > 1
+        if rows is None:
+            rows = (meta.calibration_inputs or 1) * (2 if cfg else 1)
+        return cls(tokens=meta.num_tokens, heads=meta.num_heads, head_dim=meta.head_dim,
+                   rows=rows, cfg=cfg, window=tuple(meta.window))
+
     @property
     def hidden(self) -> int:
         return self.heads * self.head_dim

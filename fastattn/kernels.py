@@ -20,6 +20,7 @@ the window keeps:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -53,7 +54,7 @@ def to_bhld(x: torch.Tensor, layout: str, heads: Optional[int] = None) -> torch.
         batch, length, channels = x.shape
         if channels % heads:
             raise ValueError(f"{channels} channels are not divisible by heads={heads}")
-        return x.view(batch, length, heads, channels // heads).transpose(1, 2)
+        return x.reshape(batch, length, heads, channels // heads).transpose(1, 2)
     raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
 
 
@@ -106,8 +107,9 @@ def default_block_size(window, seq_len: int) -> int:
     """Query block size for the banded kernel.
 
     For a 1-D band of reach r per side, a block of b queries touches b + 2r keys of
-    which ~2r + 1 are used per row: blocks around half the reach waste ~25 % while
-    keeping the number of SDPA calls low (see bench/fastattn_kernels_results.md).
+    which ~2r + 1 are used per row: small blocks waste little but multiply the SDPA
+    calls. A quarter of the reach (64..512) measured best on CPU at 2k-16k tokens
+    (see bench/fastattn_kernels_results.md).
     Grid windows use whole image rows (multiples of the grid width)."""
     if isinstance(window, GridWindow):
         width = window.grid3[2]
@@ -115,7 +117,7 @@ def default_block_size(window, seq_len: int) -> int:
         return width * rows
     if isinstance(window, Window1D):
         left, right = window.resolved(window.image_tokens(seq_len))
-        return int(min(1024, max(64, (left + right) // 4)))
+        return int(min(512, max(64, (left + right) // 8)))
     return 256
 
 
@@ -126,7 +128,8 @@ def banded_window_attention(
 
     Text query rows of joint attention (global in every window) run as one full
     attention call; image queries run in blocks, each against the union of its rows'
-    key ranges with the exact window mask inside. Agrees with
+    key ranges with the exact window mask inside (`block_size` contiguous queries; for a
+    GridWindow without `block_size`, rectangular tiles of the grid). Agrees with
     `masked_reference_window_attention` to float rounding."""
     seq_len = _check_self_attention(q, k, v)
     start, end = window.image_range(seq_len)
@@ -135,23 +138,44 @@ def banded_window_attention(
         out[:, :, :start] = reference_attention(q[:, :, :start], k, v)
     if end < seq_len:
         out[:, :, end:] = reference_attention(q[:, :, end:], k, v)
+    device = q.device
+    if isinstance(window, GridWindow) and block_size is None:
+        # Rectangular query tiles also skip the columns outside the box.
+        for query_index, key_index in window.blocks(seq_len):
+            query_index, key_index = query_index.to(device), key_index.to(device)
+            mask = window.row_mask(query_index, seq_len, key_index)
+            result = reference_attention(
+                q.index_select(2, query_index), k.index_select(2, key_index), v.index_select(2, key_index),
+                None if bool(mask.all()) else mask,
+            )
+            out.index_copy_(2, query_index, result)
+        return out
     block = int(block_size or default_block_size(window, seq_len))
     if block <= 0:
         raise ValueError(f"block_size must be positive, got {block}")
-    device = q.device
+    # A 1-D band is translation invariant: every interior block has the same mask
+    # relative to its key range, so masks are built once per relative geometry.
+    relative_masks = {}
     for q_start in range(start, end, block):
         q_end = min(q_start + block, end)
         ranges = window.key_ranges(q_start, q_end, seq_len)
         if len(ranges) == 1:
             k_start, k_end = ranges[0]
             keys, values = k[:, :, k_start:k_end], v[:, :, k_start:k_end]
-            key_index = torch.arange(k_start, k_end, device=device)
+            geometry = (q_end - q_start, k_start - q_start, k_end - q_start)
+            if isinstance(window, Window1D) and geometry in relative_masks:
+                mask = relative_masks[geometry]
+            else:
+                key_index = torch.arange(k_start, k_end, device=device)
+                mask = window.row_mask(torch.arange(q_start, q_end, device=device), seq_len, key_index)
+                mask = None if bool(mask.all()) else mask
+                if isinstance(window, Window1D):
+                    relative_masks[geometry] = mask
         else:
             key_index = torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
             keys, values = k.index_select(2, key_index), v.index_select(2, key_index)
-        mask = window.row_mask(torch.arange(q_start, q_end, device=device), seq_len, key_index)
-        if bool(mask.all()):
-            mask = None
+            mask = window.row_mask(torch.arange(q_start, q_end, device=device), seq_len, key_index)
+            mask = None if bool(mask.all()) else mask
         out[:, :, q_start:q_end] = reference_attention(q[:, :, q_start:q_end], keys, values, mask)
     return out
 
@@ -218,15 +242,20 @@ def flex_window_attention(q, k, v, window, compile: bool = True) -> torch.Tensor
     """Window attention with FlexAttention and a block mask (block masks cached per shape).
 
     `compile=False` runs FlexAttention eagerly, which materialises the full score
-    matrix: correct but slow, for tests only."""
+    matrix: correct but slow, for tests only. If compilation fails (no C++ compiler on
+    CPU, no Triton on CUDA) it warns and runs eagerly."""
     seq_len = _check_self_attention(q, k, v)
     if not flex_attention_available():
         raise RuntimeError("torch.nn.attention.flex_attention is not available in this torch build (needs torch >= 2.5)")
     block_mask = _block_mask(window, seq_len, str(q.device))
     if compile:
-        return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
-    import warnings
-
+        try:
+            return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+        except Exception as error:  # noqa: BLE001 - no compiler / Triton: stay correct, run eagerly
+            warnings.warn(
+                f"torch.compile of FlexAttention failed ({type(error).__name__}: {error}); running it "
+                f"eagerly (correct, but computes every score). backend='banded' is faster here."
+            )
     from torch.nn.attention.flex_attention import flex_attention
 
     with warnings.catch_warnings():
@@ -273,13 +302,29 @@ def available_backends(device: torch.device | str = "cpu") -> list:
     return backends
 
 
+@functools.lru_cache(maxsize=None)
+def compiled_flex_works(device_type: str) -> bool:
+    """Whether compiled FlexAttention runs on this device type (probed once per process
+    on a tiny problem: a missing compiler or Triton makes torch.compile fail)."""
+    if not flex_attention_available():
+        return False
+    try:
+        probe = torch.zeros(1, 1, 128, 16, device=device_type)
+        block_mask = _block_mask(Window1D(16, 16), 128, str(probe.device))
+        _compiled_flex_attention()(probe, probe, probe, block_mask=block_mask)
+    except Exception as error:  # noqa: BLE001 - any compile/runtime failure means "not usable"
+        warnings.warn(f"compiled FlexAttention unavailable on {device_type} ({error!r}); using the banded kernel")
+        return False
+    return True
+
+
 def choose_backend(q: torch.Tensor, window) -> str:
     """The fastest correct backend for this call (what backend='auto' runs)."""
     if q.is_cuda:
         plain_1d = isinstance(window, Window1D) and not (window.prefix_tokens or window.suffix_tokens)
         if plain_1d and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
             return "flash"
-        if flex_attention_available():
+        if compiled_flex_works(q.device.type):
             return "flex"
     return "banded"
 
@@ -293,6 +338,11 @@ def window_attention(q, k, v, window, backend: str = "auto", block_size: Optiona
         return reference_attention(q, k, v)
     if backend == "auto":
         backend = choose_backend(q, window)
+        if backend == "flex":
+            try:
+                return flex_window_attention(q, k, v, window)
+            except Exception:  # noqa: BLE001 - shapes flex cannot compile still get a correct result
+                return banded_window_attention(q, k, v, window, block_size)
     if backend == "reference":
         return masked_reference_window_attention(q, k, v, window)
     if backend == "banded":

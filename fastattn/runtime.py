@@ -298,13 +298,17 @@ class FastAttnRuntime:
         )
         window = self.window_for(info) if method.window or needs_residual else None
 
+        # A cond-only call of an ASC step keeps its output for the uncond-only call of this step.
+        stash_cond = asc_requested and self.share_cfg_across_calls and rows is not None and not rows.uncond_rows
         plain_full = method == FULL and not needs_residual
         if plain_full:
             # Keep the caller's backend output untouched: an all-full plan is exactly plain attention.
             out = full_attention(q, k, v) if full_attention is not None else from_bhld(
                 reference_attention(qh, kh, vh), layout
             )
-            return self._finish(to_bhld(out, layout, heads), cache, step, layer, layout, full_attention_out=out)
+            return self._finish(
+                to_bhld(out, layout, heads), cache, step, layer, layout, full_attention_out=out, stash=stash_cond
+            )
 
         core_full = self._bhld_backend(full_attention, layout, heads)
         if method.cfg_share:
@@ -333,15 +337,15 @@ class FastAttnRuntime:
                 method, qh, kh, vh, cache, window,
                 needs_residual=needs_residual, full_attention=core_full, backend=self.kernel_backend,
             )
-        if asc_requested and self.share_cfg_across_calls and rows is not None and not rows.uncond_rows:
-            self.state.cfg_share_stash[layer] = (step, out)
-        return self._finish(out, cache, step, layer, layout, full_attention_out=None)
+        return self._finish(out, cache, step, layer, layout, full_attention_out=None, stash=stash_cond)
 
     # ------------------------------------------------------------------ helpers
 
-    def _finish(self, out_bhld, cache: LayerCache, step, layer, layout, full_attention_out):
+    def _finish(self, out_bhld, cache: LayerCache, step, layer, layout, full_attention_out, stash=False):
         if self.cache_output is None or self.cache_output(step, layer):
             cache.cached_output = out_bhld
+        if stash:
+            self.state.cfg_share_stash[layer] = (step, out_bhld)
         if full_attention_out is not None:
             return full_attention_out
         return from_bhld(out_bhld, layout)
@@ -354,9 +358,9 @@ class FastAttnRuntime:
         residual = cache.cached_residual
         if residual is None:
             return False
-        if method.cfg_share:
-            needed_rows = len(rows.cond_rows)
-            return residual.shape[0] >= needed_rows and tuple(residual.shape[1:]) == out_shape[1:]
+        if method.cfg_share and self.official_asc_residual:
+            # the official code reads the first b rows, whatever batch the residual had
+            return residual.shape[0] >= len(rows.cond_rows) and tuple(residual.shape[1:]) == out_shape[1:]
         return tuple(residual.shape) == out_shape
 
     def _reuse_split_cfg(self, method: Method, rows, layer, step, out_shape):

@@ -23,8 +23,8 @@ chunked kernel to skip masked work).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -33,12 +33,22 @@ KeyRanges = List[Tuple[int, int]]
 
 @runtime_checkable
 class WindowSpec(Protocol):
+    """What the kernels and the runtime need from a window (Window1D and GridWindow)."""
+
     prefix_tokens: int
     suffix_tokens: int
+
+    def image_range(self, seq_len: int) -> Tuple[int, int]: ...
+
+    def mask(self, seq_len: int, device=None) -> torch.Tensor: ...
 
     def row_mask(self, query_index: torch.Tensor, seq_len: int, key_index: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
     def kept_pairs(self, seq_len: int) -> int: ...
+
+    def kept_fraction(self, seq_len: int) -> float: ...
+
+    def is_full(self, seq_len: int) -> bool: ...
 
     def key_ranges(self, query_start: int, query_end: int, seq_len: int) -> KeyRanges: ...
 
@@ -277,6 +287,45 @@ class GridWindow(_WindowBase):
             base = start + t * h_size * w_size
             ranges.append((base + h_low * w_size, base + (h_high + 1) * w_size))
         return self._with_text_ranges(_merge_ranges(ranges), query_start, query_end, seq_len)
+
+
+    def tile_shape(self, min_queries: int = 64) -> Tuple[int, int, int]:
+        """Query tile (t, h, w) for the chunked kernel: about half the reach on each axis
+        (a tile then touches ~1.25**d times the keys a single query needs), widened
+        along w until it holds at least `min_queries` queries."""
+        sizes = [min(n, max(1, r // 2)) for n, r in zip(self.grid3, self.radius3)]
+        t_size, h_size, w_size = sizes
+        if t_size * h_size * w_size < min_queries:
+            w_size = min(self.grid3[2], -(-min_queries // (t_size * h_size)))
+        return t_size, h_size, w_size
+
+    def blocks(self, seq_len: int, min_queries: int = 64):
+        """Yield (query_index, key_index) LongTensors covering every image query once:
+        rectangular query tiles and the box of keys their rows can see (plus text keys)."""
+        self._check_length(seq_len)
+        start, end = self.image_range(seq_len)
+        t_all, h_all, w_all = self.grid3
+        text_keys = torch.cat([torch.arange(0, start), torch.arange(end, seq_len)])
+        tile = self.tile_shape(min_queries)
+
+        def axis_ranges(first, size, reach, length):
+            query = torch.arange(first, min(first + size, length))
+            key = torch.arange(max(0, first - reach), min(length, first + size + reach))
+            return query, key
+
+        def flat(t, h, w):
+            return start + (t[:, None, None] * h_all * w_all + h[None, :, None] * w_all + w[None, None, :]).reshape(-1)
+
+        for t0 in range(0, t_all, tile[0]):
+            qt, kt = axis_ranges(t0, tile[0], self.radius3[0], t_all)
+            for h0 in range(0, h_all, tile[1]):
+                qh, kh = axis_ranges(h0, tile[1], self.radius3[1], h_all)
+                for w0 in range(0, w_all, tile[2]):
+                    qw, kw = axis_ranges(w0, tile[2], self.radius3[2], w_all)
+                    keys = flat(kt, kh, kw)
+                    if len(text_keys):
+                        keys = torch.cat([text_keys, keys]).sort().values
+                    yield flat(qt, qh, qw), keys
 
 
 @dataclass(frozen=True)

@@ -150,17 +150,22 @@ class FastAttnProcessor:
             if attention_mask is not None:
                 attention_mask = attention_mask[kept]
         batch, _, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        key_length = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
 
         if attention_mask is not None:
             if method.window:
                 raise ValueError("window attention methods do not support an attention mask (self-attention of DiT/PixArt has none)")
-            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_length, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if encoder_hidden_states is not None and attn.norm_cross:
+        # self-attention keys come from the normalised states, as in diffusers' own processors
+        if encoder_hidden_states is None:
+            context = hidden_states
+        elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        else:
+            context = encoder_hidden_states
 
         query = attn.to_q(hidden_states)
         key = attn.to_k(context)

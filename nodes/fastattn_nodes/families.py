@@ -40,8 +40,11 @@ class Family:
     text_position: str
     # Index of the self-attention call inside one block (0 = the first attention call).
     self_attention_call: int = 0
-    # "replace": tag layers through patches_replace["dit"]; "object_patch": PixArt (see patcher).
+    # "replace": tag layers through patches_replace["dit"]; "count": the model has neither
+    # patches_replace nor block_index, so layers come from counting attention calls per model
+    # call (``calls_per_block`` calls per block, in order); "object_patch": PixArt (see patcher).
     tagging: str = "replace"
+    calls_per_block: int = 1
     # Joint families whose text length is the conditioning length (Flux: Kontext reference
     # tokens may follow the image); otherwise the text length is "whatever is not image".
     text_len_from_context: bool = False
@@ -129,6 +132,17 @@ FAMILIES: tuple[Family, ...] = (
         block_groups=(BlockGroup("transformer_blocks", "double_block", "block"),),
         text_position=TEXT_NONE,
         patch_size=lambda dm: (1, 1, 1),
+    ),
+    Family(
+        # Cosmos-Predict2 (text-to-image and video): each block makes exactly two attention
+        # calls, self then cross, and publishes no layer index (spec 15.6: "count calls").
+        name="cosmos_predict2",
+        class_names=("MiniTrainDIT",),
+        block_groups=(BlockGroup("blocks", "", "block"),),
+        text_position=TEXT_NONE,
+        tagging="count",
+        calls_per_block=2,
+        patch_size=lambda dm: (int(dm.patch_temporal), int(dm.patch_spatial), int(dm.patch_spatial)),
     ),
     Family(
         name="pixart",

@@ -37,6 +37,7 @@ RUN_KEY = "ditfastattn_run"          # the RunState of the sampling run in progr
 LAYER_KEY = "ditfastattn_layer"      # layer name of the block being executed
 CALL_KEY = "ditfastattn_call"        # attention calls so far inside that block
 GEOMETRY_KEY = "ditfastattn_geometry"  # (token grid, conditioning length) of this model call
+COUNT_KEY = "ditfastattn_calls"      # attention calls so far in this model call ("count" families)
 OVERRIDE_KEY = "optimized_attention_override"
 
 
@@ -238,6 +239,17 @@ def _make_override(spec_holder: list):
 def _classify_call(spec: PatchSpec, options, args, kwargs):
     """Return (layer, layout, heads, prefix, suffix, grid) for a compressible self-attention
     call, or None to leave the call alone."""
+    family = spec.family
+    counted_layer = None
+    if family.tagging == "count":
+        # Every attention call of the model call counts, also the ones we leave alone.
+        n = options.get(COUNT_KEY)
+        if n is None:
+            return None
+        options[COUNT_KEY] = n + 1
+        if n % family.calls_per_block != family.self_attention_call:
+            return None
+        counted_layer = f"{family.block_groups[0].layer_prefix}.{n // family.calls_per_block}"
     if len(args) < 3:
         return None
     q, k = args[0], args[1]
@@ -252,8 +264,11 @@ def _classify_call(spec: PatchSpec, options, args, kwargs):
     if q.shape[seq_axis] != k.shape[seq_axis] or q.shape[0] != k.shape[0]:
         return None                      # cross-attention (or an exotic call): untouched
 
-    family = spec.family
-    if family.tagging == "block_index":
+    if counted_layer is not None:
+        layer = counted_layer
+        if layer not in spec.layer_index:
+            return None
+    elif family.tagging == "block_index":
         if options.get("attn_kind", "self") != "self" or options.get("block_index") is None:
             return None
         layer = f"{options.get('block_type') or 'block'}.{options['block_index']}"
@@ -385,6 +400,7 @@ def _make_apply_model_wrapper(spec: PatchSpec):
             grid = spec.family.token_grid(diffusion_model, x.shape)
             context_len = context.shape[1] if torch.is_tensor(context) and context.ndim == 3 else None
             options[GEOMETRY_KEY] = (grid, context_len)
+            options[COUNT_KEY] = 0
         return executor(*args, **kwargs)
 
     return ditfastattn_apply_model

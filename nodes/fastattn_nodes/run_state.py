@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from ...fastattn.methods import parse_method
+from ...fastattn.kernels import to_bhld
 from ...fastattn.runtime import FastAttnRuntime
 from ...fastattn.windows import CallInfo
 from ...fastattn.state import FastAttnState
@@ -134,6 +135,12 @@ class RunState:
                            cfg_rows=chunks, full_attention=full_attention,
                            token_grid=token_grid, prefix_tokens=prefix_tokens,
                            suffix_tokens=suffix_tokens)
+        if method.cfg_share and chunks and all(c == 0 for c in chunks):
+            # The runtime stashes the cond-only output for the uncond-only call of the same step,
+            # except on its plain full-attention path; make sure the stash is there either way.
+            stashed = self.cache.cfg_share_stash.get(layer)
+            if stashed is None or stashed[0] != step:
+                self.cache.cfg_share_stash[layer] = (step, to_bhld(out, layout, heads))
         if self.measure_time:
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)

@@ -99,6 +99,17 @@ class ReducioVAEHandle:
         return estimate_memory(self.model, kind, frames=frames, height=pixel_hw[0], width=pixel_hw[1], batch=1,
                                dtype=self.dtype, tiling=tiled, tile_size=tile_size, include_weights=False)
 
+    def _load(self, activation_bytes: int) -> None:
+        """Move the weights to the VAE device, freeing other models for the activations if needed.
+
+        Always a full load: ComfyUI's partial ("lowvram") loading only streams weights of comfy.ops
+        layers, and the reducio package uses plain torch layers, which would be left on the offload
+        device. The VAE's weights are small next to its activations, so tiles are the lever instead.
+        """
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.patcher], memory_required=activation_bytes, force_full_load=True)
+
     def _first_attempt(self, kind: str, frames: int, pixel_hw: tuple[int, int], tiling: str):
         """Load the weights and pick (tiled, tile_size): as asked, or for 'auto' what fits in memory."""
         import comfy.model_management as mm
@@ -113,7 +124,7 @@ class ReducioVAEHandle:
             tiled = self.model.tile_layout().needs_tiling(*padded)
         else:
             tiled = tiling == TILING_ON
-        mm.load_models_gpu([self.patcher], memory_required=self._estimate(kind, frames, pixel_hw, tiled, None))
+        self._load(self._estimate(kind, frames, pixel_hw, tiled, None))
         if tiling != TILING_AUTO:
             return tiled, None
         # Then memory: if the weights are loaded and the run still does not fit, use the largest
@@ -146,8 +157,7 @@ class ReducioVAEHandle:
         attempts = [first, *self._fallbacks(*first)]
         for number, (tiled, tile_size) in enumerate(attempts):
             if number > 0:
-                mm.load_models_gpu([self.patcher],
-                                   memory_required=self._estimate(kind, frames, pixel_hw, tiled, tile_size))
+                self._load(self._estimate(kind, frames, pixel_hw, tiled, tile_size))
             try:
                 with warnings.catch_warnings():
                     # The nodes already checked the 0..1 IMAGE range; the package's "no negative

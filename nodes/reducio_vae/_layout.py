@@ -143,8 +143,8 @@ def check_latent(samples, geometry: LatentGeometry) -> torch.Tensor:
     if shape[2] == 0 or shape[2] % geometry.frames_per_clip != 0:
         raise ReducioInputError(
             f"this Reducio VAE makes {geometry.frames_per_clip} latent frames per 16-frame clip, but the LATENT "
-            f"has {shape[2]} (shape {shape}). It was made by another Reducio variant (ft4 makes 4 per clip, ft2 "
-            "makes 8): load the matching VAE checkpoint.")
+            f"has {shape[2]} (shape {shape}). It was made by another video model or by the other Reducio variant "
+            "(ft4 makes 4 per clip, ft2 makes 8): use the VAE that made it.")
     if min(shape[3:]) < 1:
         raise ReducioInputError(f"the LATENT is empty (shape {shape}).")
     if not torch.isfinite(samples).all():

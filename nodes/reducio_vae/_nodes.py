@@ -48,6 +48,16 @@ def _input_error(node: str, error: ReducioInputError) -> ValueError:
     return ValueError(f"{node}: {error}")
 
 
+def _check_choices(**named: tuple) -> bool | str:
+    """validate_inputs helper: each keyword is (value, allowed options). Checked here rather than by
+    ComfyUI because not every supported version validates V3 combo values at /prompt (0.3.64 does not),
+    so a bad value in an API prompt is still refused with HTTP 400. ``None`` = linked, checked later."""
+    for name, (value, options) in named.items():
+        if value is not None and value not in options:
+            return f"{name}: {value!r} is not one of {list(options)}"
+    return True
+
+
 def _check_handle(node: str, vae) -> None:
     if not isinstance(vae, ReducioVAEHandle):
         raise ValueError(f"{node}: 'vae' must come from Load Reducio VAE (a REDUCIO_VAE), got {type(vae).__name__}.")
@@ -101,6 +111,13 @@ class ReducioVAELoader(io.ComfyNode):
             outputs=[ReducioVAE.Output(display_name="reducio_vae",
                                        tooltip="The loaded Reducio VAE, for Reducio VAE Encode / Decode.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, checkpoint: str | None = None, dtype: str | None = None) -> bool | str:
+        if checkpoint is not None and checkpoint not in checkpoint_names():
+            return (f"checkpoint: {checkpoint!r} is not in the 'reducio' model folder(s); put the file in "
+                    "models/reducio (or a folder named by a 'reducio' entry of extra_model_paths.yaml)")
+        return _check_choices(dtype=(dtype, [DTYPE_AUTO, *DTYPES]))
 
     @classmethod
     def execute(cls, checkpoint: str, dtype: str = DTYPE_AUTO) -> io.NodeOutput:
@@ -163,6 +180,12 @@ class ReducioVAEEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mode: str | None = None, tiling: str | None = None,
+                        frame_handling: str | None = None) -> bool | str:
+        return _check_choices(mode=(mode, [MODE_MEAN, MODE_SAMPLE]), tiling=(tiling, TILING_MODES),
+                              frame_handling=(frame_handling, FRAME_HANDLING))
+
+    @classmethod
     def execute(cls, vae: ReducioVAEHandle, frames: torch.Tensor, mode: str = MODE_MEAN, seed: int = 0,
                 tiling: str = TILING_AUTO, frame_handling: str = FRAMES_ERROR) -> io.NodeOutput:
         if mode not in (MODE_MEAN, MODE_SAMPLE):
@@ -188,9 +211,10 @@ class ReducioVAEDecode(io.ComfyNode):
             description=("Decodes a Reducio motion latent back to video frames, using the content frame of each "
                          "16-frame clip. Output frames have the content frame's size."),
             inputs=[
-                ReducioVAE.Input("vae", tooltip="The Reducio VAE from Load Reducio VAE (the one that made the latent)."),
-                io.Latent.Input("motion_latent", tooltip="Reducio motion latent from Reducio VAE Encode, Load Latent or "
-                                                         "a Reducio-DiT sampler: [B, C, clips x T', h, w]."),
+                ReducioVAE.Input("vae", tooltip="The Reducio VAE from Load Reducio VAE (the one that made the "
+                                                "latent)."),
+                io.Latent.Input("motion_latent", tooltip="Reducio motion latent from Reducio VAE Encode, Load Latent "
+                                                         "or a Reducio-DiT sampler: [B, C, clips x T', h, w]."),
                 io.Image.Input("content", tooltip="Content frame(s): one per 16-frame clip in the latent (Reducio VAE "
                                                   "Encode's content_frames), or one frame for all clips. Its size "
                                                   "sets the output size and must match the latent (up to 32 px)."),
@@ -200,6 +224,10 @@ class ReducioVAEDecode(io.ComfyNode):
                                      tooltip="Decoded frames [clips x 16, H, W, 3], ready for Create Video / "
                                              "Save Video or any IMAGE node.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, tiling: str | None = None) -> bool | str:
+        return _check_choices(tiling=(tiling, TILING_MODES))
 
     @classmethod
     def execute(cls, vae: ReducioVAEHandle, motion_latent: dict, content: torch.Tensor,

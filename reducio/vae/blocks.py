@@ -274,7 +274,8 @@ class CrossAttention(nn.Module):
 def sinusoid_table(positions: int, dim: int) -> torch.Tensor:
     """Interleaved sin/cos table [positions, dim]: angle(t, j) = t / 10000^(2*floor(j/2)/dim).
 
-    Computed in float64 like the official table, returned as float32.
+    Computed in float64 like the official table, returned as float32 on the default device
+    (so that models built under ``torch.device("meta")`` stay entirely on the meta device).
     """
     pos = np.arange(positions, dtype=np.float64)[:, None]
     j = np.arange(dim)
@@ -282,7 +283,7 @@ def sinusoid_table(positions: int, dim: int) -> torch.Tensor:
     table = np.empty_like(angles)
     table[:, 0::2] = np.sin(angles[:, 0::2])
     table[:, 1::2] = np.cos(angles[:, 1::2])
-    return torch.from_numpy(table).float()
+    return torch.tensor(table, dtype=torch.float32)
 
 
 class FusionBlock(nn.Module):

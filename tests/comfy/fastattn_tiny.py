@@ -154,3 +154,36 @@ class PackModules:
         layers = family.layer_names(model.model.diffusion_model)
         return self.Plan([["full_attn"] * len(layers) for _ in range(steps)],
                          {"layer_names": layers, "architecture": family.name})
+
+
+def cosmos_predict2_config(model_channels=256):
+    """Cosmos-Predict2 as UNETLoader detects it from a state dict (model_channels, in_channels
+    read from the weights; 10 blocks and 16 heads are the detector's defaults for unknown widths)."""
+    return dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16,
+                out_channels=16, patch_spatial=2, patch_temporal=1, model_channels=model_channels,
+                concat_padding_mask=True, crossattn_emb_channels=1024, pos_emb_cls="rope3d",
+                pos_emb_learnable=True, pos_emb_interpolation="crop", min_fps=1, max_fps=30,
+                use_adaln_lora=True, adaln_lora_dim=256)
+
+
+def tiny_cosmos_predict2(seed=0, model_channels=256):
+    import comfy.model_detection
+
+    return _finish(comfy.model_detection.model_config_from_unet_config(cosmos_predict2_config(model_channels)), seed)
+
+
+def write_diffusion_model_file(model_patcher, path, dtype=torch.bfloat16):
+    """Save the diffusion model's weights as a safetensors file that stock UNETLoader loads."""
+    import safetensors.torch
+
+    state = {k: v.detach().to(dtype).contiguous() for k, v in model_patcher.model.diffusion_model.state_dict().items()}
+    safetensors.torch.save_file(state, str(path))
+    return path
+
+
+def lotus_conditioning():
+    """The conditioning core's ``LotusConditioning`` node outputs (width 1024, no text encoder)."""
+    import comfy_extras.nodes_lotus as lotus
+
+    result = lotus.LotusConditioning.execute()
+    return result.result[0] if hasattr(result, "result") else result[0]

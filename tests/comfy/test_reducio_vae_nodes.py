@@ -206,6 +206,14 @@ def test_sampling_is_seeded_and_differs_from_the_mean(comfy, vae):
     assert abs(first.mean().item()) < 1e-4 and abs(first.std(unbiased=False).item() - 1) < 1e-3
 
 
+def test_sample_mode_reproduces_the_official_seeded_sample(comfy, vae, golden):
+    # The official forward after torch.manual_seed(777) draws exactly this latent (CPU generator).
+    io_ = golden["io"]
+    latent, _ = comfy.execute("ReducioVAEEncode", vae=vae, frames=image_from_video(io_["video"]), mode="sample",
+                              seed=777, tiling="off", frame_handling="error")
+    torch.testing.assert_close(latent["samples"], io_["latent_sample_seed777"], **TOL)
+
+
 def test_frame_handling_pad_and_trim(comfy, vae):
     frames = smooth_frames(20, 16, 16)
     padded, content = comfy.execute("ReducioVAEEncode", vae=vae, frames=frames, mode="mean", seed=0,

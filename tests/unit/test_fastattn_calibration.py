@@ -124,3 +124,15 @@ def test_progress_callback_sees_every_trial():
     seen = []
     search = calibrate_target(LinearTarget(), 0.3, progress=lambda s, l, t: seen.append(t))
     assert seen == search.trials
+
+
+def test_to_plan_can_keep_the_first_steps():
+    search = GreedyCalibration(2, 5, 0.1)
+    for step in range(3):
+        search.search_step(step, lambda m: torch.ones(1))
+    plan = search.to_plan(num_steps=3)
+    assert plan.num_steps == 3
+    with pytest.raises(RuntimeError):
+        search.to_plan(num_steps=4)
+    with pytest.raises(ValueError):
+        search.to_plan(num_steps=0)

@@ -107,3 +107,13 @@ def test_amdahl():
     assert amdahl_speedup_bound(0.7, 0.24) == pytest.approx(1 / (0.3 + 0.7 * 0.24))
     with pytest.raises(ValueError):
         amdahl_speedup_bound(1.5, 0.5)
+
+
+def test_shape_from_plan_metadata():
+    plan = Plan([[FULL] * 2, [AST, WARS]], {"token_grid": [8, 8], "num_heads": 4, "head_dim": 16,
+                                           "window": [8, 8], "cfg_scale": 4.0,
+                                           "calibration_inputs": 1})
+    shape = AttentionShape.from_plan(plan)
+    assert shape == AttentionShape(64, 4, 16, rows=2, cfg=True, window=(8, 8))
+    with pytest.raises(ValueError, match="lacks"):
+        AttentionShape.from_plan(Plan([[FULL]]))

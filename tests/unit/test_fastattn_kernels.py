@@ -166,3 +166,22 @@ def test_half_precision_banded_agrees():
     out = banded_window_attention(q, k, v, window, block_size=16)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_flex_degrades_to_eager_when_compile_fails(monkeypatch):
+    def broken_compile():
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(kernels, "_compiled_flex_attention", broken_compile)
+    q, k, v = random_qkv(length=64)
+    window = Window1D(5, 5)
+    with pytest.warns(UserWarning, match="eagerly"):
+        out = flex_window_attention(q, k, v, window)
+    torch.testing.assert_close(out, masked_reference_window_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
+    kernels.compiled_flex_works.cache_clear()
+    with pytest.warns(UserWarning, match="banded"):
+        assert not kernels.compiled_flex_works("cpu")
+    kernels.compiled_flex_works.cache_clear()

@@ -73,6 +73,7 @@ def test_golden_official_plans_import(thr):
     plan = Plan.from_official(raw)
     assert plan.num_layers == 4 and plan.num_steps == 10
     assert plan.to_official() == raw["blocks"]
+    assert Plan.load(GOLDEN / f"calib_dit_thr{thr}_plan.json") == plan  # detected by shape
     manifest = json.loads((GOLDEN / "manifest.json").read_text())
     assert plan.method_counts() == manifest["calib_dit"]["runs"][thr]["method_counts"]
 
@@ -270,3 +271,73 @@ def test_all_plan_methods_are_official_strings():
                                  "full_attn+cfg_attn_share",
                                  "residual_window_attn+cfg_attn_share",
                                  "residual_window_attn+without_residual"}
+
+
+# ---- seeded property tests ---------------------------------------------------------------
+
+def _random_plan(rng):
+    """A random valid layer-wise plan (rng: random.Random): step 0 full, then anything."""
+    steps, layers = rng.randint(1, 12), rng.randint(1, 6)
+    rows = [[FULL] * layers]
+    for _ in range(steps - 1):
+        rows.append([rng.choice(PLAN_METHODS) for _ in range(layers)])
+    meta = {"threshold": rng.random(), "window": [rng.randint(0, 64), rng.randint(0, 64)],
+            "sigmas": sorted((rng.uniform(0.01, 100) for _ in range(steps)), reverse=True),
+            "cfg_scale": rng.choice([None, 1.0, 4.5]), "token_grid": [rng.randint(1, 64)] * 2,
+            "extra": {"k": [rng.randint(0, 9)], "s": "x" * rng.randint(0, 20)}}
+    return Plan(rows, meta)
+
+
+def test_property_random_plans_round_trip():
+    import random
+
+    rng = random.Random(1234)
+    for _ in range(300):
+        plan = _random_plan(rng)
+        assert Plan.from_json(plan.to_json()) == plan
+        assert Plan.from_json(plan.to_json(indent=2)) == plan
+        official = Plan.from_official(plan.to_official(), plan.metadata)
+        assert official == plan
+        counts = plan.method_counts()
+        assert sum(counts.values()) == plan.num_steps * plan.num_layers
+
+
+def _mutate(rng, value, depth=0):
+    """Replace one random node of a JSON tree by junk of another type."""
+    junk = [None, True, -1, 10 ** 12, 1.5, "", "full_attn", [], {}, [[[]]], {"a": {"b": []}},
+            "x" * 5000, [FULL] * 3]
+    if depth > 6 or not isinstance(value, (dict, list)) or not value or rng.random() < 0.25:
+        return rng.choice(junk)
+    if isinstance(value, dict):
+        key = rng.choice(sorted(value))
+        out = dict(value)
+        if rng.random() < 0.1:
+            out.pop(key)
+        else:
+            out[key] = _mutate(rng, value[key], depth + 1)
+        return out
+    index = rng.randrange(len(value))
+    out = list(value)
+    out[index] = _mutate(rng, value[index], depth + 1)
+    return out
+
+
+def test_property_mutated_documents_fail_cleanly():
+    """Any corrupted plan either still parses to a valid plan or raises PlanFormatError;
+    never another exception type."""
+    import random
+
+    rng = random.Random(99)
+    outcomes = {"valid": 0, "refused": 0}
+    for _ in range(600):
+        doc = _mutate(rng, _random_plan(rng).to_dict())
+        text = json.dumps(doc)
+        if rng.random() < 0.3:  # also byte-level damage
+            cut = rng.randrange(len(text) + 1)
+            text = text[:cut] + rng.choice(["", "}", "]", "\x00", "\\", '"', "NaN"]) + text[cut:]
+        try:
+            Plan.from_json(text)
+            outcomes["valid"] += 1
+        except PlanFormatError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 300  # most mutations must be caught

@@ -125,3 +125,52 @@ def test_constructor_validation():
         FastAttnProcessor(["full_attn"], need_compute_residual=[True, False])
     with pytest.raises(ValueError, match="window_size"):
         FastAttnProcessor(["full_attn"], window_size=(1, 2, 3))
+
+
+def test_image_attention_with_residual_connection_and_group_norm():
+    """4-D inputs, group norm, residual connection and rescale follow diffusers' own processor;
+    AST returns the cached output *before* the residual add (spec 1.4)."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8, norm_num_groups=4, residual_connection=True,
+                     rescale_output_factor=2.0, bias=True).eval()
+    x0 = torch.randn(2, 16, 4, 5)
+    x1 = torch.randn(2, 16, 4, 5)
+    attn.set_processor(AttnProcessor2_0())
+    with torch.no_grad():
+        reference = [attn(x0), attn(x1)]
+    processor = FastAttnProcessor(["full_attn", "full_attn", "output_share"], (3, 3), cond_first=True)
+    attn.set_processor(processor)
+    with torch.no_grad():
+        fast = [attn(x0), attn(x1), attn(x0)]
+    assert torch.equal(fast[0], reference[0]) and torch.equal(fast[1], reference[1])
+    # AST at step 2 reuses step 1's attention output, then adds step 2's own input
+    torch.testing.assert_close(fast[2], (reference[1] * 2.0 - x1 + x0) / 2.0, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("cond_first", [True, False])
+def test_cross_attention_with_mask_full_and_cfg_share(cond_first):
+    torch.manual_seed(1)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    hidden = torch.randn(4, 10, 16)
+    context = torch.randn(4, 7, 12)
+    mask = torch.zeros(4, 7)
+    mask[:, 5:] = -10000.0  # padded text tokens, diffusers' additive mask convention
+    attn.set_processor(AttnProcessor2_0())
+    with torch.no_grad():
+        reference = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+    attn.set_processor(FastAttnProcessor(["full_attn", "full_attn+cfg_attn_share"], (2, 2), cond_first=cond_first))
+    with torch.no_grad():
+        full = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+        shared = attn(hidden, encoder_hidden_states=context, attention_mask=mask)
+    assert torch.equal(full, reference)
+    cond = slice(0, 2) if cond_first else slice(2, 4)
+    torch.testing.assert_close(shared[0:2], reference[cond], atol=1e-6, rtol=0)
+    assert torch.equal(shared[0:2], shared[2:4])
+
+
+def test_window_method_with_mask_is_refused():
+    attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
+    attn.set_processor(FastAttnProcessor(["residual_window_attn+without_residual"], (2, 2)))
+    with pytest.raises(ValueError, match="attention mask"):
+        with torch.no_grad():
+            attn(torch.randn(2, 6, 16), attention_mask=torch.zeros(2, 6))

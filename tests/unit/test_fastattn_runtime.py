@@ -216,9 +216,13 @@ def test_cfg_rows_helpers():
         runtime(*qkv(), layer=0, step=0, cfg_rows=CfgRows((0, 1)))
 
 
-def test_split_cfg_calls_share_the_cond_output():
-    """ComfyUI may send cond and uncond as separate calls of the same step."""
-    runtime = FastAttnRuntime(methods_from_table([["full_attn", "full_attn+cfg_attn_share"]]), Window1D(3, 3))
+@pytest.mark.parametrize("residual_lookahead", [None, lambda step, layer: False])
+def test_split_cfg_calls_share_the_cond_output(residual_lookahead):
+    """ComfyUI may send cond and uncond as separate calls of the same step (with and
+    without a residual to compute, i.e. through the plain full-attention path too)."""
+    runtime = FastAttnRuntime(
+        methods_from_table([["full_attn", "full_attn+cfg_attn_share"]]), Window1D(3, 3), needs_residual=residual_lookahead
+    )
     q, k, v = qkv(batch=2)
     qu, ku, vu = qkv(batch=2, seed=9)
     runtime(q, k, v, layer=0, step=0, cfg_rows=[0])
@@ -306,3 +310,83 @@ def test_runtime_is_shared_on_deepcopy():
 
     runtime = FastAttnRuntime(constant_plan("full_attn"), Window1D(2, 2), state=FastAttnState())
     assert copy.deepcopy({"r": runtime})["r"] is runtime
+
+
+# ---------------------------------------------------------------------------- random plans vs spec 1.6
+
+
+def naive_attention(q, k, v, mask=None):
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def spec_reference_run(methods, inputs, window, cond_first, official):
+    """Spec 1.6 written out literally at the core level (float64, masked softmax)."""
+    from fastattn.methods import residual_needed
+
+    needed = residual_needed(methods)
+    mask = window.mask(inputs[0][0].shape[2])
+    cached_output = cached_residual = None
+    outputs = []
+    for step, (method, (q, k, v)) in enumerate(zip(methods, inputs)):
+        if method == "output_share":
+            out = cached_output
+        else:
+            b2 = q.shape[0]
+            kept = slice(0, b2 // 2) if cond_first else slice(b2 // 2, b2)
+            if "cfg_attn_share" in method:
+                q, k, v = q[kept], k[kept], v[kept]
+            b = q.shape[0]
+            if "full_attn" in method:
+                out = naive_attention(q, k, v)
+                if needed[step]:
+                    residual = out - naive_attention(q, k, v, mask)
+                    cached_residual = torch.cat([residual, residual]) if "cfg" in method else residual
+            else:
+                out = naive_attention(q, k, v, mask)
+                if "without_residual" not in method:
+                    rows = cached_residual[:b] if official or "cfg" not in method else cached_residual[kept]
+                    out = out + rows
+            if "cfg_attn_share" in method:
+                out = torch.cat([out, out])
+            cached_output = out
+        outputs.append(out)
+    return outputs
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("official", [True, False])
+def test_random_plans_match_the_spec_algorithm(seed, official):
+    from fastattn.methods import METHOD_STRINGS
+
+    generator = torch.Generator().manual_seed(seed)
+    steps = 10
+    choices = list(METHOD_STRINGS)
+    methods = ["full_attn"] + [choices[int(i)] for i in torch.randint(0, len(choices), (steps - 1,), generator=generator)]
+    cond_first = bool(seed % 2)
+    window = Window1D(int(torch.randint(0, 12, (1,), generator=generator)), int(torch.randint(0, 12, (1,), generator=generator)))
+    inputs = [
+        [torch.randn(4, 2, 40, 8, generator=generator, dtype=torch.float64) for _ in range(3)] for _ in range(steps)
+    ]
+    expected = spec_reference_run(methods, inputs, window, cond_first, official)
+    runtime = FastAttnRuntime(
+        methods_from_table([methods]), window,
+        needs_residual=residual_lookahead_from_table([methods]),
+        official_asc_residual=official, on_missing_cache="error",
+    )
+    rows = CfgRows.cond_first(4) if cond_first else CfgRows.uncond_first(4)
+    for step, (q, k, v) in enumerate(inputs):
+        out = runtime(q, k, v, layer=0, step=step, cfg_rows=rows)
+        torch.testing.assert_close(out, expected[step], atol=1e-10, rtol=1e-10, msg=f"step {step}: {methods[step]}")
+
+
+def test_half_precision_runtime():
+    runtime = FastAttnRuntime(methods_from_table([["full_attn", "residual_window_attn"]]), Window1D(4, 4))
+    q, k, v = (t.to(torch.bfloat16) for t in qkv())
+    runtime(q, k, v, layer=0, step=0)
+    out = runtime(q, k, v, layer=0, step=1)
+    assert out.dtype == torch.bfloat16
+    # WA-RS on the same inputs as the full step reproduces the full output up to rounding
+    torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q, k, v).float(), atol=3e-2, rtol=3e-2)

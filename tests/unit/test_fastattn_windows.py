@@ -157,3 +157,32 @@ def test_window_factories():
     assert grid_window_fraction(0.25)(info) == Window1D(128, 128, prefix_tokens=77)
     with pytest.raises(ValueError):
         grid_window_fraction(0.0)
+
+
+@pytest.mark.parametrize(
+    "window,length",
+    [
+        (GridWindow((6, 7), (2, 1)), 42),
+        (GridWindow((3, 4, 5), (1, 2, 1), prefix_tokens=3), 63),
+        (GridWindow((2, 8, 8), (-1, 2, 3), suffix_tokens=4), 132),
+        (GridWindow((5, 5), (0, 0)), 25),
+    ],
+)
+def test_grid_tiles_partition_queries_and_cover_kept_keys(window, length):
+    mask = window.mask(length)
+    start, end = window.image_range(length)
+    seen = torch.zeros(length, dtype=torch.int64)
+    for query_index, key_index in window.blocks(length, min_queries=4):
+        seen[query_index] += 1
+        covered = torch.zeros(length, dtype=torch.bool)
+        covered[key_index] = True
+        assert not (mask[query_index] & ~covered).any()
+        assert len(torch.unique(key_index)) == len(key_index)
+    assert (seen[start:end] == 1).all() and (seen[:start] == 0).all() and (seen[end:] == 0).all()
+
+
+def test_both_window_kinds_satisfy_the_protocol():
+    from fastattn.windows import WindowSpec
+
+    assert isinstance(Window1D(1, 1), WindowSpec)
+    assert isinstance(GridWindow((2, 2), (1, 1)), WindowSpec)

@@ -82,3 +82,26 @@ def test_official_structure_derivations():
     assert [model.decoder.up[l].fuse[0].attn.heads for l in (3, 2)] == [8, 4]
     assert model.decoder.mid.fuse[0].attn.heads == 8
     assert model.latent_frames == 4 and meta_model("ft2").latent_frames == 8
+
+
+def test_flops_match_the_official_counts():
+    """FLOPs of the full ft4 model on meta tensors equal the official counts (spec section 10);
+    the content encoder is lower by exactly the skipped dead compute (mid.block_2 at 32x32)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = meta_model("ft4").eval()
+    video = torch.empty(1, 3, 16, 256, 256, device="meta")
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            result = fn()
+        return counter.get_total_flops(), result
+
+    content_flops, feats = flops(lambda: model.encode_2d(video[:, :, 7]))
+    encode_flops, _ = flops(lambda: model.moments(video))
+    latent = torch.empty(1, 16, 4, 8, 8, device="meta")
+    decode_flops, _ = flops(lambda: model.decode_features(latent, feats))
+    dead_block = 2 * (2 * 512 * 512 * 9 * 32 * 32)  # two 3x3 convs 512->512 at 32x32, 2 FLOPs/MAC
+    assert content_flops == 272_646_537_216 - dead_block
+    assert encode_flops == 9_092_941_217_792
+    assert decode_flops == 26_273_636_286_464
