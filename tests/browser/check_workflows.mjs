@@ -120,7 +120,7 @@ async function main() {
   const context = await chromium.launchPersistentContext(config.user_data_dir, {
     executablePath: CHROMIUM,
     headless: true,
-    viewport: { width: 1600, height: 1000 },
+    viewport: { width: 2200, height: 1300 }   // large enough that a fitted graph keeps its text (LiteGraph drops it below ~50% zoom),
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
            '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
@@ -176,7 +176,12 @@ async function main() {
       record.page_errors = pageErrors;
       if (config.screenshot_dir && !wf.control) {
         await closeOverlays(page);
-        await page.evaluate(() => window.app.canvas?.setDirty?.(true, true));
+        // Frame the whole graph: a workflow without a saved view keeps the previous one.
+        await page.evaluate(async () => {
+          try { await window.app.extensionManager?.command?.execute('Comfy.Canvas.FitView'); } catch (e) { /* older */ }
+          window.app.canvas?.setDirty?.(true, true);
+        });
+        await page.waitForTimeout(300);
         const shot = join(config.screenshot_dir, wf.name.replace(/\.json$/, '.png'));
         await page.screenshot({ path: shot });
         record.screenshot = shot;
