@@ -120,7 +120,8 @@ async function main() {
   const context = await chromium.launchPersistentContext(config.user_data_dir, {
     executablePath: CHROMIUM,
     headless: true,
-    viewport: { width: 2200, height: 1300 }   // large enough that a fitted graph keeps its text (LiteGraph drops it below ~50% zoom),
+    // Large enough that a fitted graph keeps its text (LiteGraph drops it below about 50% zoom).
+    viewport: { width: 2200, height: 1300 },
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
            '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
