@@ -472,7 +472,10 @@ def calibrate_detailed(pipe: Any, threshold: float = 0.05, window: Any = None,
         sigmas=list(sigmas) if all(s is not None for s in sigmas) else None,
         cfg_scale=float(guidance) if guidance is not None else None,
         cond_first=bool(cond_first),
-        window=[state["window"].left, state["window"].right],
+        # flash-attn's negative conventions ((-1, -1) = full, (-w, w) = unbounded left) are
+        # stored as the per-side reach they resolve to: plan metadata holds token counts >= 0,
+        # and a reach >= N reads back as unbounded, so the reloaded window keeps the same pairs.
+        window=list(state["window"].resolved(math.prod(state["grid"]))),
         calibration_inputs=state["rows"] // 2 if cfg_batch else state["rows"],
         notes=notes,
         extra={
