@@ -12,6 +12,9 @@ from fastattn.kernels import from_bhld, masked_reference_window_attention, to_bh
 from fastattn.runtime import methods_from_table, residual_lookahead_from_table
 
 GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+# The official processor's outputs and residuals: measured <= 2.4e-7 apart (SDPA vs the
+# reference's plain-math float32 attention); the spec's independent port matched to 1.5e-7.
+GOLDEN_ATOL = 1e-6
 HAVE_GOLDEN = (GOLDEN / "manifest.json").exists()
 
 
@@ -71,10 +74,10 @@ def test_golden_processor_scenarios_at_core_level(golden, name, layout):
     expected = golden[2][name]
     outputs, residuals = run_core_scenario(golden, name, layout)
     for step, out in enumerate(outputs):
-        torch.testing.assert_close(out, expected[f"step{step}.output"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out, expected[f"step{step}.output"], atol=GOLDEN_ATOL, rtol=0)
         key = f"step{step}.cached_residual_after"
         if key in expected:
-            torch.testing.assert_close(residuals[step], expected[key], atol=1e-5, rtol=0)
+            torch.testing.assert_close(residuals[step], expected[key], atol=GOLDEN_ATOL, rtol=0)
 
 
 def test_matching_half_residual_differs_from_official_quirk(golden):
@@ -82,7 +85,7 @@ def test_matching_half_residual_differs_from_official_quirk(golden):
     official, _ = run_core_scenario(golden, "wars_asc_uncond_first", "blc", True)
     fixed, _ = run_core_scenario(golden, "wars_asc_uncond_first", "blc", False)
     gap = max((a - b).abs().max().item() for a, b in zip(official, fixed))
-    assert 0.01 < gap < 1.0
+    assert 0.05 < gap < 0.2  # golden README: "differs by ~0.1" (measured 0.101)
     # cond-first: the first half IS the kept half, so both choices agree
     official, _ = run_core_scenario(golden, "wars_asc_cond_first", "blc", True)
     fixed, _ = run_core_scenario(golden, "wars_asc_cond_first", "blc", False)
