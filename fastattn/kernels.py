@@ -352,11 +352,6 @@ def window_attention(q, k, v, window, backend: str = "auto", block_size: Optiona
     return flash_window_attention(q, k, v, window)
 
 
-def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, kept_fraction: float = 1.0) -> float:
-    """Multiply-accumulates of QK^T and PV for `kept_fraction` of the pairs (core only)."""
-    return 2.0 * batch * heads * seq_len * seq_len * head_dim * kept_fraction
-
-
 __all__ = [
     "LAYOUTS",
     "BACKENDS",
@@ -371,7 +366,6 @@ __all__ = [
     "available_backends",
     "choose_backend",
     "default_block_size",
-    "attention_flops",
     "flex_attention_available",
     "flash_attn_available",
 ]
