@@ -296,7 +296,9 @@ def apply_plan(transformer: torch.nn.Module, plan: Plan, *, window: Any = None,
     def pre_hook(module, args, kwargs):
         timestep = _timestep_value(args, kwargs)
         if handle.step >= plan.num_steps:
-            if (handle.last_timestep is not None and timestep is not None
+            # A timestep that does not go up means the same run went on. Not for one-step
+            # plans: every run of those starts (and ends) at the same timestep.
+            if (plan.num_steps > 1 and handle.last_timestep is not None and timestep is not None
                     and timestep <= handle.last_timestep):
                 raise PlanMismatchError(
                     [f"the sampler evaluated the transformer more than the plan's "

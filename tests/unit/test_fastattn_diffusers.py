@@ -339,6 +339,16 @@ def test_more_evaluations_than_planned_refused(dit, golden_runs):
             dit(**_dit_kwargs(), num_inference_steps=12, output_type="np")
 
 
+def test_one_step_plan_runs_repeatedly(dit):
+    """Regression: a second run of a one-step plan was refused as 'more evaluations than
+    planned' because its timestep equals the previous run's."""
+    plan = Plan([[FULL] * 4], {"window": [8, 8]})
+    with apply_plan(dit.transformer, plan) as handle:
+        first = dit(**_dit_kwargs(), num_inference_steps=1, output_type="np").images
+        second = dit(**_dit_kwargs(), num_inference_steps=1, output_type="np").images
+    assert handle.runs == 2 and np.array_equal(first, second)
+
+
 def test_step_mismatch_refused_or_remapped_with_scheduler(dit, golden_runs):
     plan = golden_runs["0.075"].plan
     with pytest.raises(PlanMismatchError, match="steps: plan has 10 evaluations, run has 20"):

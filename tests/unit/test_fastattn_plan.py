@@ -144,6 +144,8 @@ def test_head_wise_plan_round_trip_and_no_official_form():
     ('{"format": "ditfastattn-plan", "version": 1, "methods": [["full_attn"]],'
      ' "metadata": {"sigmas": [1.0, 2.0]}}', "sigmas"),
     ('[{"attn1": ["full_attn"]}]', "official"),
+    # regression: Python's int-digit limit used to escape as a bare ValueError
+    ('{"format": "ditfastattn-plan", "version": ' + "1" * 5000 + "}", "thousands of digits"),
 ])
 def test_hostile_text_is_refused_clearly(text, match):
     with pytest.raises(PlanFormatError, match=match):
