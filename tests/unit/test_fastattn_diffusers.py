@@ -232,9 +232,10 @@ def test_apply_plan_restores_model_exactly(dit, golden_runs):
     _assert_restored(dit.transformer, before)
 
 
-def test_property_random_plans_restore_model_and_match_runtime_cache_rules(dit):
+def test_property_random_plans_run_and_restore_model(dit):
     """Random valid 3-step plans: every run completes, outputs are finite, and the model
-    is restored exactly after each."""
+    is restored exactly after each (the per-call algorithm itself is checked against the
+    golden processor data and a literal spec 1.6 transcription in the runtime tests)."""
     import random
 
     rng = random.Random(7)
