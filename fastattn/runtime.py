@@ -284,6 +284,11 @@ class FastAttnRuntime:
         if method.cfg_share and (rows is None or not rows.has_both):
             reused = self._reuse_split_cfg(method, rows, layer, step, out_shape)
             if reused is not None:
+                if method.is_full:
+                    # One CFG call would cache cat([R_cond, R_cond]) here: the uncond rows take
+                    # the cond call's residual of this step, not one left from an older full step.
+                    cond_cache = self.state.get((layer, (COND,) * rows.batch))
+                    cache.cached_residual = cond_cache.cached_residual if cond_cache is not None else None
                 return self._finish(reused, cache, step, layer, layout, full_attention_out=None)
             method = method.without_cfg_share()
 

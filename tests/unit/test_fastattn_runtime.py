@@ -237,6 +237,27 @@ def test_split_cfg_calls_share_the_cond_output(residual_lookahead):
     assert runtime.state.cfg_share_stash[0][0] == 1
 
 
+def test_split_cfg_asc_full_step_gives_uncond_the_cond_residual():
+    """Regression: with cond and uncond in separate calls, the uncond call of a
+    full_attn+cfg_attn_share step reused the cond output but kept the residual of an older
+    full step, which a later WA-RS step then added. One CFG call caches cat([R, R]): the
+    uncond rows get the cond residual of this step."""
+    window = Window1D(3, 3)
+    runtime = FastAttnRuntime(
+        methods_from_table([["full_attn", "full_attn+cfg_attn_share", "residual_window_attn"]]), window,
+        on_missing_cache="error",
+    )
+    cond = [qkv(batch=2, seed=10 + step) for step in range(3)]
+    uncond = [qkv(batch=2, seed=20 + step) for step in range(3)]
+    for step in range(3):
+        runtime(*cond[step], layer=0, step=step, cfg_rows=[0])
+        out_uncond = runtime(*uncond[step], layer=0, step=step, cfg_rows=[1])
+    q, k, v = cond[1]
+    cond_residual = F.scaled_dot_product_attention(q, k, v) - masked_reference_window_attention(q, k, v, window)
+    expected = masked_reference_window_attention(*uncond[2], window) + cond_residual
+    torch.testing.assert_close(out_uncond, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_reset_between_runs_and_missing_cache_policy():
     plan = methods_from_table([["output_share"], ["residual_window_attn"]])
     q, k, v = qkv()
