@@ -188,7 +188,8 @@ def browser_run(browser_tools, comfy_server, tmp_path_factory) -> dict:
     result["control"] = control
     result["work_dir"] = str(work)
     print(f"\n[browser] {result['browser']} frontend {result['frontend_version']} ready in "
-          f"{result['page_ready_s']}s; screenshots in {screenshots}")
+          f"{result['page_ready_s']}s; screenshots in {screenshots}; placeholder files: "
+          f"{[str(p.relative_to(comfy_server.base_dir)) for p in placeholders]}")
     return result
 
 
