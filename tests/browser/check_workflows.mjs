@@ -151,6 +151,7 @@ async function main() {
     await closeOverlays(page);
     result.template_browser.page_errors = pageErrors;
     result.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+    result.title_height = await page.evaluate(() => window.LiteGraph.NODE_TITLE_HEIGHT);
     result.registered_node_type_count = await page.evaluate(
       () => Object.keys(window.LiteGraph.registered_node_types).length);
     result.startup_console_errors = consoleErrors;

@@ -404,3 +404,32 @@ def test_frontend_prompt_equals_api_twin(browser_run, path):
     assert record["prompt_error"] is None, f"{path.name}: app.graphToPrompt raised: {record['prompt_error']}"
     problems = _prompt_differences(twin_path.name, record["prompt"], load(twin_path))
     assert not problems, "\n".join(problems)
+
+
+OVERLAP_TOLERANCE_PX = 8   # touching edges and rounding are fine; a hidden title bar or widget is not
+
+
+@pytest.mark.parametrize("path", ui_workflows(), ids=lambda p: p.name)
+def test_nodes_do_not_overlap(browser_run, path):
+    """Nodes as the frontend draws them (title bar included, after it grew nodes to fit their widgets)
+    must not cover each other: an example workflow is read on screen."""
+    record = _record(browser_run, path)
+    in_file = {n["id"]: n for n in load(path)["nodes"]}
+    nodes = record["nodes"]
+    problems = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            ax, ay, aw, ah = a["bounds"]
+            bx, by, bw, bh = b["bounds"]
+            overlap_x = min(ax + aw, bx + bw) - max(ax, bx)
+            overlap_y = min(ay + ah, by + bh) - max(ay, by)
+            if overlap_x > OVERLAP_TOLERANCE_PX and overlap_y > OVERLAP_TOLERANCE_PX:
+                detail = "; ".join(
+                    f"{_node_label(n)} at pos {in_file.get(n['id'], {}).get('pos')} size in file "
+                    f"{in_file.get(n['id'], {}).get('size')}, drawn {[round(v) for v in n['bounds'][2:]]} "
+                    "(with title bar)" for n in (a, b))
+                problems.append(f"{path.name}: nodes {a['id']} and {b['id']} overlap by {round(overlap_x)} x "
+                                f"{round(overlap_y)} px in the web UI: {detail}")
+    assert not problems, "\n".join(problems) + (
+        "\nMove the nodes apart in the file (the frontend widens a node to fit its widgets, and draws a "
+        f"{browser_run.get('title_height', 30)} px title bar above `pos`).")
