@@ -108,9 +108,9 @@ def default_block_size(window, seq_len: int) -> int:
 
     For a 1-D band of reach r per side, a block of b queries touches b + 2r keys of
     which ~2r + 1 are used per row: small blocks waste little but multiply the SDPA
-    calls. A quarter of the reach (64..512) measured best on CPU at 2k-16k tokens
-    (see bench/fastattn_kernels_results.md).
-    Grid windows use whole image rows (multiples of the grid width)."""
+    calls. A quarter of the per-side reach (clamped to 64..512) measured best on CPU at
+    2k-16k tokens (see bench/fastattn_kernels_results.md). For a GridWindow (used only
+    when contiguous blocks are requested instead of grid tiles): whole image rows."""
     if isinstance(window, GridWindow):
         width = window.grid3[2]
         rows = max(1, 256 // width)

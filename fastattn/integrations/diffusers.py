@@ -446,6 +446,8 @@ def calibrate_detailed(pipe: Any, threshold: float = 0.05, window: Any = None,
     call_kwargs = dict(pipe_call_kwargs)
     if "generator" not in call_kwargs:
         call_kwargs["generator"] = torch.Generator().manual_seed(seed)
+    if "output_type" not in call_kwargs and _call_default(pipe, "output_type") is not None:
+        call_kwargs["output_type"] = "latent"  # the images are discarded: skip decoding where possible
     started = time.perf_counter()
     installed = _InstalledProcessors(transformer, processors, pre_hook, post_hook)
     try:

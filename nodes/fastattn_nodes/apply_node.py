@@ -40,7 +40,7 @@ class DiTFastAttnApply(io.ComfyNode):
             node_id="DiTFastAttnApply",
             display_name="DiTFastAttn Apply Plan",
             category=CATEGORY,
-            description="Patch a native DiT (Wan, Flux, SD3, HunyuanVideo, PixArt, LTXV, Reducio-DiT) "
+            description="Patch a native DiT (Wan, Flux/Chroma, SD3, HunyuanVideo, LTXV, Cosmos-Predict2, Reducio-DiT) "
                         "with a DiTFastAttn plan: window attention with residual sharing, attention "
                         "sharing across steps and across CFG, per layer and step. Returns a clone; "
                         "other patches (LoRA, SageAttention overrides, EasyCache, TorchCompile) stack.",

@@ -28,11 +28,12 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
                    progress=None, interrupted=None):
     """Run the calibration sampling pass; return (plan, calibration latent, session)."""
     family = detect_family(model)
-    if family is None:
+    if family is None or family.tagging == "unsupported":
         name = type(getattr(model.model, "diffusion_model", None)).__name__
-        raise ValueError(f"DiTFastAttn cannot calibrate {name}: supported families are Wan, Flux/"
-                         f"Chroma, SD3, HunyuanVideo, LTXV, PixArt and models that publish "
-                         f"block_index (Reducio-DiT)")
+        reason = f" ({family.unsupported_reason})" if family is not None else ""
+        raise ValueError(f"DiTFastAttn cannot calibrate {name}{reason}: supported families are Wan, "
+                         f"Flux/Chroma, SD3, HunyuanVideo, LTXV, Cosmos-Predict2 and models that "
+                         f"publish block_index (Reducio-DiT)")
     if not candidates:
         raise ValueError("no compression method is allowed: enable at least one of "
                          "allow_output_share, allow_window, allow_cfg_share")

@@ -42,9 +42,10 @@ class Family:
     self_attention_call: int = 0
     # "replace": tag layers through patches_replace["dit"]; "count": the model has neither
     # patches_replace nor block_index, so layers come from counting attention calls per model
-    # call (``calls_per_block`` calls per block, in order); "object_patch": PixArt (see patcher).
+    # call (``calls_per_block`` calls per block, in order); "unsupported": logged no-op.
     tagging: str = "replace"
     calls_per_block: int = 1
+    unsupported_reason: str = ""
     # Joint families whose text length is the conditioning length (Flux: Kontext reference
     # tokens may follow the image); otherwise the text length is "whatever is not image".
     text_len_from_context: bool = False
@@ -145,11 +146,17 @@ FAMILIES: tuple[Family, ...] = (
         patch_size=lambda dm: (int(dm.patch_temporal), int(dm.patch_spatial), int(dm.patch_spatial)),
     ),
     Family(
+        # Native PixArt calls optimized_attention without transformer_options and drops them in
+        # its forward, so no override ever reaches it. The only way in would be object patches
+        # that re-implement each block's attention forward: a copied model forward, which this
+        # pack refuses to ship (it is what breaks TeaCache/MagCache on every core update).
         name="pixart",
         class_names=("PixArtMS", "PixArt"),
         block_groups=(BlockGroup("blocks", "", "block"),),
         text_position=TEXT_NONE,
-        tagging="object_patch",
+        tagging="unsupported",
+        unsupported_reason="native PixArt's attention never receives transformer_options; patching "
+                           "it would need a copied attention forward, which this pack does not do",
         patch_size=lambda dm: _int_tuple(dm.patch_size),
     ),
 )

@@ -7,7 +7,6 @@
   plan, freed in ``finally``), ``PREDICT_NOISE`` (denoiser evaluation counter = plan step),
   ``APPLY_MODEL`` (latent shape -> token grid, conditioning length);
 * ``patches_replace["dit"]`` entries that tag the layer index (chaining an existing entry);
-* object patches for native PixArt only (its attention never sees ``transformer_options``).
 
 Nothing is stored on the model or in module globals. Objects placed in ``model_options`` are
 closures or return themselves from ``__deepcopy__`` (``ModelPatcher.clone`` deep-copies
@@ -444,9 +443,11 @@ def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = W
 
     family = detect_family(model_patcher)
     clone = model_patcher.clone()
-    if family is None:
+    if family is None or family.tagging == "unsupported":
         name = type(getattr(model_patcher.model, "diffusion_model", None)).__name__
-        log.warning("DiTFastAttn: architecture %s is not supported; the model is returned unchanged", name)
+        reason = f" ({family.unsupported_reason})" if family is not None else ""
+        log.warning("DiTFastAttn: architecture %s is not supported%s; the model is returned unchanged",
+                    name, reason)
         return clone, None
     diffusion_model = model_patcher.model.diffusion_model
     layer_names = family.layer_names(diffusion_model)
@@ -480,9 +481,6 @@ def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = W
             for i in range(len(blocks)):
                 key = (group.replace_kind, i)
                 dit[key] = _make_layer_tag(f"{group.layer_prefix}.{i}", dit.get(key))
-    elif family.tagging == "object_patch":
-        from .pixart import install_pixart_object_patches
-        install_pixart_object_patches(clone, spec, diffusion_model)
     return clone, spec
 
 
@@ -508,9 +506,6 @@ def _remove_from(clone, spec: Optional[PatchSpec]) -> None:
                 del dit[key]
             else:
                 dit[key] = chained
-    for name in [n for n in clone.object_patches if n.startswith("diffusion_model.") and
-                 getattr(clone.object_patches[n], "__name__", "") == "ditfastattn_pixart_attention"]:
-        del clone.object_patches[name]
 
 
 def remove_patch(model_patcher):

@@ -341,3 +341,29 @@ def test_property_mutated_documents_fail_cleanly():
         except PlanFormatError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 300  # most mutations must be caught
+
+
+def test_load_refuses_oversized_and_missing_files(tmp_path):
+    big = tmp_path / "big.json"
+    with open(big, "wb") as handle:  # sparse: no 33 MB actually written
+        handle.truncate(33 * 1024 * 1024)
+    with pytest.raises(PlanFormatError, match="limit"):
+        Plan.load(big)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Plan.load(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError):
+        Plan.load(tmp_path)  # a folder is not a plan file
+
+
+def test_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "plan.json"
+    target.write_text("previous content")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("fastattn.plan.os.replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        _plan().save(target)
+    assert target.read_text() == "previous content"
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]

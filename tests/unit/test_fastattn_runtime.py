@@ -390,3 +390,132 @@ def test_half_precision_runtime():
     assert out.dtype == torch.bfloat16
     # WA-RS on the same inputs as the full step reproduces the full output up to rounding
     torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q, k, v).float(), atol=3e-2, rtol=3e-2)
+
+
+# ---------------------------------------------------------------------------- head-wise plans (V2)
+
+
+def test_headwise_plan_mixes_methods_per_head():
+    window = Window1D(3, 3)
+    entries = [["full_attn"] * 3, ["output_share", "residual_window_attn", "residual_window_attn+without_residual"]]
+    runtime = FastAttnRuntime(lambda step, layer: entries[step], window, on_missing_cache="error")
+    q0, k0, v0 = qkv(batch=2, heads=3, seed=0)
+    q1, k1, v1 = qkv(batch=2, heads=3, seed=1)
+    out0 = runtime(q0, k0, v0, layer=0, step=0)
+    torch.testing.assert_close(out0, F.scaled_dot_product_attention(q0, k0, v0))
+    out1 = runtime(q1, k1, v1, layer=0, step=1)
+    window1 = masked_reference_window_attention(q1, k1, v1, window)
+    residual0 = out0 - masked_reference_window_attention(q0, k0, v0, window)
+    assert torch.equal(out1[:, 0], out0[:, 0])  # AST head
+    torch.testing.assert_close(out1[:, 1], window1[:, 1] + residual0[:, 1], atol=1e-5, rtol=1e-5)  # WA-RS head
+    torch.testing.assert_close(out1[:, 2], window1[:, 2], atol=1e-5, rtol=1e-5)  # WA head
+    with pytest.raises(ValueError, match="3 heads"):
+        FastAttnRuntime(lambda s, l: ["full_attn"] * 2, window)(q0, k0, v0, layer=0, step=0)
+
+
+def test_headwise_asc_heads_copy_cond_rows():
+    runtime = FastAttnRuntime(lambda s, l: ["full_attn", "full_attn+cfg_attn_share"], Window1D(2, 2))
+    q, k, v = qkv(batch=4, heads=2)
+    out = runtime(q, k, v, layer=0, step=0, cfg_rows=[1, 0])
+    full = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out[:, 0], full[:, 0])
+    torch.testing.assert_close(out[2:, 1], full[2:, 1])
+    assert torch.equal(out[:2, 1], out[2:, 1])
+
+
+@pytest.fixture(scope="module")
+def v2_golden():
+    if not (GOLDEN / "v2_sd3_layer_plan.json").exists():
+        pytest.skip("golden V2 data not present")
+    from safetensors.torch import load_file
+
+    return (
+        load_file(str(GOLDEN / "v2_sd3_layer_weights.safetensors")),
+        load_file(str(GOLDEN / "v2_sd3_layer_inputs.safetensors")),
+        load_file(str(GOLDEN / "v2_sd3_layer_outputs.safetensors")),
+        json.loads((GOLDEN / "v2_sd3_layer_plan.json").read_text()),
+    )
+
+
+def test_v2_headwise_arrow_attention_and_head_caching_match_official(v2_golden):
+    """DiTFastAttnV2 inference on one SD3-style joint layer (image first, 333 text tokens
+    kept global), driven by the official per-head window tables: -1 = full head,
+    0 = cached head (previous step's output), w = arrow window of w tokens per side."""
+    weights, inputs, outputs, plan = v2_golden
+    heads, text_tokens, steps = 24, 333, 5
+    tables = {0: [[-1, -1]] * heads}
+    tables.update({int(step): table for step, table in plan["window_table_per_step"].items()})
+    for step, cached in plan["output_share_heads_per_step"].items():
+        assert sorted(h for h, (left, _) in enumerate(tables[int(step)]) if left == 0) == sorted(cached)
+
+    def methods_for(step, layer):
+        return [
+            "full_attn" if left < 0 else "output_share" if left == 0 else "residual_window_attn+without_residual"
+            for left, _ in tables[step]
+        ]
+
+    def windows_for(info):
+        return [
+            Window1D(left, right, suffix_tokens=text_tokens) if left > 0 else None
+            for left, right in tables[info.step]
+        ]
+
+    runtime = FastAttnRuntime(methods_for, windows_for, on_missing_cache="error")
+    context = inputs["encoder_hidden_states"]
+    for step in range(steps):
+        x = inputs[f"step{step}.hidden_states"]
+        q = torch.cat([project(weights, x, "to_q"), project(weights, context, "add_q_proj")], dim=1)
+        k = torch.cat([project(weights, x, "to_k"), project(weights, context, "add_k_proj")], dim=1)
+        v = torch.cat([project(weights, x, "to_v"), project(weights, context, "add_v_proj")], dim=1)
+        out = runtime(q, k, v, layer=0, step=step, heads=heads, layout="blc", suffix_tokens=text_tokens)
+        image_out = project(weights, out[:, : x.shape[1]], "to_out.0")
+        text_out = project(weights, out[:, x.shape[1]:], "to_add_out")
+        torch.testing.assert_close(image_out, outputs[f"fast.step{step}.hidden_states_out"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(text_out, outputs[f"fast.step{step}.encoder_hidden_states_out"], atol=1e-5, rtol=0)
+
+
+def test_output_cache_lookahead_keeps_only_what_ast_needs():
+    from fastattn.runtime import output_cache_lookahead_from_table
+
+    table = [["full_attn", "output_share", "output_share", "residual_window_attn", "full_attn"]]
+    keep = output_cache_lookahead_from_table(table)
+    assert [keep(t, 0) for t in range(5)] == [True, True, False, False, False]
+    runtime = FastAttnRuntime(methods_from_table(table), Window1D(3, 3), cache_output=keep, on_missing_cache="error")
+    outs = [runtime(*qkv(seed=t), layer=0, step=t) for t in range(5)]
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    # like the official need_cache_output=False, a step that does not cache leaves the old cache alone
+    assert runtime.state.layer((0, None)).cached_output is outs[0]
+    headwise = output_cache_lookahead_from_table([[["full_attn", "full_attn"], ["output_share", "full_attn"]]])
+    assert headwise(0, 0) and not headwise(1, 0)
+
+
+def test_uniform_headwise_entry_uses_the_layer_path_and_callers_backend():
+    seen = []
+
+    def backend(q, k, v):
+        seen.append(q.shape)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    runtime = FastAttnRuntime(lambda s, l: ["full_attn"] * 2, Window1D(2, 2), needs_residual=lambda s, l: False)
+    q, k, v = qkv(heads=2)
+    out = runtime(q, k, v, layer=0, step=0, full_attention=backend)
+    assert seen and torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    mixed_windows = FastAttnRuntime(constant_plan("residual_window_attn+without_residual"), lambda info: [Window1D(1, 1), Window1D(2, 2)])
+    with pytest.raises(ValueError, match="head-wise plan entry"):
+        mixed_windows(q, k, v, layer=0, step=0)
+
+
+def test_headwise_residual_is_tracked_per_head():
+    entries = [["full_attn", "residual_window_attn+without_residual"], ["residual_window_attn", "residual_window_attn"]]
+    q, k, v = qkv(heads=2)
+    strict = FastAttnRuntime(lambda s, l: entries[s], Window1D(2, 2), on_missing_cache="error")
+    strict(q, k, v, layer=0, step=0)
+    residual = strict.state.layer((0, None)).cached_residual
+    assert not torch.isnan(residual[:, 0]).any() and torch.isnan(residual[:, 1]).all()
+    with pytest.raises(MissingCacheError, match=r"heads \[1\]"):
+        strict(q, k, v, layer=0, step=1)
+    lenient = FastAttnRuntime(lambda s, l: entries[s], Window1D(2, 2))
+    lenient(q, k, v, layer=0, step=0)
+    out = lenient(q, k, v, layer=0, step=1)
+    full = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)  # head 0: W + (O - W); head 1: full fallback
