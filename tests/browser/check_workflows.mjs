@@ -23,7 +23,7 @@ const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 function visibleOverlays() {
   const texts = (selector) => [...document.querySelectorAll(selector)]
     .filter((el) => el.offsetParent !== null || el.getClientRects().length > 0)
-    .map((el) => el.innerText.trim().replace(/\s+/g, ' ').slice(0, 600))
+    .map((el) => el.innerText.trim().replace(/\s+/g, ' ').slice(0, 8000))
     .filter(Boolean);
   return { dialogs: texts('.p-dialog'), toasts: texts('.p-toast-message') };
 }
