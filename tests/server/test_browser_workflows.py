@@ -103,18 +103,18 @@ def _missing_combo_values(server, prompts: list[dict]) -> list[tuple[str, str, s
 
 def _write_placeholders(server, prompts: list[dict]) -> list[Path]:
     """Create empty files with the names the workflows use, where the server lists them, so the
-    combo widgets offer those names (as for a user who has downloaded the models). Returns what was
+    combo widgets offer those names (as for a user who has downloaded the models). Returns the files
     created, to remove afterwards: other tests write real tiny models under these names."""
     created: list[Path] = []
 
     def create(path: Path) -> bool:
         if path.exists():
             return False
-        new_dirs = [p for p in reversed(path.parents) if not p.exists()]
+        # Folders made here stay (empty): ComfyUI's file-list cache stats every folder it listed,
+        # and /object_info then fails for the nodes using one that disappeared.
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         created.append(path)
-        created.extend(reversed(new_dirs))  # removed after the file, deepest first
         return True
 
     def offered(node_class: str, name: str, value: str) -> bool:
@@ -139,18 +139,13 @@ def _write_placeholders(server, prompts: list[dict]) -> list[Path]:
                 continue
             if offered(node_class, name, value):
                 break
-            start = created.index(path)   # the file, then the folders made for it, deepest first
-            _remove(created[start:])
-            del created[start:]
+            _remove([created.pop()])
     return created
 
 
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            path.rmdir() if path.is_dir() else path.unlink()
-        except OSError:
-            pass
+def _remove(files: list[Path]) -> None:
+    for path in files:
+        path.unlink(missing_ok=True)
 
 
 # -- the browser run -----------------------------------------------------------------------------
