@@ -1,0 +1,227 @@
+"""Attention cost accounting for DiTFastAttn plans (corrected; spec section 3).
+
+Counts are multiply-accumulates (MACs; FLOPs = 2 x MACs) of the compressed **self-attention**
+layers only. Two figures, always reported side by side and never mixed:
+
+* **core**: the two attention matmuls, Q K^T and P V: ``2 * rows * pairs * d`` MACs per call,
+  where ``pairs`` is the number of (query, key) pairs computed (``N^2`` for full attention, the
+  exact count inside the window for window attention) and ``d = heads * head_dim``;
+* **module**: core plus the Q, K, V and output projections, ``4 * rows * N * d^2`` MACs
+  (biases, softmax and the residual add are ignored).
+
+Per method, at one step of one layer (``rows`` = batch rows of the call, the whole CFG batch):
+
+| method | core | projections |
+| --- | --- | --- |
+| full attention | N^2 pairs | 4 N d^2 |
+| full attention that stores the WA-RS residual | N^2 + window pairs | 4 N d^2 |
+| WA-RS (with or without residual) | window pairs | 4 N d^2 |
+| ... + ASC | half the rows | half the rows |
+| AST | 0 | 0 |
+
+Whether a full step stores a residual follows the plan as inference runs it: iff a WA-RS step
+(with residual) of the same layer comes before the next full step (the official
+``need_compute_residual``). During calibration every full step stores one; that cost is not
+part of a plan's inference cost.
+
+What the official ``utils.calculate_flops`` gets wrong (reproduced only by
+``official_counter_macs`` for comparison with published numbers): it computes the window share
+as ``(window_size[1] - window_size[0]) / N``, which is 0 for the current ``[w, w]`` convention,
+so WA-RS counts as free and residual computation costs nothing; and it sums every module whose
+name contains "attn", cross-attention included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+from .plan import AST, ASC, FULL, WA_NO_RESIDUAL, WARS, WARS_ASC, Plan
+
+WindowLike = Any  # (left, right) per-side token counts, or an object with kept_pairs(seq_len)
+
+
+def window_pairs(seq_len: int, window: WindowLike) -> int:
+    """Exact number of (query, key) pairs a 1-D window keeps over ``seq_len`` tokens.
+
+    ``window`` is ``(left, right)`` (query i sees keys i-left..i+right, clipped to the
+    sequence; values >= seq_len mean unbounded) or any window object with ``kept_pairs``.
+    """
+    if hasattr(window, "kept_pairs"):
+        return int(window.kept_pairs(seq_len))
+    left, right = (int(v) for v in window)
+    if left < 0 or right < 0:
+        raise ValueError(f"window sides must be >= 0 tokens, got {(left, right)}; a negative "
+                         f"side means 'unbounded' to flash-attn (the pre-2024-09 [-w, w] bug)")
+    n = seq_len
+    left, right = min(left, n - 1), min(right, n - 1)
+    # sum_i (min(i + r, n - 1) - max(i - l, 0) + 1) = n (l + r + 1) - l (l + 1) / 2 - r (r + 1) / 2
+    return n * (left + right + 1) - left * (left + 1) // 2 - right * (right + 1) // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """Shape of one compressed self-attention call.
+
+    ``rows``: batch rows per call (with CFG: both halves, e.g. 2 x images). ``cfg``: whether the
+    call holds a cond and an uncond half (ASC only saves work then).
+    """
+
+    tokens: int
+    heads: int
+    head_dim: int
+    rows: int = 2
+    cfg: bool = True
+    window: WindowLike = None
+
+    @classmethod
+    def from_plan(cls, plan: Plan, rows: int | None = None) -> "AttentionShape":
+        """The shape recorded in a plan's metadata (token grid, heads, head dim, window, CFG)."""
+        meta = plan.metadata
+        missing = [name for name in ("token_grid", "num_heads", "head_dim", "window")
+                   if getattr(meta, name) is None]
+        if missing:
+            raise ValueError(f"the plan's metadata lacks {missing}; build AttentionShape "
+                             f"by hand for costs")
+        cfg = meta.cfg_scale is None or meta.cfg_scale > 1
+        if rows is None:
+            rows = (meta.calibration_inputs or 1) * (2 if cfg else 1)
+        return cls(tokens=meta.num_tokens, heads=meta.num_heads, head_dim=meta.head_dim,
+                   rows=rows, cfg=cfg, window=tuple(meta.window))
+
+    @property
+    def hidden(self) -> int:
+        return self.heads * self.head_dim
+
+    def window_pairs(self) -> int:
+        if self.window is None:
+            raise ValueError("AttentionShape.window is needed to count window attention")
+        return window_pairs(self.tokens, self.window)
+
+    def window_fraction(self) -> float:
+        return self.window_pairs() / (self.tokens * self.tokens)
+
+
+def residual_steps(layer_methods: Sequence[str]) -> list[bool]:
+    """Which full steps store a residual at inference: a WA-RS step follows before the next
+    full step (the official ``need_compute_residual``, derived from the plan)."""
+    needed = []
+    for t, method in enumerate(layer_methods):
+        need = False
+        if method in (FULL, ASC):
+            for later in layer_methods[t + 1:]:
+                if later in (WARS, WARS_ASC):
+                    need = True
+                    break
+                if later in (FULL, ASC):
+                    break
+        needed.append(need)
+    return needed
+
+
+@dataclasses.dataclass(frozen=True)
+class CallCost:
+    core: float
+    projections: float
+
+    @property
+    def module(self) -> float:
+        return self.core + self.projections
+
+
+def method_cost(method: str, shape: AttentionShape, stores_residual: bool = False) -> CallCost:
+    """MACs of one call of one layer running ``method``."""
+    if method == AST:
+        return CallCost(0.0, 0.0)
+    rows = shape.rows / 2 if (method in (ASC, WARS_ASC) and shape.cfg) else shape.rows
+    d = shape.hidden
+    full_pairs = shape.tokens * shape.tokens
+    if method in (FULL, ASC):
+        pairs = full_pairs + (shape.window_pairs() if stores_residual else 0)
+    elif method in (WARS, WARS_ASC, WA_NO_RESIDUAL):
+        pairs = shape.window_pairs()
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return CallCost(core=2.0 * rows * pairs * d, projections=4.0 * rows * shape.tokens * d * d)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCost:
+    """Cost of a plan against the same run with full attention everywhere (MACs)."""
+
+    core: float
+    core_full: float
+    module: float
+    module_full: float
+    per_step_layer_core: tuple[tuple[float, ...], ...]
+
+    @property
+    def core_fraction(self) -> float:
+        """Fraction of the attention-core work (Q K^T, P V) that remains."""
+        return self.core / self.core_full
+
+    @property
+    def module_fraction(self) -> float:
+        """Fraction of the attention-module work (core + Q/K/V/O projections) that remains."""
+        return self.module / self.module_full
+
+
+def plan_cost(plan: Plan, shape: AttentionShape) -> PlanCost:
+    """Corrected inference cost of a layer-wise plan (every layer has ``shape``)."""
+    if plan.granularity != "layer":
+        raise ValueError("plan_cost counts layer-wise (V1) plans")
+    stores = [residual_steps(plan.layer_methods(i)) for i in range(plan.num_layers)]
+    full = method_cost(FULL, shape)
+    grid = []
+    core = module = 0.0
+    for t, row in enumerate(plan.methods):
+        costs = [method_cost(m, shape, stores[i][t]) for i, m in enumerate(row)]
+        grid.append(tuple(c.core for c in costs))
+        core += sum(c.core for c in costs)
+        module += sum(c.module for c in costs)
+    calls = plan.num_steps * plan.num_layers
+    return PlanCost(core=core, core_full=full.core * calls, module=module,
+                    module_full=full.module * calls, per_step_layer_core=tuple(grid))
+
+
+def official_counter_macs(plan: Plan, shape: AttentionShape, window_size: Sequence[int]
+                          ) -> float:
+    """What the official ``utils.count_flops_attn`` reports for the self-attention layers.
+
+    Reproduces its formula ``2 b N^2 d * ws / N`` with ``ws = window_size[1] - window_size[0]``
+    (0 for the current ``[w, w]`` convention) to compare with published numbers. Do not use it
+    for anything else: see the module docstring.
+    """
+    ws = window_size[1] - window_size[0]
+    n, d = shape.tokens, shape.hidden
+    base = 2.0 * shape.rows * n * n * d
+    total = 0.0
+    for i in range(plan.num_layers):
+        methods = plan.layer_methods(i)
+        stores = residual_steps(methods)
+        for t, m in enumerate(methods):
+            half = 0.5 if "cfg_attn_share" in m else 1.0
+            if m == AST:
+                continue
+            if "full_attn" in m:
+                total += base * (1 + ws / n if stores[t] else 1) * half
+            else:
+                total += base * ws / n * half
+    return total
+
+
+def amdahl_speedup_bound(attention_share: float, attention_fraction: float) -> float:
+    """End-to-end speed-up bound when only the attention part shrinks.
+
+    ``attention_share``: measured share of the uncompressed run's time spent in the compressed
+    attention layers (0..1). ``attention_fraction``: remaining fraction of that work (e.g.
+    ``PlanCost.module_fraction``). Assumes time proportional to work inside attention (an upper
+    bound: window kernels and cache copies are less efficient than dense attention).
+    """
+    if not 0 <= attention_share <= 1:
+        raise ValueError(f"attention_share must be in [0, 1], got {attention_share}")
+    if not 0 <= attention_fraction <= 1 + 1e-9:
+        raise ValueError(f"attention_fraction must be in [0, 1], got {attention_fraction}")
+    remaining = (1 - attention_share) + attention_share * attention_fraction
+    return math.inf if remaining == 0 else 1 / remaining

@@ -1,0 +1,1 @@
+"""Integrations of the fastattn runtime with model libraries (diffusers)."""

@@ -1,0 +1,128 @@
+"""DiTFastAttn (V1) method vocabulary.
+
+The official code names the per-(layer, step) decision with one of six strings and
+matches them by substring. Here each string parses into a small frozen dataclass so
+the runtime branches on named flags instead of substrings, and every value can be
+written back as the exact official string (plans stay interchangeable with the
+official tool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Union
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compression decision.
+
+    window:       attention restricted to a window instead of full attention.
+    residual:     add the residual (full - window) cached at the last full step (WA-RS).
+    cfg_share:    compute only the conditional rows of a CFG batch and copy (ASC).
+    output_share: skip everything, return the layer's cached output (AST).
+    """
+
+    window: bool = False
+    residual: bool = False
+    cfg_share: bool = False
+    output_share: bool = False
+
+    def __post_init__(self) -> None:
+        if self not in _STRING_OF:
+            raise ValueError(
+                f"{self!r} is not one of the DiTFastAttn methods; valid methods: "
+                + ", ".join(METHOD_STRINGS)
+            )
+
+    @property
+    def is_full(self) -> bool:
+        """True for `full_attn` and `full_attn+cfg_attn_share` (the steps that refresh residuals)."""
+        return not self.window and not self.output_share
+
+    @property
+    def official(self) -> str:
+        return _STRING_OF[self]
+
+    def without_cfg_share(self) -> "Method":
+        """The same method computed on every row (ASC disabled)."""
+        if not self.cfg_share:
+            return self
+        return Method(window=self.window, residual=self.residual)
+
+    def __str__(self) -> str:
+        return self.official
+
+
+# Built with object.__new__ so the table can exist before validation uses it.
+def _raw(**flags: bool) -> Method:
+    method = object.__new__(Method)
+    for name in ("window", "residual", "cfg_share", "output_share"):
+        object.__setattr__(method, name, flags.get(name, False))
+    return method
+
+
+_STRING_OF = {
+    _raw(): "full_attn",
+    _raw(output_share=True): "output_share",
+    _raw(window=True, residual=True): "residual_window_attn",
+    _raw(cfg_share=True): "full_attn+cfg_attn_share",
+    _raw(window=True, residual=True, cfg_share=True): "residual_window_attn+cfg_attn_share",
+    _raw(window=True): "residual_window_attn+without_residual",
+}
+_METHOD_OF = {text: method for method, text in _STRING_OF.items()}
+
+#: The official method strings, in the order of the spec's table.
+METHOD_STRINGS: tuple = tuple(_STRING_OF.values())
+
+FULL = _METHOD_OF["full_attn"]
+OUTPUT_SHARE = _METHOD_OF["output_share"]
+WINDOW_RESIDUAL = _METHOD_OF["residual_window_attn"]
+FULL_CFG_SHARE = _METHOD_OF["full_attn+cfg_attn_share"]
+WINDOW_RESIDUAL_CFG_SHARE = _METHOD_OF["residual_window_attn+cfg_attn_share"]
+WINDOW_NO_RESIDUAL = _METHOD_OF["residual_window_attn+without_residual"]
+
+MethodLike = Union[str, Method]
+
+
+def parse_method(value: MethodLike) -> Method:
+    """Parse an official method string (surrounding whitespace ignored) or pass a Method through."""
+    if isinstance(value, Method):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"a DiTFastAttn method must be a string or Method, got {type(value).__name__}")
+    method = _METHOD_OF.get(value.strip())
+    if method is None:
+        raise ValueError(
+            f"unknown DiTFastAttn method {value!r}; valid methods: " + ", ".join(METHOD_STRINGS)
+        )
+    return method
+
+
+def parse_methods(values: Iterable[MethodLike]) -> list:
+    """Parse a per-step list of methods (error messages name the offending step)."""
+    parsed = []
+    for step, value in enumerate(values):
+        try:
+            parsed.append(parse_method(value))
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"step {step}: {error}") from None
+    return parsed
+
+
+def residual_needed(methods: Sequence[MethodLike]) -> list:
+    """The official `need_compute_residual` list for one layer's per-step methods.
+
+    A full step (including `full_attn+cfg_attn_share`) must compute and cache the
+    residual iff some later step uses WA-RS with residual before the next full step.
+    AST steps and residual-free window steps in between do not break the group.
+    """
+    parsed = parse_methods(methods)
+    needed = [False] * len(parsed)
+    last_full = None
+    for step, method in enumerate(parsed):
+        if method.is_full:
+            last_full = step
+        elif method.window and method.residual and last_full is not None:
+            needed[last_full] = True
+    return needed

@@ -1,0 +1,141 @@
+"""Human-facing summaries of a plan: method map image, legend, cost figures and a text summary.
+
+The method map is a float32 RGB array ``[H, W, 3]`` in 0..1 (numpy), laid out like the paper's
+compression-plan figures: one column per step (left = first step), one row per layer (top =
+layer 0), one colour per method, thin dark grid lines between cells. Head-wise plans get one
+thin row per head inside each layer row. ComfyUI nodes turn it into an IMAGE with
+``torch.from_numpy(image)[None]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .flops import AttentionShape, PlanCost, amdahl_speedup_bound, plan_cost
+from .plan import AST, ASC, FULL, PLAN_METHODS, WA_NO_RESIDUAL, WARS, WARS_ASC, Plan
+
+# Colour per method (RGB 0..1) and its short label. Compressing methods get saturated
+# colours, full attention a neutral grey, so a plan's savings are visible at a glance.
+METHOD_STYLE: dict[str, tuple[tuple[float, float, float], str]] = {
+    FULL: ((0.55, 0.55, 0.55), "full attention"),
+    ASC: ((0.35, 0.60, 0.95), "ASC (share attention across CFG)"),
+    WARS: ((0.98, 0.70, 0.20), "WA-RS (window attention + residual sharing)"),
+    WARS_ASC: ((0.90, 0.35, 0.20), "WA-RS + ASC"),
+    AST: ((0.25, 0.75, 0.40), "AST (share attention across timesteps)"),
+    WA_NO_RESIDUAL: ((0.70, 0.40, 0.85), "WA (window attention, no residual)"),
+}
+GRID_COLOUR = (0.08, 0.08, 0.08)
+MAX_IMAGE_SIDE = 4096
+
+
+def _hex(rgb: tuple[float, float, float]) -> str:
+    return "#" + "".join(f"{round(c * 255):02x}" for c in rgb)
+
+
+def legend(methods: list[str] | None = None) -> list[dict[str, str]]:
+    """Colour legend ``[{"method", "label", "colour"}]`` for the given (default: all) methods."""
+    methods = methods if methods is not None else list(PLAN_METHODS)
+    return [{"method": m, "label": METHOD_STYLE[m][1], "colour": _hex(METHOD_STYLE[m][0])}
+            for m in methods]
+
+
+def legend_text(plan: Plan | None = None) -> str:
+    used = list(plan.method_counts()) if plan is not None else None
+    return "\n".join(f"{e['colour']}  {e['label']} ({e['method']})" for e in legend(used))
+
+
+def method_map(plan: Plan, cell: int = 12, grid: int = 1) -> np.ndarray:
+    """Render the plan as an RGB float image ``[layers*cell, steps*cell, 3]`` (rows = layers)."""
+    if cell < 1 or grid < 0 or grid >= cell:
+        raise ValueError("cell must be >= 1 and 0 <= grid < cell")
+    steps, layers = plan.num_steps, plan.num_layers
+    # keep huge plans renderable: shrink cells rather than allocate gigabytes
+    cell = max(1, min(cell, MAX_IMAGE_SIDE // max(steps, layers)))
+    grid = grid if cell > 2 else 0
+    heads = plan.metadata.num_heads if plan.granularity == "head" else None
+    image = np.empty((layers * cell, steps * cell, 3), dtype=np.float32)
+    image[:] = GRID_COLOUR
+    for t in range(steps):
+        for i in range(layers):
+            y0, x0 = i * cell, t * cell
+            x1 = x0 + cell - grid
+            if heads is None:
+                image[y0:y0 + cell - grid, x0:x1] = METHOD_STYLE[plan.methods[t][i]][0]
+                continue
+            inner = cell - grid
+            for h, method in enumerate(plan.methods[t][i]):
+                ya = y0 + (h * inner) // heads
+                yb = y0 + ((h + 1) * inner) // heads
+                image[ya:max(yb, ya + 1), x0:x1] = METHOD_STYLE[method][0]
+    return image
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+    counts: dict[str, int]
+    cost: PlanCost | None
+    window_fraction: float | None
+    attention_share: float | None
+    speedup_bound_core: float | None
+    speedup_bound_module: float | None
+    text: str
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def summarize(plan: Plan, shape: AttentionShape | None = None,
+              attention_share: float | None = None) -> PlanReport:
+    """Counts, corrected cost figures and (with a measured attention share) a speed bound.
+
+    Without ``shape``, the shape recorded in the plan's metadata is used when complete
+    (token grid, heads, head dim, window); otherwise the cost lines are left out.
+    """
+    if shape is None and plan.granularity == "layer":
+        try:
+            shape = AttentionShape.from_plan(plan)
+        except ValueError:
+            shape = None
+    counts = plan.method_counts()
+    total = sum(counts.values())
+    meta = plan.metadata
+    lines = [f"DiTFastAttn plan: {plan.num_steps} steps x {plan.num_layers} layers"
+             + (f" x {meta.num_heads} heads" if plan.granularity == "head" else "")
+             + (f" ({meta.architecture})" if meta.architecture else "")]
+    settings = []
+    if meta.threshold is not None:
+        settings.append(f"threshold {meta.threshold:g}")
+    if meta.window is not None:
+        settings.append(f"window {meta.window[0]}/{meta.window[1]} tokens per side")
+    if meta.token_grid:
+        settings.append("token grid " + "x".join(map(str, meta.token_grid)))
+    if meta.sampler:
+        settings.append(f"sampler {meta.sampler}")
+    if meta.cfg_scale is not None:
+        settings.append(f"CFG {meta.cfg_scale:g}")
+    if settings:
+        lines.append("calibrated with " + ", ".join(settings))
+    lines.append("methods: " + ", ".join(f"{METHOD_STYLE[m][1].split(' (')[0]} {n} "
+                                         f"({_percent(n / total)})" for m, n in counts.items()))
+    cost = window_fraction = bound_core = bound_module = None
+    if shape is not None and plan.granularity == "layer":
+        cost = plan_cost(plan, shape)
+        window_fraction = shape.window_fraction() if shape.window is not None else None
+        lines.append(f"attention work kept: core (QK^T, PV) {_percent(cost.core_fraction)}, "
+                     f"module incl. Q/K/V/O projections {_percent(cost.module_fraction)}"
+                     + (f"; window covers {_percent(window_fraction)} of the score matrix"
+                        if window_fraction is not None else ""))
+        if attention_share is not None:
+            bound_core = amdahl_speedup_bound(attention_share, cost.core_fraction)
+            bound_module = amdahl_speedup_bound(attention_share, cost.module_fraction)
+            lines.append(f"with self-attention at {_percent(attention_share)} of the run time, "
+                         f"end-to-end speed-up at most {bound_module:.2f}x (Amdahl, module "
+                         f"work; real kernels reach less)")
+    for note in meta.notes:
+        lines.append(f"note: {note}")
+    return PlanReport(counts=counts, cost=cost, window_fraction=window_fraction,
+                      attention_share=attention_share, speedup_bound_core=bound_core,
+                      speedup_bound_module=bound_module, text="\n".join(lines))

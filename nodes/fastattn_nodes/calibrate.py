@@ -1,0 +1,121 @@
+"""Calibration inside a ComfyUI sampling run (the V1 greedy search, hook-driven).
+
+The sampler owns the loop. Our PREDICT_NOISE wrapper sees every denoiser evaluation; for each
+one it hands fa-calib's :class:`GreedyCalibration` an ``evaluate(methods)`` function that re-runs
+*this same evaluation* (the inner executor, i.e. CFG + model calls) with the trial methods, after
+which every cache is restored from a snapshot (the runtime replaces cached tensors, it never edits
+them, so a snapshot is a dict of references: no copies). Then the chosen methods run for real and
+their output drives the sampler, so the calibration trajectory is the compressed one, as in the
+official code.
+
+Cost per evaluation (t >= 1): 1 reference + (trials, at most 4 per layer) + 1 real run, i.e. at
+most 2 + 4L denoiser evaluations (each covering cond and uncond). Evaluation 0 is always full.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+from ...fastattn.calibration import OFFICIAL_CANDIDATES, GreedyCalibration
+from ...fastattn.plan import FULL, Plan, PlanMetadata
+from .patcher import Shared
+
+# Evaluations per sampling step never exceed this for ComfyUI's samplers (heun: 2, dpm_2: 2,
+# 3-stage samplers: 3); only the evaluations that really happen end up in the plan.
+MAX_EVALUATIONS_PER_STEP = 4
+
+
+class CalibrationSession(Shared):
+    """One calibration run: owns the greedy search and answers the runtime's method queries."""
+
+    def __init__(self, layer_names: Sequence[str], threshold: float,
+                 candidates: Sequence[str] = OFFICIAL_CANDIDATES,
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 interrupted: Optional[Callable[[], None]] = None):
+        self.layer_names = list(layer_names)
+        self.index = {name: i for i, name in enumerate(self.layer_names)}
+        self.threshold = float(threshold)
+        self.candidates = tuple(candidates)
+        self.progress = progress
+        self.interrupted = interrupted
+        self.search: Optional[GreedyCalibration] = None
+        self.current: Optional[list[str]] = None
+        self.current_step = -1
+        self.run = None
+        self.run_info: dict = {}
+        self.evaluations = 0
+        self.finished_run = None
+
+    # ---- called by the patcher's wrappers ---------------------------------------------
+    def begin_run(self, *, sampler, sigmas, cfg, latent_shape, diffusion_model) -> None:
+        if self.search is not None:
+            raise RuntimeError("a DiTFastAttn calibration session runs exactly one sampling run")
+        steps = max(1, int(sigmas.shape[-1]) - 1)
+        self.search = GreedyCalibration(len(self.layer_names), steps * MAX_EVALUATIONS_PER_STEP,
+                                        self.threshold, self.candidates)
+        self.run_info = {"sampler": sampler, "schedule": [float(s) for s in sigmas.flatten().tolist()],
+                         "cfg": None if cfg is None else float(cfg), "latent_shape": list(latent_shape),
+                         "steps": steps}
+
+    def attach(self, run) -> None:
+        self.run = run
+
+    def detach(self) -> None:
+        self.finished_run = self.run
+        self.run = None
+
+    def method_for(self, step: int, layer: str) -> str:
+        i = self.index.get(layer)
+        if i is None or step < 0:
+            return FULL
+        if step == self.current_step and self.current is not None:
+            return self.current[i]
+        return self.search.methods[step][i]
+
+    def evaluate(self, executor, args, kwargs, run):
+        step = run.evaluation
+        if step >= self.search.num_steps:
+            raise RuntimeError(f"the sampler made more than {self.search.num_steps} denoiser "
+                               f"evaluations; DiTFastAttn calibration supports at most "
+                               f"{MAX_EVALUATIONS_PER_STEP} per step")
+        self.current_step = step
+
+        def trial(methods):
+            if self.interrupted is not None:
+                self.interrupted()
+            snapshot = run.snapshot()
+            self.current = list(methods)
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                run.restore(snapshot)
+
+        chosen = self.search.search_step(step, trial)
+        self.current = list(chosen)
+        self.evaluations = step + 1
+        if self.progress is not None:
+            self.progress(step + 1, self.run_info["steps"])
+        return executor(*args, **kwargs)
+
+    # ---- result ---------------------------------------------------------------------------
+    def to_plan(self, **metadata) -> Plan:
+        if self.search is None or self.evaluations == 0:
+            raise RuntimeError("calibration did not run: the sampler made no denoiser evaluation")
+        n = self.evaluations
+        sigmas = tuple(self.finished_run.evaluation_sigmas[:n]) if self.finished_run else None
+        if sigmas is not None and not all(math.isfinite(s) for s in sigmas):
+            sigmas = None
+        extra = dict(metadata.pop("extra", {}) or {})
+        extra.update({"schedule": self.run_info["schedule"], "sampling_steps": self.run_info["steps"],
+                      "latent_shape": self.run_info["latent_shape"],
+                      "forward_count": self.search.forward_count})
+        meta = PlanMetadata(
+            num_steps=n, num_layers=len(self.layer_names),
+            layer_names=tuple(self.layer_names), sampler=self.run_info["sampler"], sigmas=sigmas,
+            cfg_scale=self.run_info["cfg"], threshold=self.threshold,
+            candidates=self.candidates, metric="official_rel_l1",
+            extra=extra, **metadata)
+        return Plan([list(row) for row in self.search.methods[:n]], meta)
+
+    def trials(self):
+        return list(self.search.trials) if self.search is not None else []

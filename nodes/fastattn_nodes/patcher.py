@@ -1,0 +1,515 @@
+"""Install DiTFastAttn on a ModelPatcher clone through ComfyUI's documented patch points only.
+
+* ``transformer_options["optimized_attention_override"]``: a closure that chains the override that
+  was installed before (e.g. a SageAttention patch) and routes each block's self-attention
+  through the DiTFastAttn runtime;
+* keyed wrappers: ``OUTER_SAMPLE`` (a fresh :class:`RunState` per sampling run, checked against the
+  plan, freed in ``finally``), ``PREDICT_NOISE`` (denoiser evaluation counter = plan step),
+  ``APPLY_MODEL`` (latent shape -> token grid, conditioning length);
+* ``patches_replace["dit"]`` entries that tag the layer index (chaining an existing entry);
+
+Nothing is stored on the model or in module globals. Objects placed in ``model_options`` are
+closures or return themselves from ``__deepcopy__`` (``ModelPatcher.clone`` deep-copies
+``model_options``; a copied state holder would silently fork).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from typing import Callable, Optional
+
+import torch
+
+from ...fastattn.methods import parse_method, residual_needed
+from ...fastattn.plan import Plan, PlanMismatchError, RunSignature
+from ...fastattn.windows import grid_window_fraction, window_1d_fraction
+from .families import GENERIC, Family, detect_family
+from .run_state import FULL, RunState
+
+log = logging.getLogger("reducio_fastattn.ditfastattn")
+
+WRAPPER_KEY = "ditfastattn"
+SPEC_KEY = "ditfastattn_spec"        # the PatchSpec of the patch installed on this model
+RUN_KEY = "ditfastattn_run"          # the RunState of the sampling run in progress
+LAYER_KEY = "ditfastattn_layer"      # layer name of the block being executed
+CALL_KEY = "ditfastattn_call"        # attention calls so far inside that block
+GEOMETRY_KEY = "ditfastattn_geometry"  # (token grid, conditioning length) of this model call
+COUNT_KEY = "ditfastattn_calls"      # attention calls so far in this model call ("count" families)
+OVERRIDE_KEY = "optimized_attention_override"
+
+
+class Shared:
+    """Base for objects kept in model_options that must be shared, not copied, by clone()."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+
+class ReportSink(Shared):
+    """Where finished runs leave their report; read by the report node and by tests."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reports: list = []
+
+    def add(self, report) -> None:
+        with self._lock:
+            self.reports.append(report)
+            del self.reports[:-16]
+
+    @property
+    def last(self):
+        with self._lock:
+            return self.reports[-1] if self.reports else None
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowConfig:
+    shape: str = "1d"            # "1d": the paper's band over the flattened tokens; "grid": a box
+    fraction: float = 0.125      # per side, as a fraction of the image tokens (paper: 1/8)
+
+    def factory(self):
+        if self.shape == "grid":
+            return grid_window_fraction(min(1.0, 2.0 * self.fraction))
+        return window_1d_fraction(self.fraction)
+
+
+class PatchSpec(Shared):
+    """Immutable description of one installed patch (plan, family, chained override)."""
+
+    def __init__(self, *, family: Family, layer_names: list[str], plan: Optional[Plan],
+                 window: WindowConfig, previous_override, allow_remap: bool, ignore: tuple,
+                 measure_time: bool, calibration=None, signature: Optional[RunSignature] = None):
+        self.family = family
+        self.layer_names = list(layer_names)
+        self.layer_index = {name: i for i, name in enumerate(self.layer_names)}
+        self.plan = plan
+        self.window = window
+        self.previous_override = previous_override
+        self.allow_remap = allow_remap
+        self.ignore = tuple(ignore)
+        self.measure_time = measure_time
+        self.calibration = calibration        # a calibration session (calibrate node) or None
+        self.signature = signature
+        self.sink = ReportSink()
+        self._residual_table = None
+        if plan is not None:
+            self._residual_table = [residual_needed(list(plan.layer_methods(i)))
+                                    for i in range(plan.num_layers)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Step mapping: plan step for each denoiser evaluation of a run
+# ----------------------------------------------------------------------------------------------
+
+def _sampler_name(sampler) -> Optional[str]:
+    function = getattr(sampler, "sampler_function", None)
+    name = getattr(function, "__name__", None)
+    if name is None:
+        return type(sampler).__name__
+    return name[len("sample_"):] if name.startswith("sample_") else name
+
+
+class StepMap:
+    """Maps denoiser evaluations to plan steps: identity when the run matches the plan, nearest
+    noise level (log sigma) when remapping was allowed; evaluation 0 always maps to step 0."""
+
+    def __init__(self, plan: Plan, remap: bool):
+        self.plan = plan
+        self.remap = remap
+        sigmas = plan.metadata.sigmas
+        self._log_sigmas = [math.log(max(s, 1e-8)) for s in sigmas] if (remap and sigmas) else None
+
+    def step(self, evaluation: int, sigma: float) -> int:
+        if not self.remap:
+            if evaluation >= self.plan.num_steps:
+                raise PlanMismatchError(
+                    [f"this run makes more denoiser evaluations than the plan has steps "
+                     f"({self.plan.num_steps})"],
+                    ["calibrate with the same sampler, scheduler and steps, or enable "
+                     "'allow_remap' on DiTFastAttnApply"])
+            return evaluation
+        if evaluation == 0:
+            return 0
+        if self._log_sigmas is None or not math.isfinite(sigma):
+            return min(evaluation, self.plan.num_steps - 1)
+        target = math.log(max(sigma, 1e-8))
+        return min(range(1, self.plan.num_steps), key=lambda i: (abs(self._log_sigmas[i] - target), i)) \
+            if self.plan.num_steps > 1 else 0
+
+
+def _check_run_against_plan(spec: PatchSpec, sampler, sigmas, cfg, latent_shape, diffusion_model):
+    """Raise PlanMismatchError (clear message) or return the StepMap for this run."""
+    plan = spec.plan
+    meta = plan.metadata
+    grid = spec.family.token_grid(diffusion_model, latent_shape) if spec.family is not GENERIC else None
+    signature = dataclasses.replace(
+        spec.signature or RunSignature(),
+        token_grid=grid,
+        cfg_scale=float(cfg) if cfg is not None else None,
+    )
+    plan.check(signature, ignore=spec.ignore)          # model, layers, resolution, cfg
+    extra = dict(meta.extra or {})
+    schedule = extra.get("schedule")
+    run_schedule = [float(s) for s in sigmas.flatten().tolist()]
+    sampler_name = _sampler_name(sampler)
+    differences = []
+    if meta.sampler and sampler_name and meta.sampler != sampler_name:
+        differences.append(f"sampler: plan calibrated with {meta.sampler!r}, this run uses {sampler_name!r}")
+    if schedule is not None:
+        if len(schedule) != len(run_schedule):
+            differences.append(f"steps: plan calibrated for {len(schedule) - 1} sampling steps, "
+                               f"this run has {len(run_schedule) - 1}")
+        elif any(not math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(schedule, run_schedule)):
+            differences.append("sigma schedule: this run's noise levels differ from the plan's "
+                               "(scheduler, denoise or model sampling shift changed)")
+    if differences and not spec.allow_remap:
+        raise PlanMismatchError(differences, [
+            "calibrate a plan with the same sampler, scheduler, steps and denoise, or",
+            "enable 'allow_remap' on DiTFastAttnApply to map plan steps by noise level"])
+    if differences:
+        log.warning("DiTFastAttn: remapping plan steps by noise level (%s)", "; ".join(differences))
+    return StepMap(plan, remap=bool(differences))
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention override
+# ----------------------------------------------------------------------------------------------
+
+def _make_override(spec_holder: list):
+    """The override closure. ``spec_holder[0]`` is the PatchSpec (a list so the closure can be
+    created before the spec exists; never reassigned after install)."""
+    warned = set()
+
+    def ditfastattn_attention_override(func, *args, **kwargs):
+        spec: PatchSpec = spec_holder[0]
+        previous = spec.previous_override
+
+        def passthrough():
+            if previous is not None:
+                return previous(func, *args, **kwargs)
+            return func(*args, **kwargs)
+
+        options = kwargs.get("transformer_options") or {}
+        run: Optional[RunState] = options.get(RUN_KEY)
+        if run is None or options.get(SPEC_KEY) is not spec:
+            return passthrough()
+        site = _classify_call(spec, options, args, kwargs)
+        if site is None:
+            return passthrough()
+        layer, layout, heads, prefix, suffix, grid = site
+        q, k, v = args[0], args[1], args[2]
+        skip_output_reshape = kwargs.get("skip_output_reshape", False)
+        base_kwargs = {key: value for key, value in kwargs.items() if key not in ("skip_output_reshape",)}
+        rest = args[3:]              # heads (when positional), mask, ...
+
+        def full_attention(qq, kk, vv):
+            # Output in the input layout; the chained override (if any) does the work.
+            call_kwargs = dict(base_kwargs, skip_output_reshape=(layout == "bhld"))
+            if previous is not None:
+                return previous(func, qq, kk, vv, *rest, **call_kwargs)
+            return func(qq, kk, vv, *rest, **call_kwargs)
+
+        try:
+            out = run.attend(layer=layer, q=q, k=k, v=v, heads=heads, layout=layout,
+                             cond_or_uncond=options.get("cond_or_uncond"),
+                             full_attention=full_attention, prefix_tokens=prefix,
+                             suffix_tokens=suffix, token_grid=grid)
+        except PlanMismatchError:
+            raise
+        except Exception as exc:   # never take a user's run down because of an unexpected layout
+            if (layer, type(exc)) not in warned:
+                warned.add((layer, type(exc)))
+                log.warning("DiTFastAttn: layer %s left uncompressed after an error: %s", layer, exc)
+            return passthrough()
+        if layout == "bhld" and not skip_output_reshape:
+            b, h, length, d = out.shape
+            out = out.transpose(1, 2).reshape(b, length, h * d)
+        return out
+
+    return ditfastattn_attention_override
+
+
+def _classify_call(spec: PatchSpec, options, args, kwargs):
+    """Return (layer, layout, heads, prefix, suffix, grid) for a compressible self-attention
+    call, or None to leave the call alone."""
+    family = spec.family
+    counted_layer = None
+    if family.tagging == "count":
+        # Every attention call of the model call counts, also the ones we leave alone.
+        n = options.get(COUNT_KEY)
+        if n is None:
+            return None
+        options[COUNT_KEY] = n + 1
+        if n % family.calls_per_block != family.self_attention_call:
+            return None
+        counted_layer = f"{family.block_groups[0].layer_prefix}.{n // family.calls_per_block}"
+    if len(args) < 3:
+        return None
+    q, k = args[0], args[1]
+    heads = args[3] if len(args) > 3 else kwargs.get("heads")
+    if heads is None or kwargs.get("mask") is not None or (len(args) > 4 and args[4] is not None):
+        return None
+    skip_reshape = kwargs.get("skip_reshape", False)
+    if not skip_reshape and kwargs.get("skip_output_reshape", False):
+        return None
+    layout = "bhld" if skip_reshape else "blc"
+    seq_axis = 2 if skip_reshape else 1
+    if q.shape[seq_axis] != k.shape[seq_axis] or q.shape[0] != k.shape[0]:
+        return None                      # cross-attention (or an exotic call): untouched
+
+    if counted_layer is not None:
+        layer = counted_layer
+        if layer not in spec.layer_index:
+            return None
+    elif family.tagging == "block_index":
+        if options.get("attn_kind", "self") != "self" or options.get("block_index") is None:
+            return None
+        layer = f"{options.get('block_type') or 'block'}.{options['block_index']}"
+        if layer not in spec.layer_index and spec.calibration is None:
+            return None
+        call_index = 0
+    else:
+        layer = options.get(LAYER_KEY)
+        if layer is None:
+            return None                  # e.g. HunyuanVideo's text refiner before the blocks
+        call_index = options.get(CALL_KEY, 0)
+        options[CALL_KEY] = call_index + 1
+        if call_index != family.self_attention_call:
+            return None
+    geometry = options.get(GEOMETRY_KEY)
+    grid, context_len = geometry if geometry is not None else (None, None)
+    seq_len = q.shape[seq_axis]
+    if grid is None:
+        prefix, suffix = 0, 0
+    else:
+        split = family.text_split(seq_len, math.prod(grid), context_len)
+        if split is None:
+            return None
+        prefix, suffix = split
+    return layer, layout, int(heads), prefix, suffix, grid
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrappers and layer tags
+# ----------------------------------------------------------------------------------------------
+
+def _make_outer_sample_wrapper(spec: PatchSpec):
+    def ditfastattn_outer_sample(executor, *args, **kwargs):
+        guider = executor.class_obj
+        options = guider.model_options.setdefault("transformer_options", {})
+        if options.get(SPEC_KEY) is not spec:
+            return executor(*args, **kwargs)         # a later DiTFastAttn patch replaced ours
+        noise, latent_image, sampler, sigmas = args[0], args[1], args[2], args[3]
+        diffusion_model = guider.model_patcher.model.diffusion_model
+        cfg = getattr(guider, "cfg", None)
+        if spec.calibration is not None:
+            session = spec.calibration
+            session.begin_run(sampler=_sampler_name(sampler), sigmas=sigmas, cfg=cfg,
+                              latent_shape=tuple(noise.shape), diffusion_model=diffusion_model)
+            method_for, needs_residual = session.method_for, None
+        else:
+            step_map = _check_run_against_plan(spec, sampler, sigmas, cfg, tuple(noise.shape),
+                                               diffusion_model)
+            method_for, needs_residual = _plan_lookup(spec, step_map)
+        run = RunState(method_for=method_for, window_for=spec.window.factory(),
+                       needs_residual=needs_residual, measure_time=spec.measure_time)
+        run.token_grid = (spec.family.token_grid(diffusion_model, noise.shape)
+                          if spec.family is not GENERIC else None)
+        options[RUN_KEY] = run
+        if spec.calibration is not None:
+            spec.calibration.attach(run)
+        try:
+            result = executor(*args, **kwargs)
+            from .report import build_run_report   # local import: report pulls in plotting code
+            report = build_run_report(spec, run, sampler_name=_sampler_name(sampler))
+            spec.sink.add(report)
+            log.info("%s", report.summary_line())
+            return result
+        finally:
+            run.free()
+            options.pop(RUN_KEY, None)
+            if spec.calibration is not None:
+                spec.calibration.detach()
+
+    return ditfastattn_outer_sample
+
+
+def _plan_lookup(spec: PatchSpec, step_map: StepMap):
+    plan = spec.plan
+    index = spec.layer_index
+    evaluation_steps: dict[int, int] = {}
+    current = {"evaluation": -1, "sigma": math.nan}
+
+    def plan_step(evaluation: int) -> int:
+        if evaluation not in evaluation_steps:
+            evaluation_steps[evaluation] = step_map.step(evaluation, current["sigma"])
+        return evaluation_steps[evaluation]
+
+    def method_for(evaluation: int, layer: str) -> str:
+        i = index.get(layer)
+        if i is None or evaluation < 0:
+            return FULL
+        return plan.method(plan_step(evaluation), i)
+
+    def needs_residual(evaluation: int, layer: str) -> bool:
+        i = index.get(layer)
+        if i is None:
+            return False
+        if step_map.remap:
+            return True        # the remapped step sequence is only known as the run goes
+        return spec._residual_table[i][plan_step(evaluation)]
+
+    method_for.set_sigma = lambda sigma: current.__setitem__("sigma", sigma)
+    return method_for, needs_residual
+
+
+def _make_predict_noise_wrapper(spec: PatchSpec):
+    def ditfastattn_predict_noise(executor, *args, **kwargs):
+        model_options = args[2] if len(args) > 2 else kwargs.get("model_options", {})
+        options = model_options.get("transformer_options", {})
+        run: Optional[RunState] = options.get(RUN_KEY)
+        if run is None or options.get(SPEC_KEY) is not spec:
+            return executor(*args, **kwargs)
+        timestep = args[1]
+        sigma = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        set_sigma = getattr(run.method_for, "set_sigma", None)
+        if set_sigma is not None:
+            set_sigma(sigma)
+        run.begin_evaluation(sigma)
+        if spec.calibration is not None:
+            return spec.calibration.evaluate(executor, args, kwargs, run)
+        return executor(*args, **kwargs)
+
+    return ditfastattn_predict_noise
+
+
+def _make_apply_model_wrapper(spec: PatchSpec):
+    def ditfastattn_apply_model(executor, *args, **kwargs):
+        x = args[0]
+        context = args[3] if len(args) > 3 else kwargs.get("c_crossattn")
+        options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
+        if isinstance(options, dict) and options.get(RUN_KEY) is not None and spec.family is not GENERIC:
+            diffusion_model = executor.class_obj.diffusion_model
+            grid = spec.family.token_grid(diffusion_model, x.shape)
+            context_len = context.shape[1] if torch.is_tensor(context) and context.ndim == 3 else None
+            options[GEOMETRY_KEY] = (grid, context_len)
+            options[COUNT_KEY] = 0
+        return executor(*args, **kwargs)
+
+    return ditfastattn_apply_model
+
+
+def _make_layer_tag(layer: str, chained):
+    def ditfastattn_tag_layer(args, extra):
+        options = args.get("transformer_options")
+        if options is None:
+            return chained(args, extra) if chained is not None else extra["original_block"](args)
+        previous = options.get(LAYER_KEY), options.get(CALL_KEY)
+        options[LAYER_KEY], options[CALL_KEY] = layer, 0
+        try:
+            if chained is not None:
+                return chained(args, extra)
+            return extra["original_block"](args)
+        finally:
+            options[LAYER_KEY], options[CALL_KEY] = previous
+
+    ditfastattn_tag_layer.ditfastattn_chained = chained
+    return ditfastattn_tag_layer
+
+
+# ----------------------------------------------------------------------------------------------
+# Install / remove
+# ----------------------------------------------------------------------------------------------
+
+def installed_spec(model_patcher) -> Optional[PatchSpec]:
+    return model_patcher.model_options.get("transformer_options", {}).get(SPEC_KEY)
+
+
+def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = WindowConfig(),
+                allow_remap: bool = False, ignore=(), measure_time: bool = True,
+                calibration=None, signature: Optional[RunSignature] = None):
+    """Return a clone of ``model_patcher`` with DiTFastAttn installed (the input is untouched).
+
+    Applying on an already patched model replaces the earlier patch (idempotent), keeping the
+    override that was installed before it. Unknown architectures: logged, plain clone returned.
+    """
+    import comfy.patcher_extension as pe
+
+    family = detect_family(model_patcher)
+    clone = model_patcher.clone()
+    if family is None or family.tagging == "unsupported":
+        name = type(getattr(model_patcher.model, "diffusion_model", None)).__name__
+        reason = f" ({family.unsupported_reason})" if family is not None else ""
+        log.warning("DiTFastAttn: architecture %s is not supported%s; the model is returned unchanged",
+                    name, reason)
+        return clone, None
+    diffusion_model = model_patcher.model.diffusion_model
+    layer_names = family.layer_names(diffusion_model)
+    if plan is not None and family is not GENERIC and plan.num_layers != len(layer_names):
+        raise PlanMismatchError(
+            [f"layers: plan has {plan.num_layers}, this {family.name} model has {len(layer_names)}"],
+            ["calibrate a plan for this model with DiTFastAttnCalibrate"])
+    if plan is not None and family is GENERIC:
+        layer_names = list(plan.metadata.layer_names or [f"block.{i}" for i in range(plan.num_layers)])
+
+    options = clone.model_options.setdefault("transformer_options", {})
+    old = options.get(SPEC_KEY)
+    previous_override = old.previous_override if old is not None else options.get(OVERRIDE_KEY)
+    _remove_from(clone, old)
+
+    spec = PatchSpec(family=family, layer_names=layer_names, plan=plan, window=window,
+                     previous_override=previous_override, allow_remap=allow_remap, ignore=ignore,
+                     measure_time=measure_time, calibration=calibration, signature=signature)
+    holder = [spec]
+    options[OVERRIDE_KEY] = _make_override(holder)
+    options[SPEC_KEY] = spec
+
+    clone.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _make_outer_sample_wrapper(spec))
+    clone.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, _make_predict_noise_wrapper(spec))
+    clone.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _make_apply_model_wrapper(spec))
+
+    if family.tagging == "replace":
+        dit = options.setdefault("patches_replace", {}).setdefault("dit", {})
+        for group in family.block_groups:
+            blocks = getattr(diffusion_model, group.attribute, None) or []
+            for i in range(len(blocks)):
+                key = (group.replace_kind, i)
+                dit[key] = _make_layer_tag(f"{group.layer_prefix}.{i}", dit.get(key))
+    return clone, spec
+
+
+def _remove_from(clone, spec: Optional[PatchSpec]) -> None:
+    """Undo an earlier DiTFastAttn patch on ``clone`` (its own copy of the options)."""
+    import comfy.patcher_extension as pe
+
+    options = clone.model_options.setdefault("transformer_options", {})
+    for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.PREDICT_NOISE, pe.WrappersMP.APPLY_MODEL):
+        clone.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    if spec is None:
+        return
+    if spec.previous_override is not None:
+        options[OVERRIDE_KEY] = spec.previous_override
+    else:
+        options.pop(OVERRIDE_KEY, None)
+    options.pop(SPEC_KEY, None)
+    dit = options.get("patches_replace", {}).get("dit", {})
+    for key, patch in list(dit.items()):
+        if getattr(patch, "__name__", "") == "ditfastattn_tag_layer":
+            chained = getattr(patch, "ditfastattn_chained", None)
+            if chained is None:
+                del dit[key]
+            else:
+                dit[key] = chained
+
+
+def remove_patch(model_patcher):
+    """A clone of ``model_patcher`` without DiTFastAttn (what bypassing the node gives)."""
+    clone = model_patcher.clone()
+    _remove_from(clone, installed_spec(clone))
+    return clone

@@ -1,0 +1,40 @@
+"""Run one KSampler-equivalent sampling pass through ComfyUI's public sampling API.
+
+Used by the calibrate and compare nodes. It calls ``comfy.sample.sample`` the way the stock
+KSampler does (same noise from the seed, same latent handling), so a plan calibrated here sees
+exactly the run a KSampler with the same settings makes.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def sample_latent(model, *, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                  denoise=1.0):
+    import comfy.sample
+    import comfy.utils
+
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    samples = comfy.sample.sample(
+        model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+        denoise=denoise, noise_mask=latent.get("noise_mask"),
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = dict(latent)
+    out["samples"] = samples
+    return out
+
+
+def weights_fingerprint_of(model_patcher) -> str:
+    """Fingerprint of the base weights (LoRA patches applied in memory are looked through)."""
+    from ...fastattn.plan import weights_fingerprint
+
+    diffusion_model = model_patcher.model.diffusion_model
+    tensors = dict(diffusion_model.state_dict(keep_vars=False))
+    # When the model is loaded with weight patches, ModelPatcher keeps the originals in backup.
+    for key, backup in getattr(model_patcher, "backup", {}).items():
+        name = key[len("diffusion_model."):] if key.startswith("diffusion_model.") else None
+        weight = getattr(backup, "weight", None)
+        if name in tensors and torch.is_tensor(weight):
+            tensors[name] = weight
+    return weights_fingerprint(tensors.items())

@@ -1,0 +1,195 @@
+"""Reducio-DiT checkpoints: safetensors with the model config (JSON) in the file metadata (spec §6).
+
+Loading is strict: every key of the model must be present with the shape the config implies, and
+nothing else may be in the file. A file of another model (a PixArt-alpha checkpoint, a Reducio VAE,
+a pickle) is recognised and the error names the right converter or loader.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Mapping
+
+import torch
+
+from .config import ReducioDiTConfig
+
+FORMAT_NAME = "reducio-dit"
+FORMAT_VERSION = "1"
+ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CONVERT_HINT = "convert it with `python -m reducio.convert pixart IN.pth OUT.safetensors`"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable Reducio-DiT checkpoint; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------- identification
+def identify_foreign_checkpoint(keys, metadata: Mapping[str, str] | None = None) -> str | None:
+    """If the keys / metadata belong to a known *other* model, a sentence saying which and what to use."""
+    metadata = metadata or {}
+    keys = set(keys)
+    fmt = metadata.get("format", "")
+    if fmt and fmt not in (FORMAT_NAME, "pt"):
+        if "vae" in fmt:
+            return (f"this file is a {fmt!r} checkpoint (a Reducio VAE), not a Reducio-DiT; load it with "
+                    "ReducioVAELoader / reducio.ReducioVAE instead")
+    if any(k.startswith(("encoder_3d.", "encoder_2d.")) for k in keys) or (
+            any(k.startswith("decoder.") for k in keys) and any(k.startswith("post_quant_conv.") for k in keys)):
+        return ("this file is a Reducio VAE (keys encoder_3d.* / decoder.*), not a Reducio-DiT; load it with "
+                "ReducioVAELoader / reducio.ReducioVAE instead")
+    if any(k.startswith("transformer_blocks.") for k in keys) and any("attn1.to_q" in k for k in keys):
+        return f"this file is a diffusers PixArt transformer, not a Reducio-DiT; {CONVERT_HINT}"
+    if "blocks.0.attn.qkv.weight" in keys and "clip_embedder.null_embedding" not in keys and (
+            "x_embedder.proj.weight" in keys or "pos_embed" in keys):
+        return f"this file is a PixArt-alpha checkpoint, not a Reducio-DiT; {CONVERT_HINT}"
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+        return "this file is a Stable Diffusion style checkpoint, not a Reducio-DiT"
+    return None
+
+
+def expected_shapes(config: ReducioDiTConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a model built from ``config`` (built on the meta device: no memory, no init)."""
+    from .model import ReducioDiT
+
+    model = ReducioDiT(config, device="meta")
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ReducioDiTConfig,
+                     metadata: Mapping[str, str] | None = None, source: str = "checkpoint") -> None:
+    """Raise ``CheckpointError`` listing every missing / unexpected / mis-shaped key, or a foreign format."""
+    foreign = identify_foreign_checkpoint(state_dict.keys(), metadata)
+    if foreign:
+        raise CheckpointError(f"{source}: {foreign}")
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(f"{k}: file {list(state_dict[k].shape)} vs config {list(shape)}"
+                   for k, shape in expected.items() if k in state_dict and tuple(state_dict[k].shape) != shape)
+    bad_dtype = sorted(f"{k}: {v.dtype}" for k, v in state_dict.items() if v.dtype not in ALLOWED_DTYPES)
+    if not (missing or unexpected or wrong or bad_dtype):
+        return
+    parts = []
+    if wrong:
+        parts.append(f"{len(wrong)} tensor(s) do not match the config (the config in the metadata does not "
+                     f"describe these weights): {_head(wrong)}")
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_head(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_head(unexpected)}")
+    if bad_dtype:
+        parts.append(f"unsupported tensor dtypes (float32, bfloat16, float16 only): {_head(bad_dtype)}")
+    raise CheckpointError(f"{source} is not a valid Reducio-DiT checkpoint for its config "
+                          f"(depth {config.depth}, hidden {config.hidden_size}): " + "; ".join(parts))
+
+
+def _head(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def config_from_metadata(metadata: Mapping[str, str] | None, source: str = "checkpoint",
+                         keys=()) -> ReducioDiTConfig:
+    """The config stored in a checkpoint's metadata (raise a clear error if absent or malformed)."""
+    metadata = metadata or {}
+    if "config" not in metadata:
+        foreign = identify_foreign_checkpoint(keys, metadata)
+        if foreign:
+            raise CheckpointError(f"{source}: {foreign}")
+        raise CheckpointError(f"{source} has no Reducio-DiT config in its safetensors metadata; pass the config "
+                              "explicitly, or re-save the weights with reducio.dit.save_checkpoint")
+    fmt = metadata.get("format", FORMAT_NAME)
+    if fmt != FORMAT_NAME:
+        raise CheckpointError(f"{source} metadata says format {fmt!r}, expected {FORMAT_NAME!r}")
+    version = metadata.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{source} has Reducio-DiT format version {version!r}; this code reads version "
+                              f"{FORMAT_VERSION!r}")
+    try:
+        return ReducioDiTConfig.from_json(metadata["config"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{source}: the config in its metadata is invalid: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------- reading
+def read_checkpoint(path: str | os.PathLike, config: ReducioDiTConfig | None = None
+                    ) -> tuple[dict[str, torch.Tensor], ReducioDiTConfig]:
+    """Read and check a checkpoint; returns (state dict, config). ``config`` overrides the metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Reducio-DiT checkpoint not found: {path}")
+    if not path.endswith((".safetensors", ".sft")):
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(f"{path} is a pickled PyTorch file; Reducio-DiT checkpoints are safetensors only. "
+                                  f"If it is a PixArt-alpha checkpoint, {CONVERT_HINT}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}). If it is a PixArt-alpha "
+                              f"checkpoint, {CONVERT_HINT}") from exc
+    if config is None:
+        config = config_from_metadata(metadata, source=path, keys=state_dict.keys())
+    check_state_dict(state_dict, config, metadata, source=path)
+    return state_dict, config
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None, config: ReducioDiTConfig | None = None):
+    """Build a ``ReducioDiT`` from a checkpoint, strictly. ``dtype`` casts the weights (default: as stored
+    when all tensors share one dtype, else float32)."""
+    from .model import ReducioDiT
+
+    state_dict, config = read_checkpoint(path, config)
+    if dtype is None:
+        dtypes = {t.dtype for t in state_dict.values()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    model = ReducioDiT(config, device="meta")
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------- writing
+def save_checkpoint(model_or_state_dict, path: str | os.PathLike, config: ReducioDiTConfig | None = None,
+                    dtype: torch.dtype | None = None, extra_metadata: Mapping[str, str] | None = None) -> None:
+    """Write a checkpoint atomically (temporary file in the target folder, then rename)."""
+    from safetensors.torch import save_file
+
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        state_dict = model_or_state_dict.state_dict()
+        config = config or getattr(model_or_state_dict, "config", None)
+    else:
+        state_dict = dict(model_or_state_dict)
+    if config is None:
+        raise ValueError("save_checkpoint needs the model config (pass config=...)")
+    if dtype is not None and dtype not in ALLOWED_DTYPES:
+        raise ValueError(f"dtype must be one of {ALLOWED_DTYPES}, got {dtype}")
+    check_state_dict(state_dict, config, source="state dict to save")
+    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().to("cpu").contiguous()
+               for k, v in state_dict.items()}
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config.to_json()}
+    metadata.update(extra_metadata or {})
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """Config and parameter count of a checkpoint, for logs and node tooltips."""
+    state_dict, config = read_checkpoint(path)
+    return {"config": json.loads(config.to_json()), "parameters": sum(t.numel() for t in state_dict.values())}

@@ -1,0 +1,70 @@
+"""Turn an API-format prompt into the UI-format workflow the ComfyUI frontend saves.
+
+Used to produce (and, in tier 3, to check) the UI twins of the DiTFastAttn example workflows from
+their API files and the running server's /object_info, so both formats always describe the same
+graph with widget values in the positions the frontend expects.
+"""
+from __future__ import annotations
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def _ordered_inputs(info: dict) -> list[tuple[str, list]]:
+    order = info.get("input_order") or {}
+    out = []
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        names = order.get(section) or list(specs)
+        out += [(name, specs[name]) for name in names if name in specs]
+    return out
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
+
+
+def api_to_ui(prompt: dict, object_info: dict) -> dict:
+    ids = {node_id: i + 1 for i, node_id in enumerate(sorted(prompt, key=int))}
+    links, nodes = [], []
+    outputs_links: dict[tuple[int, int], list[int]] = {}
+    for node_id in sorted(prompt, key=int):
+        node = prompt[node_id]
+        info = object_info[node["class_type"]]
+        inputs, widgets = [], []
+        for name, spec in _ordered_inputs(info):
+            value = node["inputs"].get(name)
+            if _is_widget(spec):
+                if isinstance(value, list):
+                    raise ValueError(f"node {node_id}: widget {name} driven by a link is not supported")
+                widgets.append(value)
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if spec[0] == "INT" and (name in ("seed", "noise_seed") or opts.get("control_after_generate")):
+                    widgets.append("fixed")     # reproducible examples: never randomise the seed
+                continue
+            link_id = None
+            if isinstance(value, list):
+                link_id = len(links) + 1
+                src, slot = ids[value[0]], int(value[1])
+                src_type = object_info[prompt[value[0]]["class_type"]]["output"][slot]
+                links.append([link_id, src, slot, ids[node_id], len(inputs), src_type])
+                outputs_links.setdefault((src, slot), []).append(link_id)
+            inputs.append({"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": link_id})
+        nodes.append({"id": ids[node_id], "type": node["class_type"], "inputs": inputs, "widgets_values": widgets,
+                      "_info": info, "_title": node.get("_meta", {}).get("title")})
+    for order, node in enumerate(nodes):
+        info = node.pop("_info")
+        title = node.pop("_title")
+        node["outputs"] = [{"name": name, "type": kind, "links": outputs_links.get((node["id"], slot), []),
+                            "slot_index": slot}
+                           for slot, (name, kind) in enumerate(zip(info.get("output_name", info["output"]), info["output"]))]
+        column, row = divmod(order, 4)
+        node.update({"pos": [60 + 380 * column, 60 + 260 * row], "size": [340, 220], "flags": {}, "order": order,
+                     "mode": 0, "properties": {"Node name for S&R": node["type"]}})
+        if title:
+            node["title"] = title
+    ordered = [{k: n[k] for k in ("id", "type", "title", "pos", "size", "flags", "order", "mode", "inputs",
+                                  "outputs", "properties", "widgets_values") if k in n} for n in nodes]
+    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": ordered, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}

@@ -1,0 +1,80 @@
+"""Method map image, legend and text summary."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastattn.flops import AttentionShape
+from fastattn.plan import AST, ASC, FULL, WARS, WARS_ASC, Plan
+from fastattn.report import METHOD_STYLE, legend, legend_text, method_map, summarize
+
+GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+
+
+def _golden_plan(thr="0.15"):
+    raw = json.loads((GOLDEN / f"calib_dit_thr{thr}_plan.json").read_text())
+    return Plan.from_official(raw, {"threshold": float(thr), "window": [8, 8],
+                                    "token_grid": [8, 8], "architecture": "DiTTransformer2DModel"})
+
+
+def test_method_map_cells_have_method_colours():
+    plan = _golden_plan()
+    image = method_map(plan, cell=10, grid=1)
+    assert image.shape == (4 * 10, 10 * 10, 3) and image.dtype == np.float32
+    assert image.min() >= 0 and image.max() <= 1
+    for t in range(plan.num_steps):
+        for i in range(plan.num_layers):
+            centre = image[i * 10 + 4, t * 10 + 4]
+            assert np.allclose(centre, METHOD_STYLE[plan.method(t, i)][0])
+    # grid lines are dark
+    assert np.allclose(image[9, 5], (0.08, 0.08, 0.08))
+
+
+def test_method_colours_are_distinct():
+    colours = {style[0] for style in METHOD_STYLE.values()}
+    assert len(colours) == len(METHOD_STYLE)
+
+
+def test_head_wise_map():
+    plan = Plan([[[FULL, FULL]], [[AST, WARS]]], {"num_heads": 2}, granularity="head")
+    image = method_map(plan, cell=9, grid=1)
+    assert np.allclose(image[1, 10], METHOD_STYLE[AST][0])
+    assert np.allclose(image[6, 10], METHOD_STYLE[WARS][0])
+
+
+def test_huge_plan_map_stays_bounded():
+    plan = Plan([[FULL] * 4] + [[AST] * 4] * 4999)
+    image = method_map(plan, cell=12)
+    assert max(image.shape[:2]) <= 5000
+
+
+def test_legend():
+    entries = legend()
+    assert {e["method"] for e in entries} == set(METHOD_STYLE)
+    assert all(e["colour"].startswith("#") and len(e["colour"]) == 7 for e in entries)
+    text = legend_text(_golden_plan())
+    assert "WA-RS + ASC" in text and "ASC (share" not in text  # only the methods used
+
+
+def test_summary_text_and_bound():
+    plan = _golden_plan()
+    shape = AttentionShape(64, 4, 16, rows=2, window=(8, 8))
+    report = summarize(plan, shape, attention_share=0.3)
+    assert report.counts == {FULL: 5, AST: 32, WARS: 1, WARS_ASC: 2}
+    assert 0 < report.cost.core_fraction < report.cost.module_fraction < 1
+    assert report.speedup_bound_module == pytest.approx(
+        1 / (0.7 + 0.3 * report.cost.module_fraction))
+    assert "threshold 0.15" in report.text and "Amdahl" in report.text
+    assert "window covers 24.8%" in report.text
+    bare = summarize(Plan([[FULL], [ASC]]))
+    assert bare.cost is None and "full attention 1 (50.0%)" in bare.text
+
+
+def test_summary_takes_the_shape_from_metadata():
+    plan = _golden_plan().with_metadata(num_heads=4, head_dim=16, cfg_scale=4.0,
+                                        calibration_inputs=1)
+    report = summarize(plan)
+    explicit = summarize(plan, AttentionShape(64, 4, 16, rows=2, window=(8, 8)))
+    assert report.cost == explicit.cost and "core (QK^T, PV)" in report.text
