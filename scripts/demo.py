@@ -59,6 +59,17 @@ class Recipes:
         standins.write_all(self.server.models_dir, self.server.input_dir, self.shared / "golden",
                            self.comfy.install.root)
 
+    def prepare_ditfastattn(self) -> None:
+        if self.real_models:
+            return
+        import fastattn_tiny as tiny
+        from test_fastattn_workflows import MODEL_FILE
+
+        folder = self.server.models_dir / "diffusion_models"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / MODEL_FILE).exists():
+            tiny.write_diffusion_model_file(tiny.tiny_cosmos_predict2(seed=0), folder / MODEL_FILE)
+
     def adapt(self, name: str, prompt: dict) -> dict:
         if self.real_models:
             return prompt
@@ -66,6 +77,13 @@ class Recipes:
             import reducio_dit_standins as standins
 
             return standins.adapt_prompt_to_standins(prompt, steps=4)
+        if name.startswith("ditfastattn_"):
+            # The tests' small settings (size, steps) for a CPU; the graph itself is the shipped one.
+            from test_fastattn_workflows import COMMON_OVERRIDES, OVERRIDES
+
+            for overrides in (COMMON_OVERRIDES, OVERRIDES.get(name, {})):
+                for node_id, values in overrides.items():
+                    prompt[node_id]["inputs"].update(values)
         return prompt
 
     def before(self, name: str) -> None:
@@ -81,6 +99,8 @@ class Recipes:
                 shutil.copy(contents[-1], self.server.input_dir / "reducio_content.png")
         if name.startswith("reducio_dit_"):
             self.prepare_reducio_dit()
+        if name.startswith("ditfastattn_"):
+            self.prepare_ditfastattn()
 
 
 # Encode-to-file runs before decode-from-file; everything else in name order.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .._compat import io
 from ...fastattn.plan import RunSignature
-from .families import GENERIC, detect_family
+from .families import detect_family
 from .patcher import WindowConfig, apply_patch, remove_patch
 from .sampling import weights_fingerprint_of
 from .sockets import CATEGORY, DiTFastAttnPlan
@@ -20,13 +20,11 @@ def patch_model_with_plan(model, plan, *, allow_remap=False, ignore_model_mismat
     """The node's logic without the node (also used by tests and the bench)."""
     family = detect_family(model)
     ignore = ("weights_fingerprint", "architecture") if ignore_model_mismatch else ()
-    if family is not None and family is not GENERIC:
-        signature = RunSignature(num_layers=len(family.layer_names(model.model.diffusion_model)),
-                                 architecture=family.name,
-                                 weights_fingerprint=weights_fingerprint_of(model))
-        plan.check(signature, ignore=ignore)          # clear error now, not mid-sampling
-    else:
-        signature = None
+    if family is not None and family.tagging != "unsupported":
+        model_signature = RunSignature(num_layers=len(family.layer_names(model.model.diffusion_model)),
+                                       architecture=family.name,
+                                       weights_fingerprint=weights_fingerprint_of(model))
+        plan.check(model_signature, ignore=ignore)    # clear error now, not mid-sampling
     patched, _ = apply_patch(model, plan=plan, window=window_config_of(plan), allow_remap=allow_remap,
                              ignore=ignore, measure_time=measure_time,
                              signature=RunSignature(architecture=family.name if family else None))

@@ -7,7 +7,7 @@ from .._compat import io, ui
 from ...fastattn.calibration import OFFICIAL_CANDIDATES
 from ...fastattn.plan import ASC, AST, WARS, WARS_ASC
 from .calibrate import CalibrationSession
-from .families import GENERIC, detect_family
+from .families import detect_family
 from .patcher import WindowConfig, apply_patch
 from .plan_io_nodes import save_plan_to_folder
 from .report import method_map_image, plan_summary
@@ -32,14 +32,12 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
         name = type(getattr(model.model, "diffusion_model", None)).__name__
         reason = f" ({family.unsupported_reason})" if family is not None else ""
         raise ValueError(f"DiTFastAttn cannot calibrate {name}{reason}: supported families are Wan, "
-                         f"Flux/Chroma, SD3, HunyuanVideo, LTXV, Cosmos-Predict2 and models that "
-                         f"publish block_index (Reducio-DiT)")
+                         f"Flux/Chroma, SD3, HunyuanVideo, LTXV, Cosmos-Predict2 and Reducio-DiT")
     if not candidates:
         raise ValueError("no compression method is allowed: enable at least one of "
                          "allow_output_share, allow_window, allow_cfg_share")
     diffusion_model = model.model.diffusion_model
-    layer_names = family.layer_names(diffusion_model) if family is not GENERIC else \
-        [f"block.{i}" for i in range(_generic_block_count(diffusion_model))]
+    layer_names = family.layer_names(diffusion_model)
     session = CalibrationSession(layer_names, threshold, candidates, progress=progress,
                                  interrupted=interrupted)
     window = WindowConfig(shape=window_shape, fraction=float(window_fraction))
@@ -47,26 +45,17 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
     out = sample_latent(patched, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                         scheduler=scheduler, positive=positive, negative=negative, latent=latent,
                         denoise=denoise)
-    grid = None
-    if family is not GENERIC:
-        grid = family.token_grid(diffusion_model, out["samples"].shape)
+    grid = family.token_grid(diffusion_model, out["samples"].shape)
     image_tokens = 1
-    for g in grid or ():
+    for g in grid:
         image_tokens *= g
-    w = int(round(window.fraction * image_tokens)) if grid else None
+    w = int(round(window.fraction * image_tokens))
     plan = session.to_plan(
-        architecture=family.name, token_grid=tuple(grid) if grid else None,
-        weights_fingerprint=weights_fingerprint_of(model), window=(w, w) if w is not None else None,
+        architecture=family.name, token_grid=tuple(grid),
+        weights_fingerprint=weights_fingerprint_of(model), window=(w, w),
         extra={"window_shape": window.shape, "window_fraction": window.fraction,
                "scheduler": scheduler, "denoise": float(denoise), "seed": int(seed)})
     return plan, out, session
-
-
-def _generic_block_count(diffusion_model) -> int:
-    blocks = getattr(diffusion_model, "blocks", None)
-    if blocks is None:
-        raise ValueError("this model publishes block_index but has no .blocks list; cannot calibrate")
-    return len(blocks)
 
 
 class DiTFastAttnCalibrate(io.ComfyNode):
@@ -152,7 +141,6 @@ class DiTFastAttnCalibrate(io.ComfyNode):
             progress=lambda done, total: bar.update_absolute(min(done, total), total),
             interrupted=comfy.model_management.throw_exception_if_processing_interrupted)
         saved = save_plan_to_folder(plan, filename_prefix) if filename_prefix.strip() else None
-        run_report = session.finished_run
         text = plan_summary(plan)
         text += f"\ncalibration: {session.search.forward_count} trial evaluations over {plan.num_steps} denoiser evaluations"
         if saved:

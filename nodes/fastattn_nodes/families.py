@@ -135,6 +135,15 @@ FAMILIES: tuple[Family, ...] = (
         patch_size=lambda dm: (1, 1, 1),
     ),
     Family(
+        # The pack's own Reducio-DiT: honours patches_replace and calls self-attention first in
+        # each block (it also sets block_index / attn_kind, which the override double-checks).
+        name="reducio_dit",
+        class_names=("ComfyReducioDiT",),
+        block_groups=(BlockGroup("blocks", "double_block", "block"),),
+        text_position=TEXT_NONE,
+        patch_size=lambda dm: tuple(int(p) for p in dm.config.patch_size),
+    ),
+    Family(
         # Cosmos-Predict2 (text-to-image and video): each block makes exactly two attention
         # calls, self then cross, and publishes no layer index (spec 15.6: "count calls").
         name="cosmos_predict2",
@@ -161,19 +170,6 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
-# Models that publish ``block_index`` themselves and call ``optimized_attention`` with
-# ``transformer_options`` (Reducio-DiT, Kandinsky5, Lumina...) are handled generically: layer
-# names come from ``block_type``/``block_index`` and self-attention from ``attn_kind`` or from
-# equal query/key lengths. See :data:`GENERIC`.
-GENERIC = Family(
-    name="generic_block_index",
-    class_names=(),
-    block_groups=(),
-    text_position=TEXT_NONE,
-    tagging="block_index",
-)
-
-
 def detect_family(model_patcher) -> Optional[Family]:
     """The family of a ModelPatcher's diffusion model, or None when we do not know it."""
     diffusion_model = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
@@ -183,13 +179,11 @@ def detect_family(model_patcher) -> Optional[Family]:
     for family in FAMILIES:
         if class_name in family.class_names:
             return family
-    if getattr(diffusion_model, "dfa_generic_attention", False) or class_name in ("ReducioDiT",):
-        return GENERIC
     return None
 
 
 def family_by_name(name: str) -> Optional[Family]:
-    for family in FAMILIES + (GENERIC,):
+    for family in FAMILIES:
         if family.name == name:
             return family
     return None

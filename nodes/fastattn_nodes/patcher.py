@@ -18,14 +18,14 @@ import dataclasses
 import logging
 import math
 import threading
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ...fastattn.methods import parse_method, residual_needed
+from ...fastattn.methods import residual_needed
 from ...fastattn.plan import Plan, PlanMismatchError, RunSignature
 from ...fastattn.windows import grid_window_fraction, window_1d_fraction
-from .families import GENERIC, Family, detect_family
+from .families import Family, detect_family
 from .run_state import FULL, RunState
 
 log = logging.getLogger("reducio_fastattn.ditfastattn")
@@ -147,7 +147,7 @@ def _check_run_against_plan(spec: PatchSpec, sampler, sigmas, cfg, latent_shape,
     """Raise PlanMismatchError (clear message) or return the StepMap for this run."""
     plan = spec.plan
     meta = plan.metadata
-    grid = spec.family.token_grid(diffusion_model, latent_shape) if spec.family is not GENERIC else None
+    grid = spec.family.token_grid(diffusion_model, latent_shape)
     signature = dataclasses.replace(
         spec.signature or RunSignature(),
         token_grid=grid,
@@ -204,6 +204,9 @@ def _make_override(spec_holder: list):
             return passthrough()
         layer, layout, heads, prefix, suffix, grid = site
         q, k, v = args[0], args[1], args[2]
+        if layout == "blc":
+            # SD3/MMDiT hands v over as [B, L, heads, dim]; ComfyUI's backends flatten it anyway.
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], -1) if t.ndim == 4 else t for t in (q, k, v))
         skip_output_reshape = kwargs.get("skip_output_reshape", False)
         base_kwargs = {key: value for key, value in kwargs.items() if key not in ("skip_output_reshape",)}
         rest = args[3:]              # heads (when positional), mask, ...
@@ -223,6 +226,7 @@ def _make_override(spec_holder: list):
         except PlanMismatchError:
             raise
         except Exception as exc:   # never take a user's run down because of an unexpected layout
+            run.skipped_calls += 1
             if (layer, type(exc)) not in warned:
                 warned.add((layer, type(exc)))
                 log.warning("DiTFastAttn: layer %s left uncompressed after an error: %s", layer, exc)
@@ -239,7 +243,6 @@ def _classify_call(spec: PatchSpec, options, args, kwargs):
     """Return (layer, layout, heads, prefix, suffix, grid) for a compressible self-attention
     call, or None to leave the call alone."""
     family = spec.family
-    counted_layer = None
     if family.tagging == "count":
         # Every attention call of the model call counts, also the ones we leave alone.
         n = options.get(COUNT_KEY)
@@ -248,7 +251,17 @@ def _classify_call(spec: PatchSpec, options, args, kwargs):
         options[COUNT_KEY] = n + 1
         if n % family.calls_per_block != family.self_attention_call:
             return None
-        counted_layer = f"{family.block_groups[0].layer_prefix}.{n // family.calls_per_block}"
+        layer = f"{family.block_groups[0].layer_prefix}.{n // family.calls_per_block}"
+    else:
+        layer = options.get(LAYER_KEY)
+        if layer is None:
+            return None                  # e.g. HunyuanVideo's text refiner before the blocks
+        call_index = options.get(CALL_KEY, 0)
+        options[CALL_KEY] = call_index + 1
+        if call_index != family.self_attention_call:
+            return None
+    if layer not in spec.layer_index:
+        return None
     if len(args) < 3:
         return None
     q, k = args[0], args[1]
@@ -262,26 +275,8 @@ def _classify_call(spec: PatchSpec, options, args, kwargs):
     seq_axis = 2 if skip_reshape else 1
     if q.shape[seq_axis] != k.shape[seq_axis] or q.shape[0] != k.shape[0]:
         return None                      # cross-attention (or an exotic call): untouched
-
-    if counted_layer is not None:
-        layer = counted_layer
-        if layer not in spec.layer_index:
-            return None
-    elif family.tagging == "block_index":
-        if options.get("attn_kind", "self") != "self" or options.get("block_index") is None:
-            return None
-        layer = f"{options.get('block_type') or 'block'}.{options['block_index']}"
-        if layer not in spec.layer_index and spec.calibration is None:
-            return None
-        call_index = 0
-    else:
-        layer = options.get(LAYER_KEY)
-        if layer is None:
-            return None                  # e.g. HunyuanVideo's text refiner before the blocks
-        call_index = options.get(CALL_KEY, 0)
-        options[CALL_KEY] = call_index + 1
-        if call_index != family.self_attention_call:
-            return None
+    if options.get("attn_kind", "self") != "self":
+        return None                      # models that label their calls (Reducio-DiT)
     geometry = options.get(GEOMETRY_KEY)
     grid, context_len = geometry if geometry is not None else (None, None)
     seq_len = q.shape[seq_axis]
@@ -319,8 +314,7 @@ def _make_outer_sample_wrapper(spec: PatchSpec):
             method_for, needs_residual = _plan_lookup(spec, step_map)
         run = RunState(method_for=method_for, window_for=spec.window.factory(),
                        needs_residual=needs_residual, measure_time=spec.measure_time)
-        run.token_grid = (spec.family.token_grid(diffusion_model, noise.shape)
-                          if spec.family is not GENERIC else None)
+        run.token_grid = spec.family.token_grid(diffusion_model, noise.shape)
         options[RUN_KEY] = run
         if spec.calibration is not None:
             spec.calibration.attach(run)
@@ -394,7 +388,7 @@ def _make_apply_model_wrapper(spec: PatchSpec):
         x = args[0]
         context = args[3] if len(args) > 3 else kwargs.get("c_crossattn")
         options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-        if isinstance(options, dict) and options.get(RUN_KEY) is not None and spec.family is not GENERIC:
+        if isinstance(options, dict) and options.get(RUN_KEY) is not None:
             diffusion_model = executor.class_obj.diffusion_model
             grid = spec.family.token_grid(diffusion_model, x.shape)
             context_len = context.shape[1] if torch.is_tensor(context) and context.ndim == 3 else None
@@ -451,12 +445,10 @@ def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = W
         return clone, None
     diffusion_model = model_patcher.model.diffusion_model
     layer_names = family.layer_names(diffusion_model)
-    if plan is not None and family is not GENERIC and plan.num_layers != len(layer_names):
+    if plan is not None and plan.num_layers != len(layer_names):
         raise PlanMismatchError(
             [f"layers: plan has {plan.num_layers}, this {family.name} model has {len(layer_names)}"],
             ["calibrate a plan for this model with DiTFastAttnCalibrate"])
-    if plan is not None and family is GENERIC:
-        layer_names = list(plan.metadata.layer_names or [f"block.{i}" for i in range(plan.num_layers)])
 
     options = clone.model_options.setdefault("transformer_options", {})
     old = options.get(SPEC_KEY)

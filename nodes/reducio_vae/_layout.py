@@ -105,8 +105,8 @@ def fit_frame_count(frames: torch.Tensor, handling: str, clip_frames: int = 16) 
         fix += f" ('{FRAMES_TRIM}' needs at least {clip_frames} frames)"
     raise ReducioInputError(
         f"got {count} frames, but Reducio encodes clips of exactly {clip_frames} frames (1 s at 16 fps), so the "
-        f"frame count must be a multiple of {clip_frames}. Fix: {fix}; or select the frames yourself, e.g. with "
-        "'Get Image or Mask Range From Batch' or Load Video's frame options.")
+        f"frame count must be a multiple of {clip_frames}. Fix: {fix}; or select the frames yourself with the "
+        "core ImageFromBatch node (batch_index, length).")
 
 
 def frames_to_video(frames: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ process itself (~0.4 GiB on CPU, the CUDA context on GPU) is not included.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 

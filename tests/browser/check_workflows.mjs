@@ -23,7 +23,7 @@ const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 function visibleOverlays() {
   const texts = (selector) => [...document.querySelectorAll(selector)]
     .filter((el) => el.offsetParent !== null || el.getClientRects().length > 0)
-    .map((el) => el.innerText.trim().replace(/\s+/g, ' ').slice(0, 600))
+    .map((el) => el.innerText.trim().replace(/\s+/g, ' ').slice(0, 8000))
     .filter(Boolean);
   return { dialogs: texts('.p-dialog'), toasts: texts('.p-toast-message') };
 }
@@ -96,6 +96,9 @@ async function loadAndInspect({ text, name }) {
     type: node.type,
     title: node.title,
     has_errors: !!node.has_errors,
+    // Bounding box on the canvas as drawn, title bar included (for the overlap check).
+    bounds: [node.pos[0], node.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT,
+             node.size[0], node.size[1] + window.LiteGraph.NODE_TITLE_HEIGHT],
     widgets: (node.widgets || []).map((w) => ({
       name: w.name, type: w.type, value: w.value === undefined ? null : w.value,
       serialize: w.options?.serialize !== false && w.serialize !== false,
@@ -148,9 +151,15 @@ async function main() {
     await closeOverlays(page);
     result.template_browser.page_errors = pageErrors;
     result.frontend_version = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+    result.title_height = await page.evaluate(() => window.LiteGraph.NODE_TITLE_HEIGHT);
     result.registered_node_type_count = await page.evaluate(
       () => Object.keys(window.LiteGraph.registered_node_types).length);
     result.startup_console_errors = consoleErrors;
+    if (config.screenshot_dir) {
+      // Screenshots of whole graphs are taken zoomed out: keep node text (level-of-detail off).
+      await page.evaluate(() => window.app.extensionManager?.setting?.set('LiteGraph.Canvas.MinFontSizeForLOD', 0))
+        .catch(() => {});
+    }
 
     // The template browser's data source, fetched by the page itself.
     result.templates = await page.evaluate(async ({ pack, names }) => {

@@ -62,7 +62,12 @@ def tiny_sd3(seed=0, depth=2):
                                                            "params": {"in_features": 32, "out_features": 64 * depth}},
                num_patches=256, pos_embed_max_size=16, pos_embed_scaling_factor=None,
                x_block_self_attn_layers=[])
-    return _finish(comfy.supported_models.SD3(cfg), seed)
+    patcher = _finish(comfy.supported_models.SD3(cfg), seed)
+    # pos_embed is a buffer that comfy ops leave uninitialised (real checkpoints carry it)
+    generator = torch.Generator().manual_seed(seed + 1)
+    pos_embed = patcher.model.diffusion_model.pos_embed
+    pos_embed.copy_(torch.randn(pos_embed.shape, generator=generator) * 0.02)
+    return patcher
 
 
 def tiny_hunyuan_video(seed=0):

@@ -198,3 +198,21 @@ def test_remap_by_noise_level_when_allowed(fa, wan, wan_plan):
     assert torch.isfinite(out).all()
     report = fa.patcher.installed_spec(patched).sink.last
     assert report.evaluations == 6 and report.flops_kept < 1.0
+
+
+def test_compare_and_report_nodes(fa, wan, wan_plan, comfy):
+    patched = fa.apply(wan, wan_plan[0])
+    patched_latent, full_latent, text = comfy.execute(
+        "DiTFastAttnCompare", model=patched, positive=WAN_POS, negative=WAN_NEG,
+        latent_image=tiny.video_latent(), seed=0, steps=4, cfg=2.0, sampler_name="euler",
+        scheduler="simple", denoise=1.0)
+    assert torch.equal(patched_latent["samples"], wan_plan[1])
+    assert torch.equal(full_latent["samples"], fa.sample(wan, WAN_POS, WAN_NEG, tiny.video_latent()))
+    assert "latent PSNR" in text and "attention FLOPs kept" in text
+    report, report_json = comfy.execute("DiTFastAttnReport", model=patched, samples=patched_latent)
+    import json
+
+    data = json.loads(report_json)
+    assert data["evaluations"] == 4 and 0 < data["flops_kept"] < 1 and report.startswith("DiTFastAttn (wan")
+    (unpatched_report, _) = comfy.execute("DiTFastAttnReport", model=wan, samples=patched_latent)
+    assert "not patched" in unpatched_report

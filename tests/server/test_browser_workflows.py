@@ -103,18 +103,18 @@ def _missing_combo_values(server, prompts: list[dict]) -> list[tuple[str, str, s
 
 def _write_placeholders(server, prompts: list[dict]) -> list[Path]:
     """Create empty files with the names the workflows use, where the server lists them, so the
-    combo widgets offer those names (as for a user who has downloaded the models). Returns what was
+    combo widgets offer those names (as for a user who has downloaded the models). Returns the files
     created, to remove afterwards: other tests write real tiny models under these names."""
     created: list[Path] = []
 
     def create(path: Path) -> bool:
         if path.exists():
             return False
-        new_dirs = [p for p in reversed(path.parents) if not p.exists()]
+        # Folders made here stay (empty): ComfyUI's file-list cache stats every folder it listed,
+        # and /object_info then fails for the nodes using one that disappeared.
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         created.append(path)
-        created.extend(reversed(new_dirs))  # removed after the file, deepest first
         return True
 
     def offered(node_class: str, name: str, value: str) -> bool:
@@ -139,18 +139,13 @@ def _write_placeholders(server, prompts: list[dict]) -> list[Path]:
                 continue
             if offered(node_class, name, value):
                 break
-            start = created.index(path)   # the file, then the folders made for it, deepest first
-            _remove(created[start:])
-            del created[start:]
+            _remove([created.pop()])
     return created
 
 
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            path.rmdir() if path.is_dir() else path.unlink()
-        except OSError:
-            pass
+def _remove(files: list[Path]) -> None:
+    for path in files:
+        path.unlink(missing_ok=True)
 
 
 # -- the browser run -----------------------------------------------------------------------------
@@ -188,7 +183,8 @@ def browser_run(browser_tools, comfy_server, tmp_path_factory) -> dict:
     result["control"] = control
     result["work_dir"] = str(work)
     print(f"\n[browser] {result['browser']} frontend {result['frontend_version']} ready in "
-          f"{result['page_ready_s']}s; screenshots in {screenshots}")
+          f"{result['page_ready_s']}s; screenshots in {screenshots}; placeholder files: "
+          f"{[str(p.relative_to(comfy_server.base_dir)) for p in placeholders]}")
     return result
 
 
@@ -403,3 +399,32 @@ def test_frontend_prompt_equals_api_twin(browser_run, path):
     assert record["prompt_error"] is None, f"{path.name}: app.graphToPrompt raised: {record['prompt_error']}"
     problems = _prompt_differences(twin_path.name, record["prompt"], load(twin_path))
     assert not problems, "\n".join(problems)
+
+
+OVERLAP_TOLERANCE_PX = 8   # touching edges and rounding are fine; a hidden title bar or widget is not
+
+
+@pytest.mark.parametrize("path", ui_workflows(), ids=lambda p: p.name)
+def test_nodes_do_not_overlap(browser_run, path):
+    """Nodes as the frontend draws them (title bar included, after it grew nodes to fit their widgets)
+    must not cover each other: an example workflow is read on screen."""
+    record = _record(browser_run, path)
+    in_file = {n["id"]: n for n in load(path)["nodes"]}
+    nodes = record["nodes"]
+    problems = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            ax, ay, aw, ah = a["bounds"]
+            bx, by, bw, bh = b["bounds"]
+            overlap_x = min(ax + aw, bx + bw) - max(ax, bx)
+            overlap_y = min(ay + ah, by + bh) - max(ay, by)
+            if overlap_x > OVERLAP_TOLERANCE_PX and overlap_y > OVERLAP_TOLERANCE_PX:
+                detail = "; ".join(
+                    f"{_node_label(n)} at pos {in_file.get(n['id'], {}).get('pos')} size in file "
+                    f"{in_file.get(n['id'], {}).get('size')}, drawn {[round(v) for v in n['bounds'][2:]]} "
+                    "(with title bar)" for n in (a, b))
+                problems.append(f"{path.name}: nodes {a['id']} and {b['id']} overlap by {round(overlap_x)} x "
+                                f"{round(overlap_y)} px in the web UI: {detail}")
+    assert not problems, "\n".join(problems) + (
+        "\nMove the nodes apart in the file (the frontend widens a node to fit its widgets, and draws a "
+        f"{browser_run.get('title_height', 30)} px title bar above `pos`).")
