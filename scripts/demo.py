@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests" / "harness"), str(REPO / "tests" / "server"), str(REPO / "tests" / "comfy")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "harness"), str(REPO / "tests" / "server"), str(REPO / "tests" / "comfy")]
 
 from harness_comfyui import InProcessComfy, locate_comfyui  # noqa: E402
 from harness_server import ComfyServer, PromptFailed  # noqa: E402
