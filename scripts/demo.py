@@ -22,7 +22,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "harness"), str(REPO / "tests" /
 
 from harness_comfyui import InProcessComfy, locate_comfyui  # noqa: E402
 from harness_server import ComfyServer, PromptFailed  # noqa: E402
-from harness_workflows import WORKFLOWS_DIR, load  # noqa: E402
+from harness_workflows import API_DIR, load  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ ORDER_FIRST = ["reducio_vae_roundtrip", "reducio_vae_encode_to_latent", "reducio
 
 
 def workflow_names() -> list[str]:
-    names = sorted(p.name[: -len(".api.json")] for p in WORKFLOWS_DIR.glob("*.api.json"))
+    names = sorted(p.stem for p in API_DIR.glob("*.json"))
     return [n for n in ORDER_FIRST if n in names] + [n for n in names if n not in ORDER_FIRST]
 
 
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, help="a ComfyUI models folder with real weights")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output", help="where the outputs are copied")
-    parser.add_argument("--only", nargs="*", help="run only these workflows (names without .api.json)")
+    parser.add_argument("--only", nargs="*", help="run only these workflows (file names in workflows/api without .json)")
     args = parser.parse_args(argv)
 
     install = locate_comfyui()
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
             if args.only and name not in args.only:
                 continue
             recipes.before(name)
-            prompt = recipes.adapt(name, load(WORKFLOWS_DIR / f"{name}.api.json"))
+            prompt = recipes.adapt(name, load(API_DIR / f"{name}.json"))
             started = time.time()
             try:
                 entry = server.run_prompt(prompt, timeout=1800)
