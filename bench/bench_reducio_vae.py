@@ -58,12 +58,35 @@ def _stats(t):
             "first": t.flatten()[:8].tolist()}
 
 
+CALIBRATION_SHAPE = (1, 128, 16, 64, 64)  # a level-2-sized 3x3x3 conv, the model's dominant op
+
+
+def conv_gflops(threads: int, repeats: int = 3) -> float:
+    """FLOP rate of one plain float32 Conv3d 128->128 k3 right now: a same-process gauge of how much
+    CPU the phase actually got (the machine is shared), so model efficiency can be compared."""
+    import torch
+
+    torch.set_num_threads(threads)
+    conv = torch.nn.Conv3d(128, 128, 3, padding=1)
+    x = torch.randn(CALIBRATION_SHAPE)
+    b, c, t, h, w = CALIBRATION_SHAPE
+    flops = 2 * c * 128 * 27 * t * h * w
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
 def _phase(name: str, threads: int, queue) -> None:
     """Runs in a child process; puts a dict of measurements on the queue."""
     import torch
 
     model = _build(threads)
-    result = {"phase": name, "threads": threads, "rss_after_build_mib": _rss_mib()}
+    result = {"phase": name, "threads": threads, "rss_after_build_mib": _rss_mib(),
+              "conv_gflops_before": conv_gflops(threads)}
     with torch.no_grad():
         if name.startswith("encode"):
             size = int(name[len("encode"):])
@@ -112,6 +135,7 @@ def _phase(name: str, threads: int, queue) -> None:
         else:
             raise ValueError(f"unknown phase {name}")
     result["peak_rss_mib"] = _rss_mib()
+    result["conv_gflops_after"] = conv_gflops(threads)
     queue.put(result)
 
 
@@ -173,9 +197,14 @@ def summarize(measured: dict, flops: dict, official: dict) -> dict:
     rows = []
     throughput = {}
 
-    def add(label, op, seconds, how, flop, official_s=None):
+    def add(label, op, seconds, how, flop, official_s=None, gauge=None):
         rows.append({"case": label, "op": op, "seconds": seconds, "how": how, "tflop": flop / 1e12,
-                     "official_s": official_s, "ratio_vs_official": (seconds / official_s) if official_s else None})
+                     "official_s": official_s, "ratio_vs_official": (seconds / official_s) if official_s else None,
+                     "efficiency_vs_plain_conv": (flop / seconds / 1e9 / gauge) if gauge else None})
+
+    def gauge_of(res):
+        values = [res[k] for k in ("conv_gflops_before", "conv_gflops_after") if k in res]
+        return sum(values) / len(values) if values else None
 
     for phase, res in measured.items():
         if phase.startswith("encode"):
@@ -185,24 +214,24 @@ def summarize(measured: dict, flops: dict, official: dict) -> dict:
                 throughput["encode_2d"] = f["encode_2d"] / res["encode_2d_s"]
                 throughput["encode_3d"] = f["encode_3d"] / res["encode_3d_s"]
                 add(f"16x{size}x{size}", "encode_2d", res["encode_2d_s"], "measured", f["encode_2d"],
-                    official["encode_2d"] if size == "256" else None)
+                    official["encode_2d"] if size == "256" else None, gauge_of(res))
                 add(f"16x{size}x{size}", "encode_3d", res["encode_3d_s"], "measured", f["encode_3d"],
-                    official["encode_3d"] if size == "256" else None)
+                    official["encode_3d"] if size == "256" else None, gauge_of(res))
         if phase.startswith("decode"):
             size = phase[len("decode"):]
             f = flops.get(size)
             if f:
                 throughput["decoder"] = f["decoder"] / res["decoder_s"]
                 add(f"16x{size}x{size}", "decoder", res["decoder_s"], "measured", f["decoder"],
-                    official["decode"] if size == "256" else None)
+                    official["decode"] if size == "256" else None, gauge_of(res))
         if phase == "tileenc":
             f = flops["320"]
             throughput.setdefault("encode_3d", f["encode_3d"] / res["encode_3d_s"])
-            add("one 320x320 tile", "encode_3d", res["encode_3d_s"], "measured", f["encode_3d"])
+            add("one 320x320 tile", "encode_3d", res["encode_3d_s"], "measured", f["encode_3d"], gauge=gauge_of(res))
         if phase == "tiledec":
             f = flops["320"]
             throughput.setdefault("decoder", f["decoder"] / res["decoder_s"])
-            add("one 320x320 tile", "decoder", res["decoder_s"], "measured", f["decoder"])
+            add("one 320x320 tile", "decoder", res["decoder_s"], "measured", f["decoder"], gauge=gauge_of(res))
     measured_cases = {(r["case"], r["op"]) for r in rows}
     for size_key, label in (("256", "16x256x256"), ("1024_tiled", "16x1024x1024 tiled (4x4 tiles)")):
         for op, official_key in (("encode_2d", "encode_2d"), ("encode_3d", "encode_3d"), ("decoder", "decode")):
@@ -223,21 +252,29 @@ def write_markdown(report: dict) -> None:
              "Absolute CPU times are not meaningful for GPU use; compare ratios to the official CPU figures "
              "(spec section 10: encode_2d 4.4 s, encode_3d 131 s, decode 480 s, 2 threads on a shared "
              "machine). Each measured phase ran in its own process.", "",
-             "## Time", "", "| case | op | seconds | how | TFLOP | official s | ours / official |",
-             "|---|---|---|---|---|---|---|"]
+             "## Time", "",
+             "*efficiency* = the model's FLOP rate / the FLOP rate of one plain float32 Conv3d 128->128 k3 at "
+             "16x64x64 measured in the same process just before and after the phase (a gauge of how much CPU "
+             "the phase got on the shared machine; 1.0 = as fast as the bare convolution).", "",
+             "| case | op | seconds | how | TFLOP | efficiency | official s | ours / official |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["summary"]["rows"]:
         official = f"{r['official_s']:.1f}" if r["official_s"] else "-"
         ratio = f"{r['ratio_vs_official']:.2f}" if r["ratio_vs_official"] else "-"
+        eff = f"{r['efficiency_vs_plain_conv']:.2f}" if r.get("efficiency_vs_plain_conv") else "-"
         lines.append(f"| {r['case']} | {r['op']} | {r['seconds']:.1f} | {r['how']} | {r['tflop']:.2f} | "
-                     f"{official} | {ratio} |")
+                     f"{eff} | {official} | {ratio} |")
     lines += ["", "Measured throughput (GFLOP/s): " + ", ".join(
         f"{k} {v:.0f}" for k, v in report["summary"]["throughput_gflops"].items()), "",
+        "Plain Conv3d gauge (GFLOP/s, before / after each phase): " + ", ".join(
+            f"{p} {r.get('conv_gflops_before', float('nan')):.0f} / {r.get('conv_gflops_after', float('nan')):.0f}"
+            for p, r in report["measured"].items()), "",
         "## Peak memory (RSS of the phase's own process)", "",
-        "| phase | RSS after building the model (MiB) | peak RSS (MiB) | peak - build (MiB) |",
-        "|---|---|---|---|"]
+        "| phase | RSS after building the model (MiB) | peak RSS (MiB) | peak - build (MiB) | load average after |",
+        "|---|---|---|---|---|"]
     for phase, res in report["measured"].items():
         lines.append(f"| {phase} | {res['rss_after_build_mib']:.0f} | {res['peak_rss_mib']:.0f} | "
-                     f"{res['peak_rss_mib'] - res['rss_after_build_mib']:.0f} |")
+                     f"{res['peak_rss_mib'] - res['rss_after_build_mib']:.0f} | {res['load_average_after'][0]:.1f} |")
     lines += ["", "Official (spec, fp32 CPU, 16x256x256): 2035 MiB before the forward, 4183 MiB after encode, "
               "6236 MiB after decode.", "", "`estimate_memory` (weights + activations, process overhead "
               "excluded), MiB:", ""]
@@ -271,12 +308,18 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS_JSON.name} and {RESULTS_MD.name}")
     parser.add_argument("--notes", action="append", default=[], help="extra note for the markdown report")
+    parser.add_argument("--reuse", action="store_true",
+                        help=f"start from the phases already in {RESULTS_JSON.name} (re-measure only --phases)")
     args = parser.parse_args(argv)
 
     import torch
 
     report = {"threads": args.threads, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "load_average_before": os.getloadavg(), "measured": {}}
+    if args.reuse and RESULTS_JSON.is_file():
+        previous = json.loads(RESULTS_JSON.read_text())
+        report["measured"] = previous.get("measured", {})
+        report["load_average_before"] = previous.get("load_average_before", report["load_average_before"])
     official = json.loads((GOLDEN / "full_ft4_spotcheck.json").read_text())["seconds"]
     for phase in [p for p in args.phases.split(",") if p]:
         print(f"measuring {phase} ...", flush=True)

@@ -37,6 +37,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from .methods import residual_needed
 from .plan import AST, ASC, FULL, WA_NO_RESIDUAL, WARS, WARS_ASC, Plan
 
 WindowLike = Any  # (left, right) per-side token counts, or an object with kept_pairs(seq_len)
@@ -105,19 +106,9 @@ class AttentionShape:
 
 def residual_steps(layer_methods: Sequence[str]) -> list[bool]:
     """Which full steps store a residual at inference: a WA-RS step follows before the next
-    full step (the official ``need_compute_residual``, derived from the plan)."""
-    needed = []
-    for t, method in enumerate(layer_methods):
-        need = False
-        if method in (FULL, ASC):
-            for later in layer_methods[t + 1:]:
-                if later in (WARS, WARS_ASC):
-                    need = True
-                    break
-                if later in (FULL, ASC):
-                    break
-        needed.append(need)
-    return needed
+    full step (the official ``need_compute_residual``). The runtime's own rule is reused so
+    the accounting counts exactly the window passes that inference runs."""
+    return residual_needed(layer_methods)
 
 
 @dataclasses.dataclass(frozen=True)

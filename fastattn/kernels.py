@@ -108,9 +108,9 @@ def default_block_size(window, seq_len: int) -> int:
 
     For a 1-D band of reach r per side, a block of b queries touches b + 2r keys of
     which ~2r + 1 are used per row: small blocks waste little but multiply the SDPA
-    calls. A quarter of the reach (64..512) measured best on CPU at 2k-16k tokens
-    (see bench/fastattn_kernels_results.md).
-    Grid windows use whole image rows (multiples of the grid width)."""
+    calls. A quarter of the per-side reach (clamped to 64..512) measured best on CPU at
+    2k-16k tokens (see bench/fastattn_kernels_results.md). For a GridWindow (used only
+    when contiguous blocks are requested instead of grid tiles): whole image rows."""
     if isinstance(window, GridWindow):
         width = window.grid3[2]
         rows = max(1, 256 // width)
@@ -352,11 +352,6 @@ def window_attention(q, k, v, window, backend: str = "auto", block_size: Optiona
     return flash_window_attention(q, k, v, window)
 
 
-def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, kept_fraction: float = 1.0) -> float:
-    """Multiply-accumulates of QK^T and PV for `kept_fraction` of the pairs (core only)."""
-    return 2.0 * batch * heads * seq_len * seq_len * head_dim * kept_fraction
-
-
 __all__ = [
     "LAYOUTS",
     "BACKENDS",
@@ -371,7 +366,6 @@ __all__ = [
     "available_backends",
     "choose_backend",
     "default_block_size",
-    "attention_flops",
     "flex_attention_available",
     "flash_attn_available",
 ]

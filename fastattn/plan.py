@@ -453,8 +453,15 @@ def parse_json_text(text: str | bytes) -> Any:
     try:
         return json.loads(text, parse_constant=_reject_constant,
                           object_pairs_hook=_no_duplicate_keys)
+    except PlanFormatError:
+        raise
     except json.JSONDecodeError as exc:
         raise PlanFormatError(f"invalid DiTFastAttn plan: not valid JSON ({exc})") from None
+    except ValueError:
+        # Python refuses integer literals longer than sys.get_int_max_str_digits() (4300)
+        # with a ValueError whose advice (raise the limit) is wrong for an untrusted file.
+        raise PlanFormatError("invalid DiTFastAttn plan: a JSON number has thousands of digits; "
+                              "plans hold small counts and window sizes") from None
     except RecursionError:
         raise PlanFormatError("invalid DiTFastAttn plan: JSON nested too deeply") from None
 

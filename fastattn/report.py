@@ -89,7 +89,16 @@ def _percent(x: float) -> str:
 
 def summarize(plan: Plan, shape: AttentionShape | None = None,
               attention_share: float | None = None) -> PlanReport:
-    """Counts, corrected cost figures and (with a measured attention share) a speed bound."""
+    """Counts, corrected cost figures and (with a measured attention share) a speed bound.
+
+    Without ``shape``, the shape recorded in the plan's metadata is used when complete
+    (token grid, heads, head dim, window); otherwise the cost lines are left out.
+    """
+    if shape is None and plan.granularity == "layer":
+        try:
+            shape = AttentionShape.from_plan(plan)
+        except ValueError:
+            shape = None
     counts = plan.method_counts()
     total = sum(counts.values())
     meta = plan.metadata

@@ -181,7 +181,8 @@ class FastAttnRuntime:
         (the official lookahead); None computes it at every full step (always correct,
         costs one extra window attention per full step).
     cache_output(step, layer) -> bool: whether to keep this step's output for a later
-        AST step; None keeps it always.
+        AST step; None keeps it always. False leaves the existing cache untouched (the
+        official `need_cache_output=False`, used by calibration trials).
     state: the caches of this run (created if omitted; `reset()` between runs).
     official_asc_residual: under ASC, add the FIRST b rows of the cached residual like
         the official code (True, golden-data compatible), or the rows of the kept half.
@@ -224,9 +225,15 @@ class FastAttnRuntime:
     def reset(self) -> None:
         self.state.reset()
 
-    def method_at(self, step: int, layer: Hashable) -> Method:
+    def method_at(self, step: int, layer: Hashable):
+        """The plan entry: one Method, or a tuple of Methods (one per head) for head-wise plans."""
         try:
-            return parse_method(self.methods_for(step, layer))
+            entry = self.methods_for(step, layer)
+            if isinstance(entry, (list, tuple)):
+                if not entry:
+                    raise ValueError("a head-wise plan entry must list one method per head")
+                return tuple(parse_method(m) for m in entry)
+            return parse_method(entry)
         except (ValueError, TypeError) as error:
             raise type(error)(f"plan entry for step {step}, layer {layer!r}: {error}") from None
 
@@ -263,11 +270,25 @@ class FastAttnRuntime:
         out_shape = (batch, n_heads, seq_len, vh.shape[-1])
         cache_key = (layer, rows.labels if rows is not None else None)
         cache = self.state.layer(cache_key)
+        info = CallInfo(layer, step, seq_len, tuple(token_grid) if token_grid else None, prefix_tokens, suffix_tokens)
+        if isinstance(method, tuple):
+            uniform = len(set(method)) == 1 and len(method) == n_heads
+            # WA-RS stays head-wise: only that path checks the per-head residual validity
+            if uniform and not (method[0].window and method[0].residual) and self._uniform_windows(info):
+                method = method[0]  # every head alike: the layer-wise path (caller's backend, exact)
+            else:
+                out = self._call_headwise(method, qh, kh, vh, rows, cache, info, out_shape)
+                return self._finish(out, cache, step, layer, layout, full_attention_out=None)
         asc_requested = method.cfg_share
 
         if method.cfg_share and (rows is None or not rows.has_both):
             reused = self._reuse_split_cfg(method, rows, layer, step, out_shape)
             if reused is not None:
+                if method.is_full:
+                    # One CFG call would cache cat([R_cond, R_cond]) here: the uncond rows take
+                    # the cond call's residual of this step, not one left from an older full step.
+                    cond_cache = self.state.get((layer, (COND,) * rows.batch))
+                    cache.cached_residual = cond_cache.cached_residual if cond_cache is not None else None
                 return self._finish(reused, cache, step, layer, layout, full_attention_out=None)
             method = method.without_cfg_share()
 
@@ -291,12 +312,15 @@ class FastAttnRuntime:
             method = Method(cfg_share=method.cfg_share)
             force_residual = True
 
-        info = CallInfo(layer, step, seq_len, tuple(token_grid) if token_grid else None, prefix_tokens, suffix_tokens)
         self_attention = seq_len == kh.shape[2]
         needs_residual = method.is_full and self_attention and (
             force_residual or self.needs_residual is None or bool(self.needs_residual(step, layer))
         )
-        window = self.window_for(info) if method.window or needs_residual else None
+        window = self._layer_window(info) if method.window or needs_residual else None
+        if window is None:
+            if method.window:
+                raise ValueError(f"layer {layer!r}: the window for step {step} is None but the plan uses {method}")
+            needs_residual = False  # no window for this layer (e.g. a full head list): nothing to subtract
 
         # A cond-only call of an ASC step keeps its output for the uncond-only call of this step.
         stash_cond = asc_requested and self.share_cfg_across_calls and rows is not None and not rows.uncond_rows
@@ -338,6 +362,114 @@ class FastAttnRuntime:
                 needs_residual=needs_residual, full_attention=core_full, backend=self.kernel_backend,
             )
         return self._finish(out, cache, step, layer, layout, full_attention_out=None, stash=stash_cond)
+
+    def _uniform_windows(self, info: CallInfo) -> bool:
+        window = self.window_for(info)
+        return not isinstance(window, (list, tuple)) or len(set(window)) <= 1
+
+    def _layer_window(self, info: CallInfo):
+        """The one window of a layer-wise call (a per-head list with a single distinct value collapses)."""
+        window = self.window_for(info)
+        if isinstance(window, (list, tuple)):
+            distinct = set(window)
+            if len(distinct) != 1:
+                raise ValueError(
+                    f"layer {info.layer!r}: per-head windows need a head-wise plan entry (one method per head)"
+                )
+            window = distinct.pop()
+        return window
+
+    # ------------------------------------------------------------------ head-wise plans
+
+    def _head_windows(self, info: CallInfo, n_heads: int) -> list:
+        window = self.window_for(info)
+        if isinstance(window, (list, tuple)):
+            if len(window) != n_heads:
+                raise ValueError(f"layer {info.layer!r}: {len(window)} per-head windows for {n_heads} heads")
+            return list(window)
+        return [window] * n_heads
+
+    def _call_headwise(self, methods: Tuple[Method, ...], qh, kh, vh, rows, cache: LayerCache, info: CallInfo, out_shape):
+        """Head-wise plan entry (DiTFastAttnV2 style): every head runs its own method, with
+        its own window when the window factory returns one spec per head (None = full).
+
+        Heads sharing (method, window) run together. AST heads copy their slice of the
+        cached output (the previous computed value of that head, so caching chains across
+        steps as in V2); residuals are kept per head. Full heads use SDPA: a caller's
+        `full_attention` backend expects every head of the call."""
+        batch, n_heads, seq_len, _ = out_shape
+        if len(methods) != n_heads:
+            raise ValueError(f"layer {info.layer!r}: head-wise plan entry has {len(methods)} methods for {n_heads} heads")
+        step, layer = info.step, info.layer
+        self_attention = seq_len == kh.shape[2]
+        windows = self._head_windows(info, n_heads) if any(m.window for m in methods) or self_attention else [None] * n_heads
+        groups: dict = {}
+        for head, (method, window) in enumerate(zip(methods, windows)):
+            groups.setdefault((method, window if (method.window or method.is_full) else None), []).append(head)
+        out = torch.empty(out_shape, dtype=vh.dtype, device=vh.device)
+        residual_updates = []
+        cached_output = cache.cached_output
+        output_usable = cached_output is not None and tuple(cached_output.shape) == out_shape
+        residual = cache.cached_residual
+        residual_usable = residual is not None and tuple(residual.shape) == out_shape
+        if residual_usable:
+            # heads whose residual was never computed (NaN) cannot run WA-RS: split them off
+            missing_heads = torch.isnan(residual).flatten(2).any(dim=2).any(dim=0).tolist()
+            split: dict = {}
+            for (method, window), heads in groups.items():
+                if method.window and method.residual:
+                    for head in heads:
+                        split.setdefault((method, window, missing_heads[head]), []).append(head)
+                else:
+                    split[(method, window, False)] = heads
+        else:
+            split = {(method, window, residual is None): heads for (method, window), heads in groups.items()}
+        for (method, window, residual_missing), heads in split.items():
+            index = torch.tensor(heads, device=qh.device)
+            if method.cfg_share and (rows is None or not rows.has_both):
+                method = method.without_cfg_share()
+            force_residual = False
+            if method.output_share:
+                if output_usable:
+                    out[:, index] = cached_output.index_select(1, index)
+                    continue
+                self._missing(f"AST heads {heads} at step {step} of layer {layer!r} have no cached output")
+                method, force_residual = FULL, True
+            if method.window and not self_attention:
+                raise ValueError(f"layer {layer!r}: window methods apply to self-attention only")
+            if method.window and window is None:
+                raise ValueError(f"layer {layer!r}: heads {heads} use a window method but have no window (None)")
+            if method.window and method.residual and (residual_missing or not residual_usable):
+                self._missing(f"WA-RS heads {heads} at step {step} of layer {layer!r} have no cached residual")
+                method, force_residual = Method(cfg_share=method.cfg_share), True
+            needs_residual = method.is_full and self_attention and window is not None and (
+                force_residual or self.needs_residual is None or bool(self.needs_residual(step, layer))
+            )
+            head_cache = LayerCache(cached_residual=residual.index_select(1, index) if residual_usable else None)
+            q_, k_, v_ = (t.index_select(1, index) for t in (qh, kh, vh))
+            if method.cfg_share:
+                kept = torch.tensor(rows.cond_rows, device=qh.device)
+                expansion = torch.tensor(rows.expansion(), device=qh.device)
+                residual_rows = torch.arange(len(kept), device=qh.device) if self.official_asc_residual else kept
+                result = compute_attention_core(
+                    method, q_.index_select(0, kept), k_.index_select(0, kept), v_.index_select(0, kept),
+                    head_cache, window, needs_residual=needs_residual, residual_expansion=expansion,
+                    residual_rows=residual_rows, backend=self.kernel_backend,
+                ).index_select(0, expansion)
+            else:
+                result = compute_attention_core(
+                    method, q_, k_, v_, head_cache, window, needs_residual=needs_residual, backend=self.kernel_backend
+                )
+            out[:, index] = result
+            if needs_residual:
+                residual_updates.append((index, head_cache.cached_residual))
+        if residual_updates:
+            # heads without a residual yet are NaN, so a later WA-RS step on them is detected as missing
+            updated = residual.clone() if residual_usable else torch.full(out_shape, float("nan"), dtype=vh.dtype, device=vh.device)
+            for index, head_residual in residual_updates:
+                updated[:, index] = head_residual.to(updated.dtype)
+            cache.cached_residual = updated
+        return out
 
     # ------------------------------------------------------------------ helpers
 
@@ -440,3 +572,18 @@ def residual_lookahead_from_table(table: Sequence[Sequence[MethodLike]]) -> Call
 
     needed = [residual_needed(steps) for steps in table]
     return lambda step, layer: needed[layer][step]
+
+
+def output_cache_lookahead_from_table(table: Sequence[Sequence]) -> Callable[[int, Hashable], bool]:
+    """cache_output(step, layer) from a `[layer][step]` plan: keep a step's output only when
+    the next step of that layer is AST (an AST step returns the output of the last computed
+    step, and AST steps in a row pass it on). Saves one [B, H, L, D] tensor per layer
+    whenever the plan does not use AST next. Head-wise entries count if any head is AST."""
+
+    def is_ast(entry) -> bool:
+        if isinstance(entry, (list, tuple)):
+            return any(parse_method(m).output_share for m in entry)
+        return parse_method(entry).output_share
+
+    keep = [[t + 1 < len(steps) and is_ast(steps[t + 1]) for t in range(len(steps))] for steps in table]
+    return lambda step, layer: keep[layer][step]

@@ -112,8 +112,9 @@ class ReducioImageToVideo(io.ComfyNode):
                                                            "tokens after the final LayerNorm condition the DiT."),
                 io.Vae.Input("vae", tooltip="The SD image VAE (sd-vae-ft-ema / SD1.x family) that encodes the "
                                             "content image into the 4-channel content latent."),
-                io.Image.Input("content_image", tooltip="The content image: frame 8 of 16 of the generated clip. Use "
-                                                        "the 'content_image' output for the Reducio VAE decode too."),
+                io.Image.Input("content_image", tooltip="The content image (the first of a batch): frame 8 of 16 of "
+                                                        "the generated clip. Feed the 'content_image' output to the "
+                                                        "Reducio VAE decode, so both use the same pixels."),
                 io.Int.Input("width", default=256, min=32, max=MAX_RESOLUTION, step=32,
                              tooltip="Video width in pixels (multiple of 32)."),
                 io.Int.Input("height", default=256, min=32, max=MAX_RESOLUTION, step=32,

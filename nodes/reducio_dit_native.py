@@ -55,10 +55,15 @@ class ReducioLatentFormat(comfy.latent_formats.LatentFormat):
 class ComfyReducioDiT(ReducioDiT):
     """ReducioDiT constructed by ComfyUI: ``unet_model(**unet_config, device=..., operations=...)``."""
 
+    # Tells the DiTFastAttn nodes that this model publishes block_index / attn_kind itself and calls
+    # optimized_attention with transformer_options (their generic, block-index-tagged family).
+    dfa_generic_attention = True
+
     def __init__(self, reducio_config: dict, image_model: str | None = None, device=None, dtype=None,
                  operations=None, **kwargs):
         super().__init__(ReducioDiTConfig.from_dict(reducio_config), operations=operations, device=device, dtype=dtype)
         self.dtype = dtype  # BaseModel.get_dtype() reads it
+        self.patch_size = self.config.patch_size  # (pt, ph, pw): latent cells per token, for grid-aware tools
 
     def forward(self, x, timesteps, context, text_mask=None, clip_tokens=None, content_latent=None,
                 reducio_drop=None, transformer_options={}, **kwargs):
@@ -81,7 +86,7 @@ class ComfyReducioDiT(ReducioDiT):
 
     def attention(self, q, k, v, mask, *, layer, kind, attention_fn, options):
         options["block_index"] = layer
-        options["block_type"] = "double"
+        options["block_type"] = "block"   # one kind of block (the DiTFastAttn nodes name layers "block.{i}")
         options["total_blocks"] = self.config.depth
         options["attn_kind"] = kind
         return optimized_attention(q, k, v, self.config.num_heads, mask=mask, transformer_options=options)

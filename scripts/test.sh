@@ -16,6 +16,13 @@ status=0
 echo "=== tier 1: pure unit tests (.venv) ==="
 .venv/bin/python -m pytest tests/unit -q -p no:cacheprovider --junitxml="$RESULTS/tier1.xml" "$@" || status=1
 
+# The browser tier (tests/server/test_browser_workflows.py) loads every UI workflow in the real web
+# frontend (Debian Chromium + playwright-core). It is required unless REDUCIO_ALLOW_NO_BROWSER=1.
+if [ "${REDUCIO_ALLOW_NO_BROWSER:-0}" != "1" ]; then
+  bash scripts/setup_browser.sh || echo "!!! browser setup failed: the browser tier will fail, see above !!!"
+  export REDUCIO_REQUIRE_BROWSER=1
+fi
+
 COMFYS="${COMFYUI_PATHS:-$HOME/comfy/ComfyUI $HOME/comfy/ComfyUI-0.3.64}"
 found=0
 for comfy in $COMFYS; do

@@ -78,7 +78,9 @@ def check_image(images: torch.Tensor, what: str) -> torch.Tensor:
                 else " If they are in -1..1, map them with (x + 1) / 2.")
         raise ReducioInputError(
             f"{what}: IMAGE values must lie in 0..1 (ComfyUI's convention), got {low:.3g}..{high:.3g}.{hint}")
-    return images.clamp(0.0, 1.0)
+    if low < 0.0 or high > 1.0:
+        images = images.clamp(0.0, 1.0)
+    return images
 
 
 def fit_frame_count(frames: torch.Tensor, handling: str, clip_frames: int = 16) -> torch.Tensor:
@@ -103,13 +105,17 @@ def fit_frame_count(frames: torch.Tensor, handling: str, clip_frames: int = 16) 
         fix += f" ('{FRAMES_TRIM}' needs at least {clip_frames} frames)"
     raise ReducioInputError(
         f"got {count} frames, but Reducio encodes clips of exactly {clip_frames} frames (1 s at 16 fps), so the "
-        f"frame count must be a multiple of {clip_frames}. Fix: {fix}; or select the frames yourself, e.g. with "
-        "'Get Image or Mask Range From Batch' or Load Video's frame options.")
+        f"frame count must be a multiple of {clip_frames}. Fix: {fix}; or select the frames yourself with the "
+        "core ImageFromBatch node (batch_index, length).")
 
 
 def frames_to_video(frames: torch.Tensor) -> torch.Tensor:
-    """IMAGE [N, H, W, 3] in 0..1 -> one video [1, 3, N, H, W] in -1..1."""
-    return (frames.permute(3, 0, 1, 2) * 2.0 - 1.0).unsqueeze(0).contiguous()
+    """IMAGE [N, H, W, 3] in 0..1 -> one video [1, 3, N, H, W] in -1..1.
+
+    One new tensor for the whole video (a long clip at full resolution is gigabytes); it keeps the
+    IMAGE's channels-last memory layout, and the model makes each 16-frame clip contiguous itself.
+    """
+    return (frames.permute(3, 0, 1, 2) * 2.0).sub_(1.0).unsqueeze(0)
 
 
 def content_frames_of(frames: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
@@ -119,8 +125,8 @@ def content_frames_of(frames: torch.Tensor, geometry: LatentGeometry) -> torch.T
 
 def video_to_frames(video: torch.Tensor) -> torch.Tensor:
     """Decoded videos [B, 3, T, H, W] in about -1..1 -> IMAGE [B*T, H, W, 3] in 0..1."""
-    frames = video.permute(0, 2, 3, 4, 1).reshape(-1, *video.shape[3:], 3)
-    return ((frames.float() + 1.0) * 0.5).clamp(0.0, 1.0)
+    frames = video.float().permute(0, 2, 3, 4, 1).reshape(-1, *video.shape[3:], 3)   # one copy
+    return frames.add_(1.0).mul_(0.5).clamp_(0.0, 1.0)
 
 
 def check_latent(samples, geometry: LatentGeometry) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -13,6 +14,7 @@ from ._layout import (FRAME_HANDLING, FRAMES_ERROR, ReducioInputError, check_ima
                       content_for_latent, content_frames_of, fit_frame_count, frames_to_video, video_to_frames)
 
 CATEGORY = "Reducio/VAE"
+log = logging.getLogger(__name__)
 
 # The socket type. Its value is a ReducioVAEHandle (not a comfy.sd.VAE: decoding needs the
 # content frame, which the stock VAE/VAEDecode interface cannot carry).
@@ -137,6 +139,10 @@ class ReducioVAELoader(io.ComfyNode):
             compute_dtype = DTYPES[dtype]
         else:
             raise ValueError(f"ReducioVAELoader: dtype must be one of {[DTYPE_AUTO, *DTYPES]}, got {dtype!r}.")
+        if compute_dtype != torch.float32 and mm.vae_device().type == "cpu":
+            log.warning("ReducioVAELoader: %s on the CPU is very slow (PyTorch has no fast half-precision 3-D "
+                        "convolutions there; about 40x slower than fp32 in our measurement). Use fp32 or auto.",
+                        dtype)
         return io.NodeOutput(ReducioVAEHandle(load_reducio_vae(path, checkpoint, compute_dtype), compute_dtype,
                                               checkpoint))
 

@@ -2,16 +2,17 @@
 
 The estimate is analytic: weights + (peak activation factor x the largest activation tensor of the
 network at the processed size) + attention score chunks + the input/output/tile buffers of the
-call. The factor was calibrated on the full ft4 model: the official float32 CPU run at 16x256x256
-needs about +2.1 GiB over the weights to encode (largest tensor 0.5 GiB) and up to +4.2 GiB to
-decode (largest tensor 1 GiB), i.e. ~4.2x the largest tensor; we use 4.5x. In half precision the
+call. The factors were calibrated on the full ft4 model in float32 on CPU (bench/reducio_vae_results.md):
+our 16x256x256 encode peaks at +2.6 GiB over the weights (largest tensor 0.5 GiB: 5.2x) and the
+16x128x128 decode at +1.0 GiB (largest tensor 0.25 GiB: 4.0x; the official 256x256 decode needs up
+to +4.2 GiB with a 1 GiB largest tensor); we use 5.5x for encode and 4.5x for decode. In half precision the
 norms run in float32 and add an fp32 input copy and output for the largest tensor. The Python/torch
 process itself (~0.4 GiB on CPU, the CUDA context on GPU) is not included.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -20,7 +21,7 @@ from .decoder import decoder_level_frames, decoder_upsample_kind
 from .encoder import encoder_downsample_kind
 from .tiling import TileLayout
 
-PEAK_ACTIVATION_FACTOR = 4.5
+PEAK_ACTIVATION_FACTOR = {"encode": 5.5, "decode": 4.5}
 FP32_NORM_BYTES_PER_ELEMENT = 8  # fp32 copy of the input + fp32 output when running in half precision
 
 
@@ -97,8 +98,8 @@ def _decoder_peak_elements(dd: dict, dd2: dict, height: int, width: int) -> tupl
     return largest, scores
 
 
-def _activation_bytes(elements: int, scores: int, itemsize: int) -> int:
-    per_element = PEAK_ACTIVATION_FACTOR * itemsize + (FP32_NORM_BYTES_PER_ELEMENT if itemsize < 4 else 0)
+def _activation_bytes(op: str, elements: int, scores: int, itemsize: int) -> int:
+    per_element = PEAK_ACTIVATION_FACTOR[op] * itemsize + (FP32_NORM_BYTES_PER_ELEMENT if itemsize < 4 else 0)
     return int(elements * per_element) + min(scores, MAX_ATTENTION_SCORE_ELEMENTS) * itemsize
 
 
@@ -144,7 +145,7 @@ def estimate_memory(config_or_model, op: str, frames: int = 16, height: int = 25
                        * (tile_w // 2 ** (i % len(dd2["ch_mult"])))
                        for i in {k % len(dd2["ch_mult"]) for k in dd["ch_fuse"] if k >= 0} | {len(dd2["ch_mult"]) - 1})
             buffers += rows * cols * kept * itemsize
-    total = batch * (_activation_bytes(largest, scores, itemsize) + buffers)
+    total = batch * (_activation_bytes(op, largest, scores, itemsize) + buffers)
     if include_weights:
         total += parameter_count(config_or_model) * itemsize
     return int(total)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -250,6 +250,9 @@ class ReducioVAE(nn.Module):
         latent, content = self._check_decode_inputs(latent, content)
         param = self._param()
         n_clips = latent.shape[2] // self.latent_frames
+        if num_frames is not None and not 0 < num_frames <= n_clips * self.clip_frames:
+            raise ValueError(f"num_frames={num_frames} must be in 1..{n_clips * self.clip_frames} for a latent "
+                             f"of {n_clips} clip(s)")
         height, width = content.shape[-2:]
         padded_h, padded_w = latent.shape[-2] * self.spatial_factor, latent.shape[-1] * self.spatial_factor
         use_tiling = self._want_tiling(tiling, padded_h, padded_w, tile_size)
@@ -265,11 +268,7 @@ class ReducioVAE(nn.Module):
             video = self.decode_features(z, feats, use_tiling, tile_size, hooks)
             videos.append(video[..., :height, :width].float())
         video = torch.cat(videos, dim=2)
-        if num_frames is not None:
-            if not 0 < num_frames <= video.shape[2]:
-                raise ValueError(f"num_frames={num_frames} must be in 1..{video.shape[2]} for this latent")
-            video = video[:, :, :num_frames]
-        return video
+        return video if num_frames is None else video[:, :, :num_frames]
 
     def _check_decode_inputs(self, latent: torch.Tensor, content: torch.Tensor):
         if not isinstance(latent, torch.Tensor) or latent.ndim != 5:

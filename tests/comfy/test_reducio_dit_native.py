@@ -190,3 +190,27 @@ def test_bf16_weights_run(comfy, dit_file):
     (patcher,) = comfy.execute("ReducioDiTLoader", dit_name=dit_file, weight_dtype="bf16")
     positive, negative, _ = conditionings()
     assert torch.isfinite(sample(comfy, patcher, positive, negative, steps=2)).all()
+
+
+def test_ditfastattn_calibrates_and_applies_on_reducio_dit(comfy, model):
+    """The pack's DiTFastAttn nodes recognise Reducio-DiT (block_index / attn_kind published by the model),
+    calibrate a plan on it and sample with the plan applied."""
+    if "DiTFastAttnCalibrate" not in comfy.nodes.NODE_CLASS_MAPPINGS:
+        pytest.skip("DiTFastAttn nodes not in this build")
+    positive, negative, _ = conditionings()
+    latent = {"samples": torch.zeros(1, 16, 4, 8, 8)}
+    plan, _, report, _ = comfy.execute(
+        "DiTFastAttnCalibrate", model=model, positive=positive, negative=negative, latent_image=latent, seed=SEED,
+        steps=4, cfg=4.5, sampler_name="dpmpp_2m", scheduler="normal", denoise=1.0, threshold=0.5,
+        window_fraction=0.25, window_shape="1d", allow_output_share=True, allow_window=True, allow_cfg_share=True,
+        filename_prefix="")
+    assert isinstance(report, str) and report
+    assert "AST" in report or "window" in report.lower()
+    (patched,) = comfy.execute("DiTFastAttnApply", model=model, plan=plan, enabled=True, allow_remap=False,
+                               ignore_model_mismatch=False, measure_time=False)
+    fast = sample(comfy, patched, positive, negative, steps=4)
+    full = sample(comfy, model, positive, negative, steps=4)
+    assert torch.isfinite(fast).all()
+    # a generous threshold makes the plan compress something, so the result moves, but stays close
+    assert not torch.equal(fast, full)
+    assert (fast - full).abs().mean() < full.abs().mean()

@@ -1,4 +1,11 @@
-"""Reading the pack's example workflows (UI format + API-format twins) for tests."""
+"""Reading the pack's example workflows for tests.
+
+``workflows/<name>.json`` is the UI format (what users load and share; ComfyUI lists these files in its
+template browser) and ``workflows/api/<name>.json`` its API-format twin (for ``POST /prompt`` and
+``comfy run --workflow``). The twins live in a sub-folder because ComfyUI's template scan lists every
+``.json`` directly in ``workflows/``, and an API-format file opened from the template browser gives an
+empty or broken graph.
+"""
 from __future__ import annotations
 
 import json
@@ -7,14 +14,15 @@ from pathlib import Path
 from harness_comfyui import REPO_ROOT
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
+API_DIR = WORKFLOWS_DIR / "api"
 
 
 def api_workflows(prefix: str = "") -> list[Path]:
-    return sorted(WORKFLOWS_DIR.glob(f"{prefix}*.api.json"))
+    return sorted(API_DIR.glob(f"{prefix}*.json"))
 
 
 def ui_workflows(prefix: str = "") -> list[Path]:
-    return sorted(p for p in WORKFLOWS_DIR.glob(f"{prefix}*.json") if not p.name.endswith(".api.json"))
+    return sorted(WORKFLOWS_DIR.glob(f"{prefix}*.json"))
 
 
 def load(path: Path) -> dict:
@@ -22,4 +30,8 @@ def load(path: Path) -> dict:
 
 
 def ui_twin(api_path: Path) -> Path:
-    return api_path.with_name(api_path.name[: -len(".api.json")] + ".json")
+    return WORKFLOWS_DIR / api_path.name
+
+
+def api_twin(ui_path: Path) -> Path:
+    return API_DIR / ui_path.name

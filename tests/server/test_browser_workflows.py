@@ -103,50 +103,49 @@ def _missing_combo_values(server, prompts: list[dict]) -> list[tuple[str, str, s
 
 def _write_placeholders(server, prompts: list[dict]) -> list[Path]:
     """Create empty files with the names the workflows use, where the server lists them, so the
-    combo widgets offer those names (as for a user who has downloaded the models). Returns what was
+    combo widgets offer those names (as for a user who has downloaded the models). Returns the files
     created, to remove afterwards: other tests write real tiny models under these names."""
     created: list[Path] = []
 
     def create(path: Path) -> bool:
         if path.exists():
             return False
-        new_dirs = [p for p in reversed(path.parents) if not p.exists()]
+        # Folders made here stay (empty): ComfyUI's file-list cache stats every folder it listed,
+        # and /object_info then fails for the nodes using one that disappeared.
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
         created.append(path)
-        created.extend(reversed(new_dirs))  # removed after the file, deepest first
         return True
 
     def offered(node_class: str, name: str, value: str) -> bool:
         spec = _input_spec(server.object_info(node_class), name)
         return value in (_combo_options(spec) or [])
 
-    folders = None
+    model_dirs = None
     for node_class, name, value, spec in _missing_combo_values(server, prompts):
         if offered(node_class, name, value):   # an earlier placeholder already serves it
             continue
         if _is_upload_combo(spec):
-            create(server.input_dir / value)
-            continue
-        # Which model folder feeds this combo is the node's business; find it by asking the server.
-        if folders is None:
-            folders = server.get_json("/models")
-        for folder in folders:
-            path = server.models_dir / folder / value
+            candidates = [server.input_dir]
+        else:
+            # Which folder feeds this combo (a model folder, or the input folder as for LoadLatent)
+            # is the node's business: find it by asking the server after each try.
+            if model_dirs is None:
+                model_dirs = [server.models_dir / folder for folder in server.get_json("/models")]
+            candidates = model_dirs + [server.input_dir]
+        for directory in candidates:
+            path = directory / value
             if not create(path):
                 continue
             if offered(node_class, name, value):
                 break
-            _remove([created.pop() for _ in range(len(created) - created.index(path))])
+            _remove([created.pop()])
     return created
 
 
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            path.rmdir() if path.is_dir() else path.unlink()
-        except OSError:
-            pass
+def _remove(files: list[Path]) -> None:
+    for path in files:
+        path.unlink(missing_ok=True)
 
 
 # -- the browser run -----------------------------------------------------------------------------
@@ -160,9 +159,13 @@ def browser_run(browser_tools, comfy_server, tmp_path_factory) -> dict:
     screenshots.mkdir()
     twins = [load(_api_twin(p)) for p in workflows if _api_twin(p).is_file()]
     placeholders = _write_placeholders(comfy_server, twins)
+    entries = [{"name": p.name, "path": str(p)} for p in workflows]
+    control = _shifted_control_workflow(workflows, work)
+    if control is not None:
+        entries.append({"name": control["name"], "path": control["path"], "control": True})
     config = {"url": comfy_server.url, "pack": PACK_FOLDER_NAME, "out": str(work / "result.json"),
               "screenshot_dir": str(screenshots), "user_data_dir": str(work / "chromium-profile"),
-              "workflows": [{"name": p.name, "path": str(p)} for p in workflows]}
+              "workflows": entries}
     (work / "config.json").write_text(json.dumps(config, indent=1))
     try:
         proc = subprocess.run(["node", str(DRIVER), str(work / "config.json")], cwd=BROWSER_DIR,
@@ -177,14 +180,52 @@ def browser_run(browser_tools, comfy_server, tmp_path_factory) -> dict:
     if result.get("fatal"):
         pytest.fail(f"browser driver failed: {result['fatal']}\n--- server log ---\n{comfy_server.log_tail(3000)}")
     result["placeholders"] = [str(p) for p in placeholders]
+    result["control"] = control
     result["work_dir"] = str(work)
     print(f"\n[browser] {result['browser']} frontend {result['frontend_version']} ready in "
-          f"{result['page_ready_s']}s; screenshots in {screenshots}")
+          f"{result['page_ready_s']}s; screenshots in {screenshots}; placeholder files: "
+          f"{[str(p.relative_to(comfy_server.base_dir)) for p in placeholders]}")
     return result
 
 
+def _shifted_control_workflow(workflows: list[Path], work: Path) -> dict | None:
+    """A copy of the first workflow that has a node with two or more different widget values and an
+    API twin, with that node's widgets_values rotated by one position."""
+    for path in workflows:
+        if not _api_twin(path).is_file():
+            continue
+        workflow = load(path)
+        for node in workflow["nodes"]:
+            values = node.get("widgets_values")
+            if node["type"] in FRONTEND_ONLY_TYPES or not isinstance(values, list) or len(values) < 2 \
+                    or values[1:] + values[:1] == values:
+                continue
+            node["widgets_values"] = values[1:] + values[:1]
+            shifted = work / f"control_shifted_{path.name}"
+            shifted.write_text(json.dumps(workflow, indent=1))
+            return {"name": shifted.name, "path": str(shifted), "source": path, "node_id": node["id"]}
+    return None
+
+
 def _api_twin(ui_path: Path) -> Path:
-    return ui_path.with_name(ui_path.name[: -len(".json")] + ".api.json")
+    """`workflows/<name>.api.json`, or `workflows/api/<name>.json` should the twins move out of the
+    folder the template browser lists."""
+    moved = ui_path.parent / "api" / ui_path.name
+    return moved if moved.is_file() else ui_path.with_name(ui_path.name[: -len(".json")] + ".api.json")
+
+
+# Uncaught errors that the frontend raises by itself for every fresh user, whatever packs are
+# installed: (frontend version, message, a frame that identifies the code path).
+KNOWN_FRONTEND_STARTUP_ERRORS = [
+    # 1.27.10: the Comfy.Canvas.NavigationMode setting's onChange sets a setting that is not
+    # registered yet while CORE_SETTINGS are added (setting.id of undefined in settingStore.onChange).
+    ("1.27.10", "Cannot read properties of undefined (reading 'id')", "addSetting"),
+]
+
+
+def _is_known_frontend_error(version: str, error: str) -> bool:
+    return any(version == v and message in error and frame in error
+               for v, message, frame in KNOWN_FRONTEND_STARTUP_ERRORS)
 
 
 # -- comparisons ---------------------------------------------------------------------------------
@@ -215,7 +256,9 @@ def _node_label(node: dict) -> str:
 def test_frontend_and_pack_loaded(browser_run):
     assert browser_run["frontend_version"], "window.__COMFYUI_FRONTEND_VERSION__ not set: page not ComfyUI?"
     assert browser_run["registered_node_type_count"] > 50
-    assert not browser_run["page_errors"], f"uncaught errors in the page: {browser_run['page_errors']}"
+    version = browser_run["frontend_version"]
+    unknown = [e for e in browser_run["page_errors"] if not _is_known_frontend_error(version, e)]
+    assert not unknown, f"uncaught errors in the page at start-up (frontend {version}): {unknown}"
 
 
 def test_template_routes_serve_every_workflow(browser_run):
@@ -233,6 +276,31 @@ def test_template_routes_serve_every_workflow(browser_run):
         assert json.loads(served["text"]) == load(path), f"{path.name}: the served template differs from the file"
 
 
+def test_template_browser_offers_only_loadable_workflows(browser_run):
+    """Every entry the Templates browser shows under the pack must open as a UI-format workflow:
+    the browser loads the file with app.loadGraphData, which needs `nodes`/`links`."""
+    opens = browser_run["template_opens"]
+    broken = {}
+    for name, opened in sorted(opens.items()):
+        ui_file = REPO_ROOT / "workflows" / f"{name}.json"
+        expected_nodes = len(load(ui_file).get("nodes", [])) if ui_file.is_file() else 0
+        if opened["error"] or opened["dialogs"] or opened["page_errors"] or not expected_nodes or opened["node_count"] != expected_nodes:
+            broken[name] = opened
+    assert not broken, (
+        f"{len(broken)} of the {len(opens)} entries the Templates browser lists under '{PACK_FOLDER_NAME}' do "
+        f"not open as a workflow (node count, error, dialogs): {broken}. ComfyUI lists every *.json in "
+        "workflows/, so API-format twins (*.api.json) show up as templates too; keep them in a folder "
+        "the non-recursive template scan does not read (e.g. workflows/api/).")
+
+
+def test_template_browser_dialog_shows_the_pack(browser_run):
+    seen = browser_run["template_browser"]
+    assert seen["pack_section"], f"no '{PACK_FOLDER_NAME}' section to click: {seen.get('click_error')}"
+    assert not seen["page_errors"], f"uncaught errors in the page while browsing templates: {seen['page_errors']}"
+    for path in ui_workflows():
+        assert path.stem in seen["text"], f"{path.stem} is not shown in the pack's Templates section: {seen['text']}"
+
+
 @pytest.mark.parametrize("path", ui_workflows(), ids=lambda p: p.name)
 def test_workflow_loads_without_missing_nodes(browser_run, path):
     record = _record(browser_run, path)
@@ -240,6 +308,7 @@ def test_workflow_loads_without_missing_nodes(browser_run, path):
         f"{path.name}: node types not registered in the frontend: {record['unregistered']}"
     assert record["load_error"] is None, f"{path.name}: app.loadGraphData raised: {record['load_error']}"
     assert not record["dialogs"], f"{path.name}: the frontend showed a dialog after loading: {record['dialogs']}"
+    assert not record["page_errors"], f"{path.name}: uncaught errors in the page while loading: {record['page_errors']}"
     errors = [n for n in record["nodes"] if n["has_errors"]]
     assert not errors, f"{path.name}: nodes flagged with errors: {[_node_label(n) for n in errors]}"
     file_nodes = load(path)["nodes"]
@@ -247,23 +316,21 @@ def test_workflow_loads_without_missing_nodes(browser_run, path):
         sorted((n["id"], n["type"]) for n in file_nodes), f"{path.name}: the live graph has other nodes"
 
 
-@pytest.mark.parametrize("path", ui_workflows(), ids=lambda p: p.name)
-def test_widget_values_land_in_the_right_widgets(browser_run, path):
-    record = _record(browser_run, path)
+def _widget_problems(name: str, workflow: dict, twin: dict, twin_name: str, record: dict) -> list[str]:
     live = {n["id"]: n for n in record["nodes"]}
     serialized = {n["id"]: n for n in record["serialized"]["nodes"]}
-    twin = load(_api_twin(path)) if _api_twin(path).is_file() else {}
     problems = []
-    for node in load(path)["nodes"]:
+    for node in workflow["nodes"]:
         expected = node.get("widgets_values")
         if expected is None or node["type"] in FRONTEND_ONLY_TYPES:
             continue
-        label = f"{path.name} {_node_label(node)}"
+        label = f"{name} {_node_label(node)}"
         # 1. Position: what the frontend saves back equals the file.
         got = serialized.get(node["id"], {}).get("widgets_values")
         if isinstance(expected, list) and not _same(got, expected):
             problems.append(f"{label}: widgets_values in the file {expected}, after loading {got}")
-        # 2. Names: each named widget holds the value the API twin gives that input.
+        # 2. Names: each named widget holds the value the API twin gives that input (a value stored
+        #    at the wrong position survives step 1 unchanged, but lands in the wrong widget here).
         api_inputs = twin.get(str(node["id"]), {}).get("inputs", {})
         for widget in live.get(node["id"], {}).get("widgets", []):
             if widget["name"] not in api_inputs or isinstance(api_inputs[widget["name"]], list):
@@ -271,11 +338,33 @@ def test_widget_values_land_in_the_right_widgets(browser_run, path):
             want = api_inputs[widget["name"]]
             if not _same(widget["value"], want):
                 problems.append(f"{label}: widget '{widget['name']}' holds {widget['value']!r} after loading, "
-                                f"the API twin {_api_twin(path).name} says {want!r}")
+                                f"the API twin {twin_name} says {want!r}")
             if widget["options"] is not None and widget["value"] not in widget["options"]:
                 problems.append(f"{label}: combo '{widget['name']}' value {widget['value']!r} is not among "
                                 f"its options {widget['options'][:20]}")
+    return problems
+
+
+@pytest.mark.parametrize("path", ui_workflows(), ids=lambda p: p.name)
+def test_widget_values_land_in_the_right_widgets(browser_run, path):
+    twin = load(_api_twin(path)) if _api_twin(path).is_file() else {}
+    problems = _widget_problems(path.name, load(path), twin, _api_twin(path).name, _record(browser_run, path))
     assert not problems, "\n".join(problems)
+
+
+def test_shifted_widget_values_are_detected(browser_run):
+    """Control: a copy of a real workflow whose widget values were rotated by one position (what
+    inserting a widget input into a published node does to saved files) must be caught."""
+    control = browser_run.get("control")
+    if control is None:
+        pytest.skip("no workflow with a node of two or more different widget values to shift")
+    record = browser_run["workflows"][control["name"]]
+    source = control["source"]
+    problems = _widget_problems(control["name"], json.loads(Path(control["path"]).read_text()),
+                                load(_api_twin(source)), _api_twin(source).name, record)
+    assert any(f"node {control['node_id']} " in p for p in problems), \
+        f"rotating node {control['node_id']}'s widgets_values in {source.name} went unnoticed: {problems}"
+    assert _prompt_differences(control["name"], record["prompt"], load(_api_twin(source)))
 
 
 def _prompt_differences(name: str, built: dict, committed: dict) -> list[str]:
@@ -310,3 +399,32 @@ def test_frontend_prompt_equals_api_twin(browser_run, path):
     assert record["prompt_error"] is None, f"{path.name}: app.graphToPrompt raised: {record['prompt_error']}"
     problems = _prompt_differences(twin_path.name, record["prompt"], load(twin_path))
     assert not problems, "\n".join(problems)
+
+
+OVERLAP_TOLERANCE_PX = 8   # touching edges and rounding are fine; a hidden title bar or widget is not
+
+
+@pytest.mark.parametrize("path", ui_workflows(), ids=lambda p: p.name)
+def test_nodes_do_not_overlap(browser_run, path):
+    """Nodes as the frontend draws them (title bar included, after it grew nodes to fit their widgets)
+    must not cover each other: an example workflow is read on screen."""
+    record = _record(browser_run, path)
+    in_file = {n["id"]: n for n in load(path)["nodes"]}
+    nodes = record["nodes"]
+    problems = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            ax, ay, aw, ah = a["bounds"]
+            bx, by, bw, bh = b["bounds"]
+            overlap_x = min(ax + aw, bx + bw) - max(ax, bx)
+            overlap_y = min(ay + ah, by + bh) - max(ay, by)
+            if overlap_x > OVERLAP_TOLERANCE_PX and overlap_y > OVERLAP_TOLERANCE_PX:
+                detail = "; ".join(
+                    f"{_node_label(n)} at pos {in_file.get(n['id'], {}).get('pos')} size in file "
+                    f"{in_file.get(n['id'], {}).get('size')}, drawn {[round(v) for v in n['bounds'][2:]]} "
+                    "(with title bar)" for n in (a, b))
+                problems.append(f"{path.name}: nodes {a['id']} and {b['id']} overlap by {round(overlap_x)} x "
+                                f"{round(overlap_y)} px in the web UI: {detail}")
+    assert not problems, "\n".join(problems) + (
+        "\nMove the nodes apart in the file (the frontend widens a node to fit its widgets, and draws a "
+        f"{browser_run.get('title_height', 30)} px title bar above `pos`).")

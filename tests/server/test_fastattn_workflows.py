@@ -44,7 +44,7 @@ def server_with_model(comfy_server, comfy):
 
 def with_overrides(path: Path) -> dict:
     prompt = copy.deepcopy(load(path))
-    stem = path.name[: -len(".api.json")]
+    stem = path.stem
     for overrides in (COMMON_OVERRIDES, OVERRIDES[stem]):
         for node_id, values in overrides.items():
             prompt[node_id]["inputs"].update(values)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from harness_server import PromptFailed
-from harness_workflows import WORKFLOWS_DIR, load
+from harness_workflows import API_DIR, load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reducio_dit_standins as standins  # noqa: E402
 
-I2V = WORKFLOWS_DIR / "reducio_dit_image_to_video.api.json"
-T2V = WORKFLOWS_DIR / "reducio_dit_text_to_video.api.json"
+I2V = API_DIR / "reducio_dit_image_to_video.json"
+T2V = API_DIR / "reducio_dit_text_to_video.json"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Tier 3: the Reducio VAE example workflows through a real headless ComfyUI server.
 
-Every ``workflows/reducio_vae_*.api.json`` is POSTed to /prompt as shipped; the tiny golden Reducio
+Every ``workflows/api/reducio_vae_*.json`` is POSTed to /prompt as shipped; the tiny golden Reducio
 VAE (official key layout, config in the safetensors metadata, as the converter writes it) is saved
 under the file name the workflows use, and a short test video is written into the input folder.
 Outputs are checked by decoding the files the server wrote.
@@ -75,8 +75,8 @@ def outputs_of(server, entry: dict, node_id: str) -> list[Path]:
 
 
 def test_reducio_workflows_are_shipped():
-    assert set(WORKFLOWS) == {"reducio_vae_roundtrip.api.json", "reducio_vae_encode_to_latent.api.json",
-                              "reducio_vae_decode_from_latent.api.json"}
+    assert set(WORKFLOWS) == {"reducio_vae_roundtrip.json", "reducio_vae_encode_to_latent.json",
+                              "reducio_vae_decode_from_latent.json"}
 
 
 # ------------------------------------------------------------------------------------- node definitions
@@ -163,7 +163,7 @@ def test_ui_workflow_matches_object_info_and_its_api_twin(server, api_name):
 
 # ------------------------------------------------------------------------------------- running workflows
 def test_roundtrip_workflow_writes_playable_videos(server):
-    entry = server.run_prompt(load(WORKFLOWS["reducio_vae_roundtrip.api.json"]), timeout=900)
+    entry = server.run_prompt(load(WORKFLOWS["reducio_vae_roundtrip.json"]), timeout=900)
     assert entry["status"]["status_str"] == "success"
     (side_by_side,) = outputs_of(server, entry, "8")
     (reconstruction,) = outputs_of(server, entry, "10")
@@ -175,7 +175,7 @@ def test_roundtrip_workflow_writes_playable_videos(server):
 
 
 def test_encode_then_decode_through_latent_files(server):
-    entry = server.run_prompt(load(WORKFLOWS["reducio_vae_encode_to_latent.api.json"]), timeout=900)
+    entry = server.run_prompt(load(WORKFLOWS["reducio_vae_encode_to_latent.json"]), timeout=900)
     (latent_file,) = outputs_of(server, entry, "5")
     (content_file,) = outputs_of(server, entry, "6")
     from PIL import Image, ImageSequence
@@ -191,7 +191,7 @@ def test_encode_then_decode_through_latent_files(server):
     # What the user does next: copy both files into the input folder and run the decode workflow.
     shutil.copy(latent_file, server.input_dir / "reducio_motion.latent")
     shutil.copy(content_file, server.input_dir / "reducio_content.png")
-    entry = server.run_prompt(load(WORKFLOWS["reducio_vae_decode_from_latent.api.json"]), timeout=900)
+    entry = server.run_prompt(load(WORKFLOWS["reducio_vae_decode_from_latent.json"]), timeout=900)
     (video,) = outputs_of(server, entry, "6")
     count, height, width, rate = read_video(video)
     assert (count, height, width, rate) == (PADDED_FRAMES, VIDEO_HEIGHT, VIDEO_WIDTH, 16)
@@ -203,7 +203,7 @@ def test_progress_is_reported_per_clip_over_the_websocket(server):
     connection = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}",
                                              timeout=900)
     try:
-        status, payload = server.post_prompt(load(WORKFLOWS["reducio_vae_roundtrip.api.json"]))
+        status, payload = server.post_prompt(load(WORKFLOWS["reducio_vae_roundtrip.json"]))
         assert status == 200, payload
         prompt_id, progress = payload["prompt_id"], {}
         while True:
@@ -235,7 +235,7 @@ def _bump_mtime(path: Path, seconds: int) -> None:
 
 
 def test_bad_widget_value_is_rejected_with_node_errors(server):
-    prompt = load(WORKFLOWS["reducio_vae_roundtrip.api.json"])
+    prompt = load(WORKFLOWS["reducio_vae_roundtrip.json"])
     prompt["4"]["inputs"]["frame_handling"] = "stretch"
     prompt["3"]["inputs"]["checkpoint"] = "no-such-model.safetensors"
     status, payload = server.post_prompt(prompt)
@@ -246,14 +246,14 @@ def test_bad_widget_value_is_rejected_with_node_errors(server):
 
 
 def test_wrong_socket_type_is_rejected(server):
-    prompt = load(WORKFLOWS["reducio_vae_roundtrip.api.json"])
+    prompt = load(WORKFLOWS["reducio_vae_roundtrip.json"])
     prompt["5"]["inputs"]["motion_latent"] = ["2", 0]      # IMAGE into the LATENT socket
     status, payload = server.post_prompt(prompt)
     assert status == 400 and "5" in payload["node_errors"]
 
 
 def test_runtime_error_names_the_problem_and_the_fix(server):
-    prompt = load(WORKFLOWS["reducio_vae_roundtrip.api.json"])
+    prompt = load(WORKFLOWS["reducio_vae_roundtrip.json"])
     prompt["4"]["inputs"]["frame_handling"] = "error"       # 24 frames are not a multiple of 16
     with pytest.raises(AssertionError) as info:
         server.run_prompt(prompt, timeout=600)
@@ -271,7 +271,7 @@ def test_comfy_cli_runs_the_roundtrip_workflow(server, kind, tmp_path):
     cli = _comfy_cli()
     if cli is None:
         pytest.skip("comfy-cli not installed (scripts/setup_comfyui.sh installs it)")
-    api_path = WORKFLOWS["reducio_vae_roundtrip.api.json"]
+    api_path = WORKFLOWS["reducio_vae_roundtrip.json"]
     path = api_path if kind == "api" else ui_twin(api_path)
     _bump_mtime(server.input_dir / VIDEO_NAME, 10 if kind == "api" else 20)   # run, do not reuse the cache
     result = subprocess.run(

@@ -144,6 +144,8 @@ def test_head_wise_plan_round_trip_and_no_official_form():
     ('{"format": "ditfastattn-plan", "version": 1, "methods": [["full_attn"]],'
      ' "metadata": {"sigmas": [1.0, 2.0]}}', "sigmas"),
     ('[{"attn1": ["full_attn"]}]', "official"),
+    # regression: Python's int-digit limit used to escape as a bare ValueError
+    ('{"format": "ditfastattn-plan", "version": ' + "1" * 5000 + "}", "thousands of digits"),
 ])
 def test_hostile_text_is_refused_clearly(text, match):
     with pytest.raises(PlanFormatError, match=match):
@@ -341,3 +343,29 @@ def test_property_mutated_documents_fail_cleanly():
         except PlanFormatError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 300  # most mutations must be caught
+
+
+def test_load_refuses_oversized_and_missing_files(tmp_path):
+    big = tmp_path / "big.json"
+    with open(big, "wb") as handle:  # sparse: no 33 MB actually written
+        handle.truncate(33 * 1024 * 1024)
+    with pytest.raises(PlanFormatError, match="limit"):
+        Plan.load(big)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Plan.load(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError):
+        Plan.load(tmp_path)  # a folder is not a plan file
+
+
+def test_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "plan.json"
+    target.write_text("previous content")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("fastattn.plan.os.replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        _plan().save(target)
+    assert target.read_text() == "previous content"
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]

@@ -17,6 +17,9 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+# The official processor's outputs and residuals: measured <= 2.4e-7 apart (SDPA vs the
+# reference's plain-math float32 attention); the spec's independent port matched to 1.5e-7.
+GOLDEN_ATOL = 1e-6
 HAVE_GOLDEN = (GOLDEN / "manifest.json").exists()
 SCENARIOS = json.loads((GOLDEN / "manifest.json").read_text())["processor"]["scenarios"] if HAVE_GOLDEN else {}
 
@@ -62,10 +65,10 @@ def test_golden_scenario(golden, name):
     assert processor.stepi == scenario["stepi_after"]
     checked_residuals = 0
     for step, out in enumerate(outputs):
-        torch.testing.assert_close(out, expected[f"step{step}.output"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out, expected[f"step{step}.output"], atol=GOLDEN_ATOL, rtol=0)
         key = f"step{step}.cached_residual_after"
         if key in expected:
-            torch.testing.assert_close(residuals[step], expected[key], atol=1e-5, rtol=0)
+            torch.testing.assert_close(residuals[step], expected[key], atol=GOLDEN_ATOL, rtol=0)
             checked_residuals += 1
     assert checked_residuals == sum(1 for key in expected if key.endswith("cached_residual_after"))
 
@@ -87,7 +90,7 @@ def test_matching_half_option_differs_by_about_a_tenth(golden):
     official, _ = run(attn, FastAttnProcessor(scenario["steps_method"], (8, 8), False), inputs, steps)
     fixed, _ = run(attn, FastAttnProcessor(scenario["steps_method"], (8, 8), False, official_asc_residual=False), inputs, steps)
     gap = max((a - b).abs().max().item() for a, b in zip(official, fixed))
-    assert 0.01 < gap < 1.0
+    assert 0.05 < gap < 0.2  # golden README: "differs by ~0.1" (measured 0.101)
 
 
 def test_step_counter_overrun_and_reset(golden):

@@ -70,3 +70,11 @@ def test_summary_text_and_bound():
     assert "window covers 24.8%" in report.text
     bare = summarize(Plan([[FULL], [ASC]]))
     assert bare.cost is None and "full attention 1 (50.0%)" in bare.text
+
+
+def test_summary_takes_the_shape_from_metadata():
+    plan = _golden_plan().with_metadata(num_heads=4, head_dim=16, cfg_scale=4.0,
+                                        calibration_inputs=1)
+    report = summarize(plan)
+    explicit = summarize(plan, AttentionShape(64, 4, 16, rows=2, window=(8, 8)))
+    assert report.cost == explicit.cost and "core (QK^T, PV)" in report.text

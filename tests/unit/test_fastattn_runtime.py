@@ -12,6 +12,9 @@ from fastattn.kernels import from_bhld, masked_reference_window_attention, to_bh
 from fastattn.runtime import methods_from_table, residual_lookahead_from_table
 
 GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+# The official processor's outputs and residuals: measured <= 2.4e-7 apart (SDPA vs the
+# reference's plain-math float32 attention); the spec's independent port matched to 1.5e-7.
+GOLDEN_ATOL = 1e-6
 HAVE_GOLDEN = (GOLDEN / "manifest.json").exists()
 
 
@@ -71,10 +74,10 @@ def test_golden_processor_scenarios_at_core_level(golden, name, layout):
     expected = golden[2][name]
     outputs, residuals = run_core_scenario(golden, name, layout)
     for step, out in enumerate(outputs):
-        torch.testing.assert_close(out, expected[f"step{step}.output"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out, expected[f"step{step}.output"], atol=GOLDEN_ATOL, rtol=0)
         key = f"step{step}.cached_residual_after"
         if key in expected:
-            torch.testing.assert_close(residuals[step], expected[key], atol=1e-5, rtol=0)
+            torch.testing.assert_close(residuals[step], expected[key], atol=GOLDEN_ATOL, rtol=0)
 
 
 def test_matching_half_residual_differs_from_official_quirk(golden):
@@ -82,7 +85,7 @@ def test_matching_half_residual_differs_from_official_quirk(golden):
     official, _ = run_core_scenario(golden, "wars_asc_uncond_first", "blc", True)
     fixed, _ = run_core_scenario(golden, "wars_asc_uncond_first", "blc", False)
     gap = max((a - b).abs().max().item() for a, b in zip(official, fixed))
-    assert 0.01 < gap < 1.0
+    assert 0.05 < gap < 0.2  # golden README: "differs by ~0.1" (measured 0.101)
     # cond-first: the first half IS the kept half, so both choices agree
     official, _ = run_core_scenario(golden, "wars_asc_cond_first", "blc", True)
     fixed, _ = run_core_scenario(golden, "wars_asc_cond_first", "blc", False)
@@ -232,6 +235,27 @@ def test_split_cfg_calls_share_the_cond_output(residual_lookahead):
     assert torch.equal(cond, uncond)
     # the stash is per step: a later step's uncond call does not pick up an old cond output
     assert runtime.state.cfg_share_stash[0][0] == 1
+
+
+def test_split_cfg_asc_full_step_gives_uncond_the_cond_residual():
+    """Regression: with cond and uncond in separate calls, the uncond call of a
+    full_attn+cfg_attn_share step reused the cond output but kept the residual of an older
+    full step, which a later WA-RS step then added. One CFG call caches cat([R, R]): the
+    uncond rows get the cond residual of this step."""
+    window = Window1D(3, 3)
+    runtime = FastAttnRuntime(
+        methods_from_table([["full_attn", "full_attn+cfg_attn_share", "residual_window_attn"]]), window,
+        on_missing_cache="error",
+    )
+    cond = [qkv(batch=2, seed=10 + step) for step in range(3)]
+    uncond = [qkv(batch=2, seed=20 + step) for step in range(3)]
+    for step in range(3):
+        runtime(*cond[step], layer=0, step=step, cfg_rows=[0])
+        out_uncond = runtime(*uncond[step], layer=0, step=step, cfg_rows=[1])
+    q, k, v = cond[1]
+    cond_residual = F.scaled_dot_product_attention(q, k, v) - masked_reference_window_attention(q, k, v, window)
+    expected = masked_reference_window_attention(*uncond[2], window) + cond_residual
+    torch.testing.assert_close(out_uncond, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_reset_between_runs_and_missing_cache_policy():
@@ -390,3 +414,132 @@ def test_half_precision_runtime():
     assert out.dtype == torch.bfloat16
     # WA-RS on the same inputs as the full step reproduces the full output up to rounding
     torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q, k, v).float(), atol=3e-2, rtol=3e-2)
+
+
+# ---------------------------------------------------------------------------- head-wise plans (V2)
+
+
+def test_headwise_plan_mixes_methods_per_head():
+    window = Window1D(3, 3)
+    entries = [["full_attn"] * 3, ["output_share", "residual_window_attn", "residual_window_attn+without_residual"]]
+    runtime = FastAttnRuntime(lambda step, layer: entries[step], window, on_missing_cache="error")
+    q0, k0, v0 = qkv(batch=2, heads=3, seed=0)
+    q1, k1, v1 = qkv(batch=2, heads=3, seed=1)
+    out0 = runtime(q0, k0, v0, layer=0, step=0)
+    torch.testing.assert_close(out0, F.scaled_dot_product_attention(q0, k0, v0))
+    out1 = runtime(q1, k1, v1, layer=0, step=1)
+    window1 = masked_reference_window_attention(q1, k1, v1, window)
+    residual0 = out0 - masked_reference_window_attention(q0, k0, v0, window)
+    assert torch.equal(out1[:, 0], out0[:, 0])  # AST head
+    torch.testing.assert_close(out1[:, 1], window1[:, 1] + residual0[:, 1], atol=1e-5, rtol=1e-5)  # WA-RS head
+    torch.testing.assert_close(out1[:, 2], window1[:, 2], atol=1e-5, rtol=1e-5)  # WA head
+    with pytest.raises(ValueError, match="3 heads"):
+        FastAttnRuntime(lambda s, l: ["full_attn"] * 2, window)(q0, k0, v0, layer=0, step=0)
+
+
+def test_headwise_asc_heads_copy_cond_rows():
+    runtime = FastAttnRuntime(lambda s, l: ["full_attn", "full_attn+cfg_attn_share"], Window1D(2, 2))
+    q, k, v = qkv(batch=4, heads=2)
+    out = runtime(q, k, v, layer=0, step=0, cfg_rows=[1, 0])
+    full = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out[:, 0], full[:, 0])
+    torch.testing.assert_close(out[2:, 1], full[2:, 1])
+    assert torch.equal(out[:2, 1], out[2:, 1])
+
+
+@pytest.fixture(scope="module")
+def v2_golden():
+    if not (GOLDEN / "v2_sd3_layer_plan.json").exists():
+        pytest.skip("golden V2 data not present")
+    from safetensors.torch import load_file
+
+    return (
+        load_file(str(GOLDEN / "v2_sd3_layer_weights.safetensors")),
+        load_file(str(GOLDEN / "v2_sd3_layer_inputs.safetensors")),
+        load_file(str(GOLDEN / "v2_sd3_layer_outputs.safetensors")),
+        json.loads((GOLDEN / "v2_sd3_layer_plan.json").read_text()),
+    )
+
+
+def test_v2_headwise_arrow_attention_and_head_caching_match_official(v2_golden):
+    """DiTFastAttnV2 inference on one SD3-style joint layer (image first, 333 text tokens
+    kept global), driven by the official per-head window tables: -1 = full head,
+    0 = cached head (previous step's output), w = arrow window of w tokens per side."""
+    weights, inputs, outputs, plan = v2_golden
+    heads, text_tokens, steps = 24, 333, 5
+    tables = {0: [[-1, -1]] * heads}
+    tables.update({int(step): table for step, table in plan["window_table_per_step"].items()})
+    for step, cached in plan["output_share_heads_per_step"].items():
+        assert sorted(h for h, (left, _) in enumerate(tables[int(step)]) if left == 0) == sorted(cached)
+
+    def methods_for(step, layer):
+        return [
+            "full_attn" if left < 0 else "output_share" if left == 0 else "residual_window_attn+without_residual"
+            for left, _ in tables[step]
+        ]
+
+    def windows_for(info):
+        return [
+            Window1D(left, right, suffix_tokens=text_tokens) if left > 0 else None
+            for left, right in tables[info.step]
+        ]
+
+    runtime = FastAttnRuntime(methods_for, windows_for, on_missing_cache="error")
+    context = inputs["encoder_hidden_states"]
+    for step in range(steps):
+        x = inputs[f"step{step}.hidden_states"]
+        q = torch.cat([project(weights, x, "to_q"), project(weights, context, "add_q_proj")], dim=1)
+        k = torch.cat([project(weights, x, "to_k"), project(weights, context, "add_k_proj")], dim=1)
+        v = torch.cat([project(weights, x, "to_v"), project(weights, context, "add_v_proj")], dim=1)
+        out = runtime(q, k, v, layer=0, step=step, heads=heads, layout="blc", suffix_tokens=text_tokens)
+        image_out = project(weights, out[:, : x.shape[1]], "to_out.0")
+        text_out = project(weights, out[:, x.shape[1]:], "to_add_out")
+        torch.testing.assert_close(image_out, outputs[f"fast.step{step}.hidden_states_out"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(text_out, outputs[f"fast.step{step}.encoder_hidden_states_out"], atol=1e-5, rtol=0)
+
+
+def test_output_cache_lookahead_keeps_only_what_ast_needs():
+    from fastattn.runtime import output_cache_lookahead_from_table
+
+    table = [["full_attn", "output_share", "output_share", "residual_window_attn", "full_attn"]]
+    keep = output_cache_lookahead_from_table(table)
+    assert [keep(t, 0) for t in range(5)] == [True, True, False, False, False]
+    runtime = FastAttnRuntime(methods_from_table(table), Window1D(3, 3), cache_output=keep, on_missing_cache="error")
+    outs = [runtime(*qkv(seed=t), layer=0, step=t) for t in range(5)]
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    # like the official need_cache_output=False, a step that does not cache leaves the old cache alone
+    assert runtime.state.layer((0, None)).cached_output is outs[0]
+    headwise = output_cache_lookahead_from_table([[["full_attn", "full_attn"], ["output_share", "full_attn"]]])
+    assert headwise(0, 0) and not headwise(1, 0)
+
+
+def test_uniform_headwise_entry_uses_the_layer_path_and_callers_backend():
+    seen = []
+
+    def backend(q, k, v):
+        seen.append(q.shape)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    runtime = FastAttnRuntime(lambda s, l: ["full_attn"] * 2, Window1D(2, 2), needs_residual=lambda s, l: False)
+    q, k, v = qkv(heads=2)
+    out = runtime(q, k, v, layer=0, step=0, full_attention=backend)
+    assert seen and torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    mixed_windows = FastAttnRuntime(constant_plan("residual_window_attn+without_residual"), lambda info: [Window1D(1, 1), Window1D(2, 2)])
+    with pytest.raises(ValueError, match="head-wise plan entry"):
+        mixed_windows(q, k, v, layer=0, step=0)
+
+
+def test_headwise_residual_is_tracked_per_head():
+    entries = [["full_attn", "residual_window_attn+without_residual"], ["residual_window_attn", "residual_window_attn"]]
+    q, k, v = qkv(heads=2)
+    strict = FastAttnRuntime(lambda s, l: entries[s], Window1D(2, 2), on_missing_cache="error")
+    strict(q, k, v, layer=0, step=0)
+    residual = strict.state.layer((0, None)).cached_residual
+    assert not torch.isnan(residual[:, 0]).any() and torch.isnan(residual[:, 1]).all()
+    with pytest.raises(MissingCacheError, match=r"heads \[1\]"):
+        strict(q, k, v, layer=0, step=1)
+    lenient = FastAttnRuntime(lambda s, l: entries[s], Window1D(2, 2))
+    lenient(q, k, v, layer=0, step=0)
+    out = lenient(q, k, v, layer=0, step=1)
+    full = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)  # head 0: W + (O - W); head 1: full fallback

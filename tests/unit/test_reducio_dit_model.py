@@ -71,9 +71,6 @@ def test_tiny_output_shape_and_context_length(height, width):
     cfg = model.config
     seen = []
 
-    class Recorder(ReducioDiT):
-        pass
-
     def attention(q, k, v, mask, *, layer, kind, attention_fn, options):
         seen.append((layer, kind, q.shape[1], k.shape[1]))
         return ReducioDiT.attention(model, q, k, v, mask, layer=layer, kind=kind, attention_fn=attention_fn,

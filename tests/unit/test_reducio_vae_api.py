@@ -160,10 +160,10 @@ def test_auto_tiling_follows_the_window(model, io):
     # tiny tile 32 px -> window 40 px: 40x40 is one window (untiled), 64x64 is tiled
     small = smooth_video(16, 40, 40, seed=7)
     torch.testing.assert_close(model.encode(small), model.encode(small, tiling=False), atol=0, rtol=0)
-    torch.testing.assert_close(model.encode(io["tiled_video"]), io["tiled_latent_det"], **TOL)
-    # a larger tile size makes 64x96 fit differently; with tile 64 the window is 80 px, still tiled
-    latent = model.encode(io["tiled_video"], tile_size=64)
-    assert latent.shape == (1, 8, 4, 8, 12)
+    # a 64-px tile (80-px window) still tiles 64x96: 1 row x 2 columns instead of 2 x 3
+    calls = []
+    latent = model.encode(io["tiled_video"], tile_size=64, progress=lambda d, t: calls.append(t))
+    assert latent.shape == (1, 8, 4, 8, 12) and calls == [2, 2]
 
 
 # ------------------------------------------------------------------------------ hooks
@@ -237,7 +237,7 @@ def test_attention_goes_through_sdpa_and_chunking_is_exact(model, io, monkeypatc
     reference = model.decode_features(io["latent_det"], [io[f"content_feat_{i}"] for i in range(4)])
     assert len(calls) == 4  # mid fusion, mid self-attention, two level fusions
     calls.clear()
-    monkeypatch.setattr(blocks, "MAX_ATTENTION_SCORE_ELEMENTS", 4096)
+    monkeypatch.setattr(blocks, "MAX_ATTENTION_SCORE_ELEMENTS", 1 << 18)
     with torch.no_grad():
         chunked = model.decode_features(io["latent_det"], [io[f"content_feat_{i}"] for i in range(4)])
     assert len(calls) > 4

@@ -294,3 +294,11 @@ def test_convert_rejects_non_safetensors_output(tmp_path, capsys):
 def test_pixart_subcommand_without_dit_package(capsys):
     assert convert_main(["pixart", "--help"]) == 2
     assert "PixArt converter is not available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("reducio.dit") is None, reason="the dit package is not present")
+def test_pixart_subcommand_dispatches_to_dit_converter(capsys):
+    with pytest.raises(SystemExit) as done:
+        convert_main(["pixart", "--help"])
+    assert done.value.code == 0
+    assert "python -m reducio.convert pixart" in capsys.readouterr().out

@@ -1,0 +1,177 @@
+"""The pack's main job, end to end: a headless ComfyUI with this pack runs every example workflow
+through its HTTP API (POST /prompt), and the files the workflows write are collected.
+
+Model files: with ``--models DIR`` (a ComfyUI-style models folder holding e.g.
+``reducio/reducio-ft4-fs32-attn23.safetensors``) the workflows run on your real weights. Without it,
+tiny stand-in files *in the real formats* are written first (random or golden tiny weights: the
+outputs then show that the graphs run, not what the models can do), because no weights can be
+downloaded here. Run with a ComfyUI's own Python (scripts/demo.sh does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "harness"), str(REPO / "tests" / "server"), str(REPO / "tests" / "comfy")]
+
+from harness_comfyui import InProcessComfy, locate_comfyui  # noqa: E402
+from harness_server import ComfyServer, PromptFailed  # noqa: E402
+from harness_workflows import API_DIR, load  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipes: what each example workflow needs before it runs (inputs, stand-ins) and how its shipped
+# graph is adapted to the stand-ins (nothing is adapted when real models are used).
+# ---------------------------------------------------------------------------------------------------
+class Recipes:
+    def __init__(self, server: ComfyServer, shared: Path, real_models: bool, comfy: InProcessComfy | None):
+        self.server, self.shared, self.real_models, self.comfy = server, shared, real_models, comfy
+
+    def prepare_reducio_vae(self) -> None:
+        from test_reducio_vae_workflows import VIDEO_NAME, write_test_video
+
+        video = self.server.input_dir / VIDEO_NAME
+        if not video.exists():
+            write_test_video(video, 24, 64, 80)   # small: stand-ins run on the CPU
+        if self.real_models:
+            return
+        from safetensors.torch import load_file, save_file
+
+        base = self.shared / "golden" / "reducio"
+        config = json.loads((base / "tiny_config.json").read_text())["constructor_kwargs"]
+        folder = self.server.models_dir / "reducio"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(load_file(str(base / "tiny_weights.safetensors")),
+                  str(folder / "reducio-ft4-fs32-attn23.safetensors"),
+                  metadata={"reducio_config": json.dumps(config), "format": "pt"})
+
+    def prepare_reducio_dit(self) -> None:
+        import reducio_dit_standins as standins
+
+        if self.real_models:
+            return
+        standins.write_all(self.server.models_dir, self.server.input_dir, self.shared / "golden",
+                           self.comfy.install.root)
+
+    def prepare_ditfastattn(self) -> None:
+        if self.real_models:
+            return
+        import fastattn_tiny as tiny
+        from test_fastattn_workflows import MODEL_FILE
+
+        folder = self.server.models_dir / "diffusion_models"
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / MODEL_FILE).exists():
+            tiny.write_diffusion_model_file(tiny.tiny_cosmos_predict2(seed=0), folder / MODEL_FILE)
+
+    def adapt(self, name: str, prompt: dict) -> dict:
+        if self.real_models:
+            return prompt
+        if name.startswith("reducio_dit_"):
+            import reducio_dit_standins as standins
+
+            return standins.adapt_prompt_to_standins(prompt, steps=4)
+        if name.startswith("ditfastattn_"):
+            # The tests' small settings (size, steps) for a CPU; the graph itself is the shipped one.
+            from test_fastattn_workflows import COMMON_OVERRIDES, OVERRIDES
+
+            for overrides in (COMMON_OVERRIDES, OVERRIDES.get(name, {})):
+                for node_id, values in overrides.items():
+                    prompt[node_id]["inputs"].update(values)
+        return prompt
+
+    def before(self, name: str) -> None:
+        if name.startswith("reducio_vae_"):
+            self.prepare_reducio_vae()
+        if name == "reducio_vae_decode_from_latent":
+            # Decode the latent file the encode workflow wrote (LoadLatent reads from input/).
+            latents = sorted((self.server.output_dir).rglob("*.latent"), key=os.path.getmtime)
+            contents = sorted((self.server.output_dir).rglob("*content*.png"), key=os.path.getmtime)
+            if latents:
+                shutil.copy(latents[-1], self.server.input_dir / "reducio_motion.latent")
+            if contents:
+                shutil.copy(contents[-1], self.server.input_dir / "reducio_content.png")
+        if name.startswith("reducio_dit_"):
+            self.prepare_reducio_dit()
+        if name.startswith("ditfastattn_"):
+            self.prepare_ditfastattn()
+
+
+# Encode-to-file runs before decode-from-file; everything else in name order.
+ORDER_FIRST = ["reducio_vae_roundtrip", "reducio_vae_encode_to_latent", "reducio_vae_decode_from_latent"]
+
+
+def workflow_names() -> list[str]:
+    names = sorted(p.stem for p in API_DIR.glob("*.json"))
+    return [n for n in ORDER_FIRST if n in names] + [n for n in names if n not in ORDER_FIRST]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, help="a ComfyUI models folder with real weights")
+    parser.add_argument("--out", type=Path, default=REPO / "demo_output", help="where the outputs are copied")
+    parser.add_argument("--only", nargs="*", help="run only these workflows (file names in workflows/api without .json)")
+    args = parser.parse_args(argv)
+
+    install = locate_comfyui()
+    if install is None:
+        print("No ComfyUI found: run scripts/setup_comfyui.sh or set COMFYUI_PATH.", file=sys.stderr)
+        return 2
+    shared = Path(os.environ.get("REDUCIO_SHARED", REPO.parent / "shared"))
+    if args.models is None and not (shared / "golden").is_dir():
+        print(f"Stand-in models need the golden tiny weights in {shared}/golden (or pass --models).",
+              file=sys.stderr)
+        return 2
+
+    base = REPO / "build" / "demo"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    if args.models is not None:
+        os.symlink(args.models.resolve(), base / "models", target_is_directory=True)
+    # Stand-ins are built from ComfyUI's own classes, so ComfyUI is imported here too.
+    comfy = InProcessComfy(install, base / "inprocess") if args.models is None else None
+    server = ComfyServer(install, base)
+    recipes = Recipes(server, shared, args.models is not None, comfy)
+    print(f"Starting ComfyUI {install.version} (headless, CPU) with the pack ...", flush=True)
+    server.start()
+    results = []
+    try:
+        for name in workflow_names():
+            if args.only and name not in args.only:
+                continue
+            recipes.before(name)
+            prompt = recipes.adapt(name, load(API_DIR / f"{name}.json"))
+            started = time.time()
+            try:
+                entry = server.run_prompt(prompt, timeout=1800)
+            except PromptFailed as err:
+                results.append((name, "FAILED", time.time() - started, [str(err).splitlines()[0]]))
+                continue
+            dest = args.out / name
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+            files = []
+            for path in server.output_files(entry):
+                if path.is_file():
+                    shutil.copy(path, dest / path.name)
+                    files.append(str((dest / path.name).relative_to(REPO)) if dest.is_relative_to(REPO)
+                                 else str(dest / path.name))
+            results.append((name, "ok", time.time() - started, files))
+    finally:
+        server.stop()
+    print("\nworkflow results" + (" (tiny stand-in models)" if args.models is None else ""))
+    for name, status, seconds, files in results:
+        print(f"  {status:6s} {name:40s} {seconds:6.1f}s  " + ", ".join(files))
+    failed = [r for r in results if r[1] != "ok"]
+    print(f"demo: {len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
