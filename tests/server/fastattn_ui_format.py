@@ -7,6 +7,14 @@ graph with widget values in the positions the frontend expects.
 from __future__ import annotations
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+# Layout estimates in LiteGraph pixels, measured in the real frontend (1.27 and 1.35) by the browser
+# tier: a title bar above the node, one 20 px row per socket, about 25 px per widget value.
+TITLE_BAR_PX, SOCKET_ROW_PX, WIDGET_ROW_PX, NODE_GAP_PX = 30, 20, 25, 40
+
+
+def _estimated_body_height(node: dict) -> int:
+    socket_rows = max(len(node["inputs"]), len(node["outputs"]))   # widgets are not in node["inputs"]
+    return SOCKET_ROW_PX * socket_rows + WIDGET_ROW_PX * len(node["widgets_values"]) + 20
 
 
 def _ordered_inputs(info: dict) -> list[tuple[str, list]]:
@@ -60,8 +68,13 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
                             "slot_index": slot}
                            for slot, (name, kind) in enumerate(zip(info.get("output_name", info["output"]), info["output"]))]
         column, row = divmod(order, 4)
-        node.update({"pos": [60 + 380 * column, 60 + 260 * row], "size": [340, 220], "flags": {}, "order": order,
+        if row == 0:
+            y = 60
+        height = _estimated_body_height(node)
+        node.update({"pos": [60 + 400 * column, y], "size": [340, height], "flags": {}, "order": order,
                      "mode": 0, "properties": {"Node name for S&R": node["type"]}})
+        # The frontend draws a title bar above `pos` and may grow a node to fit its widgets: leave room.
+        y += height + TITLE_BAR_PX + NODE_GAP_PX
         if title:
             node["title"] = title
     ordered = [{k: n[k] for k in ("id", "type", "title", "pos", "size", "flags", "order", "mode", "inputs",
