@@ -16,21 +16,6 @@ import fastattn_tiny as tiny  # noqa: E402
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def fa(comfy):
-    return tiny.PackModules(comfy)
-
-
-@pytest.fixture(scope="module")
-def wan():
-    return tiny.tiny_wan(seed=0)
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny.tiny_flux(seed=0)
-
-
 WAN_POS, WAN_NEG = tiny.conditioning(7, seed=1), tiny.conditioning(5, seed=2)
 
 

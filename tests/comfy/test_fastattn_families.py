@@ -17,11 +17,6 @@ import fastattn_tiny as tiny  # noqa: E402
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def fa(comfy):
-    return tiny.PackModules(comfy)
-
-
 def spy_calls(fa, monkeypatch):
     run_state = sys.modules[fa.patcher.__name__.rsplit(".", 1)[0] + ".run_state"]
     seen = []

@@ -17,21 +17,6 @@ import fastattn_tiny as tiny  # noqa: E402
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.fixture(scope="module")
-def fa(comfy):
-    return tiny.PackModules(comfy)
-
-
-@pytest.fixture(scope="module")
-def wan():
-    return tiny.tiny_wan(seed=0)
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny.tiny_flux(seed=0)
-
-
 def wan_case(cfg=2.0, split=True, batch=1):
     pos = tiny.conditioning(7, seed=1)
     neg = tiny.conditioning(5 if split else 7, seed=2)

@@ -1,0 +1,24 @@
+"""Tier 2 fixtures shared by the DiTFastAttn test modules: the pack's modules as ComfyUI loaded them,
+and tiny randomly initialised native models (see fastattn_tiny.py)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fastattn_tiny as tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fa(comfy):
+    return tiny.PackModules(comfy)
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return tiny.tiny_wan(seed=0)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny.tiny_flux(seed=0)
