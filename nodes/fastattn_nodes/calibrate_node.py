@@ -32,7 +32,7 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
         name = type(getattr(model.model, "diffusion_model", None)).__name__
         reason = f" ({family.unsupported_reason})" if family is not None else ""
         raise ValueError(f"DiTFastAttn cannot calibrate {name}{reason}: supported families are Wan, "
-                         f"Flux/Chroma, SD3, HunyuanVideo, LTXV, Cosmos-Predict2 and Reducio-DiT")
+                         f"Flux/Chroma, SD3, HunyuanVideo, LTXV, Cosmos-Predict2, PixArt and Reducio-DiT")
     if not candidates:
         raise ValueError("no compression method is allowed: enable at least one of "
                          "allow_output_share, allow_window, allow_cfg_share")

@@ -42,7 +42,9 @@ class Family:
     self_attention_call: int = 0
     # "replace": tag layers through patches_replace["dit"]; "count": the model has neither
     # patches_replace nor block_index, so layers come from counting attention calls per model
-    # call (``calls_per_block`` calls per block, in order); "unsupported": logged no-op.
+    # call (``calls_per_block`` calls per block, in order); "object_patch": the model never passes
+    # transformer_options to attention, so each block's self-attention forward is replaced by a
+    # ModelPatcher object patch that does (PixArt); "unsupported": logged no-op.
     tagging: str = "replace"
     calls_per_block: int = 1
     unsupported_reason: str = ""
@@ -156,16 +158,14 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         # Native PixArt calls optimized_attention without transformer_options and drops them in
-        # its forward, so no override ever reaches it. The only way in would be object patches
-        # that re-implement each block's attention forward: a copied model forward, which this
-        # pack refuses to ship (it is what breaks TeaCache/MagCache on every core update).
+        # its forward, so the override never reaches it (spec 15.1/15.2). The way in is one
+        # object patch per block on ``blocks.{i}.attn.forward`` (see pixart_patch.py) that hands
+        # the self-attention call the model call's transformer_options; cross-attention is untouched.
         name="pixart",
         class_names=("PixArtMS", "PixArt"),
         block_groups=(BlockGroup("blocks", "", "block"),),
         text_position=TEXT_NONE,
-        tagging="unsupported",
-        unsupported_reason="native PixArt's attention never receives transformer_options; patching "
-                           "it would need a copied attention forward, which this pack does not do",
+        tagging="object_patch",
         patch_size=lambda dm: _int_tuple(dm.patch_size),
     ),
 )

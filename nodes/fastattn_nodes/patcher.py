@@ -7,6 +7,8 @@
   plan, freed in ``finally``), ``PREDICT_NOISE`` (denoiser evaluation counter = plan step),
   ``APPLY_MODEL`` (latent shape -> token grid, conditioning length);
 * ``patches_replace["dit"]`` entries that tag the layer index (chaining an existing entry);
+* for native PixArt only (its attention never receives transformer_options): one
+  ``add_object_patch`` per block on ``blocks.{i}.attn.forward`` (see pixart_patch.py);
 
 Nothing is stored on the model or in module globals. Objects placed in ``model_options`` are
 closures or return themselves from ``__deepcopy__`` (``ModelPatcher.clone`` deep-copies
@@ -25,6 +27,7 @@ import torch
 from ...fastattn.methods import residual_needed
 from ...fastattn.plan import Plan, PlanMismatchError, RunSignature
 from ...fastattn.windows import grid_window_fraction, window_1d_fraction
+from . import pixart_patch
 from .families import Family, detect_family
 from .run_state import FULL, RunState
 
@@ -97,6 +100,8 @@ class PatchSpec(Shared):
         self.calibration = calibration        # a calibration session (calibrate node) or None
         self.signature = signature
         self.sink = ReportSink()
+        # transformer_options of the model call in progress, for object-patched forwards (PixArt)
+        self.model_call = pixart_patch.ModelCallContext()
         self._residual_table = None
         if plan is not None:
             self._residual_table = [residual_needed(list(plan.layer_methods(i)))
@@ -394,7 +399,13 @@ def _make_apply_model_wrapper(spec: PatchSpec):
             context_len = context.shape[1] if torch.is_tensor(context) and context.ndim == 3 else None
             options[GEOMETRY_KEY] = (grid, context_len)
             options[COUNT_KEY] = 0
-        return executor(*args, **kwargs)
+        if spec.family.tagging != "object_patch":
+            return executor(*args, **kwargs)
+        previous = spec.model_call.enter(options if isinstance(options, dict) else None)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            spec.model_call.leave(previous)
 
     return ditfastattn_apply_model
 
@@ -473,6 +484,9 @@ def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = W
             for i in range(len(blocks)):
                 key = (group.replace_kind, i)
                 dit[key] = _make_layer_tag(f"{group.layer_prefix}.{i}", dit.get(key))
+    elif family.tagging == "object_patch":
+        pixart_patch.install(clone, diffusion_model, family.block_groups[0].layer_prefix,
+                             spec.model_call, LAYER_KEY, CALL_KEY)
     return clone, spec
 
 
@@ -483,6 +497,7 @@ def _remove_from(clone, spec: Optional[PatchSpec]) -> None:
     options = clone.model_options.setdefault("transformer_options", {})
     for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.PREDICT_NOISE, pe.WrappersMP.APPLY_MODEL):
         clone.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    pixart_patch.remove(clone)
     if spec is None:
         return
     if spec.previous_override is not None:

@@ -45,6 +45,9 @@ FAMILIES = {
     "sd3": (tiny.tiny_sd3, lambda s: tiny.conditioning(6, seed=s, pooled=8), tiny.image_latent(), (6, 0, (4, 4)), 1),
     "hunyuan_video": (tiny.tiny_hunyuan_video, lambda s: tiny.conditioning(6, seed=s, pooled=8),
                       tiny.video_latent(), (0, 6, (3, 4, 4)), 1),
+    # PixArt is reached through per-block object patches, not the override (spec 15.2)
+    "pixart": (tiny.tiny_pixart, lambda s: tiny.conditioning(6, seed=s), tiny.image_latent(channels=4, size=48),
+               (0, 0, (24, 24)), 1),
 }
 
 
@@ -113,13 +116,12 @@ def test_reducio_dit_through_the_native_loader(fa, comfy, monkeypatch):
     assert plan.metadata.architecture == "reducio_dit"
 
 
-def test_pixart_and_unknown_models_are_explained_no_ops(fa, caplog):
+def test_pixart_is_patched_through_object_patches_not_a_no_op(fa):
     model = tiny.tiny_pixart()
-    plan = fa.Plan([["full_attn"] * 2] * 4, {})
-    with caplog.at_level("WARNING"):
-        patched = fa.apply(model, plan)
-    assert fa.patcher.installed_spec(patched) is None
-    assert "transformer_options" in caplog.text
-    with pytest.raises(ValueError, match="cannot calibrate"):
-        fa.calibrate(model, tiny.conditioning(6), tiny.conditioning(6, seed=2),
-                     tiny.image_latent(channels=4, size=64))
+    family = fa.families.detect_family(model)
+    assert family.name == "pixart" and family.tagging == "object_patch"
+    patched = fa.apply(model, fa.full_plan(model, 4))
+    assert fa.patcher.installed_spec(patched) is not None
+    assert sorted(k for k in patched.object_patches if k.endswith(".attn.forward")) == \
+        [f"diffusion_model.blocks.{i}.attn.forward" for i in range(2)]
+    assert not model.object_patches, "the input model must not get object patches"
