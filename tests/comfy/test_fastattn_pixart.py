@@ -25,11 +25,6 @@ def latent():
 
 
 @pytest.fixture(scope="module")
-def fa(comfy):
-    return tiny.PackModules(comfy)
-
-
-@pytest.fixture(scope="module")
 def pixart():
     return tiny.tiny_pixart(seed=0)
 
