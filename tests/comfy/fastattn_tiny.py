@@ -192,3 +192,25 @@ def lotus_conditioning():
 
     result = lotus.LotusConditioning.execute()
     return result.result[0] if hasattr(result, "result") else result[0]
+
+
+def tiny_ltxv(seed=0, layers=2, heads=4, head_dim=16, text_width=32):
+    """LTXV (``LTXVModel``) with 128 latent channels (its latent format) and a small width.
+
+    Only constructor keywords present in both 0.3.64 and 0.8.0 are passed (0.8.0 added
+    ``use_middle_indices_grid`` / ``timestep_scale_multiplier`` with defaults)."""
+    import comfy.supported_models
+
+    cfg = dict(image_model="ltxv", in_channels=128, cross_attention_dim=heads * head_dim,
+               attention_head_dim=head_dim, num_attention_heads=heads, caption_channels=text_width,
+               num_layers=layers)
+    return _finish(comfy.supported_models.LTXV(cfg), seed)
+
+
+def ltxv_conditioning(length=6, width=32, seed=1, frame_rate=25):
+    """LTXV conditioning: the text tokens plus the ``attention_mask`` (integer 0/1, as the text
+    encoder gives it; LTXV turns only a non-float mask into an additive bias) and ``frame_rate`` keys its
+    ``extra_conds`` reads (the LTXV text encoder node would add them)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, length, width, generator=generator),
+             {"attention_mask": torch.ones(1, length, dtype=torch.long), "frame_rate": frame_rate}]]
