@@ -24,7 +24,7 @@ def test_ltxv(fa, monkeypatch):
     model = tiny.tiny_ltxv(seed=0)
     family = fa.families.detect_family(model)
     assert family.name == "ltxv"
-    # same text length for both so ComfyUI batches cond and uncond into one model call
+    # same text length for both: masks of equal shape let ComfyUI batch cond and uncond into one call
     pos, neg = tiny.ltxv_conditioning(seed=1), tiny.ltxv_conditioning(seed=2)
     latent = {"samples": torch.zeros(1, 128, FRAMES, SIZE, SIZE)}
     ref = fa.sample(model, pos, neg, latent)
