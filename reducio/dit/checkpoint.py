@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Mapping
 
 import torch
 
+from ..files import abbreviate, atomic_write_safetensors
 from .config import ReducioDiTConfig
 
 FORMAT_NAME = "reducio-dit"
@@ -74,19 +74,15 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ReducioDiTC
     parts = []
     if wrong:
         parts.append(f"{len(wrong)} tensor(s) do not match the config (the config in the metadata does not "
-                     f"describe these weights): {_head(wrong)}")
+                     f"describe these weights): {abbreviate(wrong, 6)}")
     if missing:
-        parts.append(f"{len(missing)} missing key(s): {_head(missing)}")
+        parts.append(f"{len(missing)} missing key(s): {abbreviate(missing, 6)}")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_head(unexpected)}")
+        parts.append(f"{len(unexpected)} unexpected key(s): {abbreviate(unexpected, 6)}")
     if bad_dtype:
-        parts.append(f"unsupported tensor dtypes (float32, bfloat16, float16 only): {_head(bad_dtype)}")
+        parts.append(f"unsupported tensor dtypes (float32, bfloat16, float16 only): {abbreviate(bad_dtype, 6)}")
     raise CheckpointError(f"{source} is not a valid Reducio-DiT checkpoint for its config "
                           f"(depth {config.depth}, hidden {config.hidden_size}): " + "; ".join(parts))
-
-
-def _head(items: list[str], n: int = 6) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
 def config_from_metadata(metadata: Mapping[str, str] | None, source: str = "checkpoint",
@@ -159,8 +155,6 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 def save_checkpoint(model_or_state_dict, path: str | os.PathLike, config: ReducioDiTConfig | None = None,
                     dtype: torch.dtype | None = None, extra_metadata: Mapping[str, str] | None = None) -> None:
     """Write a checkpoint atomically (temporary file in the target folder, then rename)."""
-    from safetensors.torch import save_file
-
     if isinstance(model_or_state_dict, torch.nn.Module):
         state_dict = model_or_state_dict.state_dict()
         config = config or getattr(model_or_state_dict, "config", None)
@@ -175,18 +169,7 @@ def save_checkpoint(model_or_state_dict, path: str | os.PathLike, config: Reduci
                for k, v in state_dict.items()}
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config.to_json()}
     metadata.update(extra_metadata or {})
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_safetensors(tensors, metadata, path, overwrite=True, create_folder=True)
 
 
 def describe(path: str | os.PathLike) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from ..files import abbreviate, atomic_write_safetensors  # noqa: F401  (re-exported)
 from .blocks import sinusoid_table
 from .config import official_config
 
@@ -181,11 +181,6 @@ def normalize_config(config: Mapping) -> dict:
     return dict(config)
 
 
-def _listing(keys: list) -> str:
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    return shown + (f", ... ({len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
-
-
 def check_keys(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], name: str) -> None:
     """Strict key and shape check; the error lists missing, unexpected and mis-shaped tensors."""
     missing = [k for k in expected if k not in state_dict]
@@ -196,11 +191,11 @@ def check_keys(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, to
         return
     parts = [f"{name} does not match the Reducio VAE; it looks like {describe_state_dict(state_dict)}."]
     if missing:
-        parts.append(f"Missing {len(missing)} tensors: {_listing(missing)}.")
+        parts.append(f"Missing {len(missing)} tensors: {abbreviate(missing, MAX_LISTED_KEYS)}.")
     if unexpected:
-        parts.append(f"Unexpected {len(unexpected)} tensors: {_listing(unexpected)}.")
+        parts.append(f"Unexpected {len(unexpected)} tensors: {abbreviate(unexpected, MAX_LISTED_KEYS)}.")
     if wrong:
-        parts.append(f"Wrong shapes for {len(wrong)} tensors: {_listing(wrong)}.")
+        parts.append(f"Wrong shapes for {len(wrong)} tensors: {abbreviate(wrong, MAX_LISTED_KEYS)}.")
     raise CheckpointError(" ".join(parts))
 
 
@@ -244,26 +239,6 @@ def load_model(cls, path: PathLike, device: Union[str, torch.device] = "cpu",
 
 
 # ---------------------------------------------------------------------------------------- writing
-def atomic_write_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                             out_path: PathLike, overwrite: bool = False) -> Path:
-    """Write a .safetensors file via a temporary file in the same folder and an atomic rename."""
-    from safetensors.torch import save_file
-
-    out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise FileExistsError(f"{out_path} already exists; pass --force (overwrite=True) to replace it")
-    if not out_path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {out_path.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_name, metadata=dict(metadata))
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    return out_path
 
 
 def convert_to_safetensors(in_path: PathLike, out_path: PathLike, overwrite: bool = False,
