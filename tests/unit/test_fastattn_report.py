@@ -10,9 +10,9 @@ from fastattn.flops import AttentionShape
 from fastattn.plan import AST, ASC, FULL, WARS, WARS_ASC, Plan
 from fastattn.report import METHOD_STYLE, legend, legend_text, method_map, summarize
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+from golden import golden_path  # noqa: E402  (tests/harness)
 
-
+GOLDEN = golden_path("fastattn")
 def _golden_plan(thr="0.15"):
     raw = json.loads((GOLDEN / f"calib_dit_thr{thr}_plan.json").read_text())
     return Plan.from_official(raw, {"threshold": float(thr), "window": [8, 8],
