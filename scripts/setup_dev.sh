@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The pack's own venv (.venv) for the pure tier-1 tests and the benchmarks: small CPU torch wheel,
-# the package deps and the test extra (diffusers for the DiTFastAttn parity harness). Idempotent.
+# the package deps, the test extra (diffusers for the DiTFastAttn parity harness) and the train extra
+# (PyAV, scikit-image). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -10,5 +11,10 @@ if [ ! -f .venv/.deps_done ]; then
   .venv/bin/pip install -q torch==2.13.0
   .venv/bin/pip install -q einops safetensors numpy pytest "diffusers==0.31.0" "transformers<5" accelerate
   touch .venv/.deps_done
+fi
+# the [train] extra (PyAV, scikit-image): reducio.data / reducio.train and their tests
+if [ ! -f .venv/.train_deps_done ]; then
+  .venv/bin/pip install -q av scikit-image pillow
+  touch .venv/.train_deps_done
 fi
 echo "dev venv ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
