@@ -19,6 +19,7 @@ class Distributed:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    owns_group: bool = False     # created by setup() (and so destroyed by teardown())
 
     @property
     def is_main(self) -> bool:
@@ -68,12 +69,13 @@ def setup(device: str = "auto") -> Distributed:
     backend = "nccl" if want_cuda else "gloo"
     if want_cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend)
-    return Distributed(rank=rank, world=world, local_rank=local_rank, backend=backend,
+    return Distributed(rank=rank, world=world, local_rank=local_rank, backend=backend, owns_group=owns,
                        device=torch.device(f"cuda:{local_rank}" if want_cuda else "cpu"))
 
 
 def teardown(info: Distributed) -> None:
-    if info.active and dist.is_initialized():
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
