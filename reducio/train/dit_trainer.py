@@ -176,7 +176,10 @@ class DiTTrainer(Trainer):
 
     def checkpoint_files(self) -> dict:
         model, ema = self._model_file(self.model), self._model_file(self.ema)
-        tensors, extra = flatten_optimizer_state(get_optimizer_state_dict(self.model, self.optimizer, options=FULL))
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=FULL)   # collective
+        if not self.dist.is_main:        # full state dicts are gathered on rank 0 only
+            return {}
+        tensors, extra = flatten_optimizer_state(optimizer)
         return {"model": model, "ema": ema, "optimizer": (tensors, {"param_groups": json.dumps(extra)})}
 
     def load_checkpoint(self, path: Path, state: dict) -> None:

@@ -214,12 +214,17 @@ class VAETrainer(Trainer):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         out = {}
         for name, model, opt in (("optimizer_g", self.vae, self.opt_g), ("optimizer_d", self.discriminator, self.opt_d)):
-            tensors, extra = flatten_optimizer_state(get_optimizer_state_dict(model, opt, options=options))
+            state = get_optimizer_state_dict(model, opt, options=options)
+            if not self.dist.is_main:
+                continue
+            tensors, extra = flatten_optimizer_state(state)
             out[name] = (tensors, {"param_groups": json.dumps(extra)})
         return out
 
     def checkpoint_files(self) -> dict:
         files = self._optimizer_files()
+        if not self.dist.is_main:
+            return {}
         meta = {CONFIG_METADATA_KEY: json.dumps(self.vae.config, sort_keys=True),
                 VARIANT_METADATA_KEY: self.vae.variant, "format": "pt", "trained_with": "reducio.train vae"}
         files["model"] = ({k: v.detach().cpu() for k, v in self.vae.state_dict().items()}, meta)
