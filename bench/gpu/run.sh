@@ -30,7 +30,10 @@ for a in "$@"; do [[ "$a" == --out* ]] && has_out=1; done
 if [[ $has_out == 0 && $smoke == 0 ]]; then
     args+=(--out bench/gpu_results.json)
     # On the device machine only what lands under $OUT comes back: write the JSON there as well.
-    if [[ -n "${OUT:-}" ]]; then args+=(--out "$OUT/gpu_results.json"); fi
+    if [[ -n "${OUT:-}" ]]; then
+        args+=(--out "$OUT/gpu_results.json")
+        exec > >(tee -a "$OUT/gpu_bench.log") 2>&1   # the whole log comes back too
+    fi
 fi
 
 export PYTHONUNBUFFERED=1

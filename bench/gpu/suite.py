@@ -274,7 +274,7 @@ def run_window_kernels(settings: Settings, results: Results, budget: Budget) -> 
                            "timing": f"median of {settings.repeats} after {settings.warmup} warm-up runs",
                            "numerics": f"{settings.check_rows} query rows at the start, middle and end vs "
                                        f"float64 SDPA on the CPU (window mask for window kernels)"}
-    props_l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    props_l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) if device.type == "cuda" else 0
     for label, batch, heads, seq_len, dim in settings.kernel_cases:
         case = {"label": label, "batch": batch, "heads": heads, "seq_len": seq_len, "head_dim": dim}
         section["cases"].append(case)
@@ -296,7 +296,7 @@ def run_window_kernels(settings: Settings, results: Results, budget: Budget) -> 
             for name, (fn, skipped, windowed) in _kernel_backends(settings, device, seq_len).items():
                 entry = case["backends"].setdefault(name, {})
                 if fn is None:
-                    entry.update(status="skipped", reason=skipped)
+                    entry.update(status="unavailable", reason=skipped)
                     continue
                 try:
                     budget.require(3.0, f"L={seq_len} {name}")
@@ -331,7 +331,8 @@ def run_window_kernels(settings: Settings, results: Results, budget: Budget) -> 
                     entry["time_vs_sdpa_full"] = entry["median_ms"] / base
             if device.type == "cuda":
                 case["auto_backend"] = choose_backend(q, window)
-            case["status"] = "ok"
+            statuses = {entry["status"] for entry in case["backends"].values()}
+            case["status"] = "ok" if statuses <= {"ok", "unavailable"} else "partial"
         except BudgetSpent as spent:
             case.update(status="skipped", reason=str(spent))
         except Exception as error:  # noqa: BLE001
@@ -372,6 +373,30 @@ def _vae_float64_references(base: ReducioVAE, settings: Settings, device: torch.
     return references
 
 
+def _vae_numerics(model, dtype_name, references, settings, results, budget, device) -> None:
+    """Encode and decode of every check case in `dtype_name` against the float64 references."""
+    dtype = DTYPES[dtype_name]
+    tol = TOLERANCE["network_fp16" if dtype == torch.float16 else "network_bf16"]
+    where = "float64 VAE on " + device.type + " (final latent norm and video in float32)"
+    for label, size, tiled, tile_size in settings.vae_check_cases:
+        if label not in references:
+            continue
+        budget.require(3.0, f"numerics {label} {dtype_name}")
+        reference = references[label]
+        video = reference["video"].to(device)
+        poisoned = poison_free_memory(device, 2 * video.numel() * 4)
+        latent = model.encode(video, tiling=tiled, tile_size=tile_size)
+        results.add_numerics("vae", f"encode {label} {dtype_name}", relative_error(
+            latent, reference["latent"], tolerance=tol, reference=where, poisoned_bytes=poisoned))
+        poisoned = poison_free_memory(device, 2 * video.numel() * 4)
+        decoded = model.decode(reference["latent"].to(device, torch.float32), video[:, :, 7],
+                               tiling=tiled, tile_size=tile_size)
+        results.add_numerics("vae", f"decode {label} {dtype_name}", relative_error(
+            decoded, reference["decoded"], tolerance=tol, reference=where, poisoned_bytes=poisoned))
+        del video, latent, decoded
+        results.write()
+
+
 def run_vae(settings: Settings, results: Results, budget: Budget) -> None:
     device = torch.device(settings.device)
     section = results.section("vae")
@@ -402,29 +427,18 @@ def run_vae(settings: Settings, results: Results, budget: Budget) -> None:
         dtype = DTYPES[dtype_name]
         model = copy.deepcopy(base).to(dtype)
         try:
-            for label, reference in references.items():
-                budget.require(3.0, f"numerics {label} {dtype_name}")
-                size, tiled, tile_size = next((c[1], c[2], c[3]) for c in settings.vae_check_cases if c[0] == label)
-                video = reference["video"].to(device)
-                tol = TOLERANCE["network_fp16" if dtype == torch.float16 else "network_bf16"]
-                poisoned = poison_free_memory(device, 2 * video.numel() * 4)
-                latent = model.encode(video, tiling=tiled, tile_size=tile_size)
-                results.add_numerics("vae", f"encode {label} {dtype_name}", relative_error(
-                    latent, reference["latent"], tolerance=tol, reference="float64 VAE on " + device.type,
-                    poisoned_bytes=poisoned))
-                poisoned = poison_free_memory(device, 2 * video.numel() * 4)
-                decoded = model.decode(reference["latent"].to(device, torch.float32), video[:, :, 7],
-                                       tiling=tiled, tile_size=tile_size)
-                results.add_numerics("vae", f"decode {label} {dtype_name}", relative_error(
-                    decoded, reference["decoded"], tolerance=tol, reference="float64 VAE on " + device.type,
-                    poisoned_bytes=poisoned))
-                del video, latent, decoded
-                results.write()
+            try:
+                _vae_numerics(model, dtype_name, references, settings, results, budget, device)
+            except BudgetSpent as spent:
+                section["numerics_skipped"] = str(spent)
+            except Exception as error:  # noqa: BLE001 - the timings still run
+                section.setdefault("numerics_failed", error_record(error))
+                free_device_memory(device)
             for index, (label, size, tiled, tile_size) in enumerate(settings.vae_cases):
                 height, width = _size_hw(size)
                 video = _vae_video(size, device, seed=index)
                 content = video[:, :, 7].contiguous()
-                latent = {}  # the encode case's output feeds the decode case
+                outputs = {}  # the encode case's latent feeds the decode case
                 for op in ("encode", "decode"):
                     case = {"case": label, "op": op, "dtype": dtype_name, "tiled": tiled,
                             "estimate_mib": estimate_memory(config, op, 16, height, width, dtype=dtype,
@@ -434,25 +448,26 @@ def run_vae(settings: Settings, results: Results, budget: Budget) -> None:
                         budget.require(settings.vae_case_estimate_s[1 if tiled else 0], f"{op} {label} {dtype_name}")
                         if op == "encode":
                             def run(i):
-                                latent["z"] = model.encode(video, tiling=tiled, tile_size=tile_size)
-                                return latent["z"]
+                                outputs["encode"] = model.encode(video, tiling=tiled, tile_size=tile_size)
                         else:
                             def run(i):
-                                return model.decode(latent["z"], content, tiling=tiled, tile_size=tile_size)
+                                outputs["decode"] = model.decode(outputs["encode"], content, tiling=tiled,
+                                                                 tile_size=tile_size)
                         repeats = settings.vae_repeats[1 if tiled else 0]
                         with PeakMemory(device) as peak:
                             timing = time_calls(run, device, warmup=1, repeats=repeats)
-                        out = run(0) if op == "decode" else latent["z"]
+                        out = outputs[op]
                         case.update(status="ok", **timing, **peak.record(), output_shape=list(out.shape),
                                     output_finite=bool(torch.isfinite(out).all()))
                         del out
+                        outputs.pop("decode", None)
                     except BudgetSpent as spent:
                         case.update(status="skipped", reason=str(spent))
                     except Exception as error:  # noqa: BLE001
                         case.update(status="failed", **error_record(error))
                         free_device_memory(device)
                     results.write()
-                del video, content, latent
+                del video, content, outputs
                 free_device_memory(device)
         finally:
             del model
@@ -481,14 +496,16 @@ def dit_inputs(cfg, size: int, device, dtype, seed: int, batch: int = 2) -> dict
 
 
 def build_dit(cfg, device, dtype, seed: int) -> ReducioDiT:
-    """Random weights, N(0, 0.02) everywhere: the from-scratch init zeroes the output layers, which
-    would make every output (and so every numerics check) trivially zero."""
-    model = ReducioDiT(cfg).eval()
-    generator = torch.Generator().manual_seed(seed)
+    """Random weights, N(0, 0.02) everywhere, drawn on `device` (the XL model has 0.6 G parameters:
+    building it on the meta device and filling it there skips a CPU init of each). The from-scratch
+    init is not used: it zeroes the output layers, which would make every output, and so every
+    numerics check, trivially zero."""
+    model = ReducioDiT(cfg, device="meta", dtype=dtype).to_empty(device=device).eval()
+    generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return model.to(device=device, dtype=dtype)
+            parameter.normal_(0.0, 0.02, generator=generator)
+    return model
 
 
 def bench_plan(depth: int) -> Plan:
@@ -647,7 +664,8 @@ def run(settings: Settings, out_paths, sections=None) -> dict:
     results.data["device"] = describe_device(settings)
     results.write()
     torch.manual_seed(0)
-    for name in sections or list(SECTIONS):
+    requested = list(sections or SECTIONS)
+    for name in requested:
         section = results.section(name)
         budget = Budget(settings.section_budget_s[name], cap=total)
         print(f"[gpu-bench] {name}: budget {budget.left():.0f} s", flush=True)
@@ -655,19 +673,25 @@ def run(settings: Settings, out_paths, sections=None) -> dict:
             with torch.no_grad():
                 SECTIONS[name](settings, results, budget)
             statuses = {case.get("status") for case in section["cases"]}
-            section["status"] = "ok" if statuses <= {"ok", "unavailable", None} else "partial"
+            complete = statuses <= {"ok", "unavailable", None} and not (
+                "numerics_failed" in section or "numerics_skipped" in section)
+            section["status"] = "ok" if complete else "partial"
         except BudgetSpent as spent:
             section.update(status="partial" if section["cases"] else "skipped", reason=str(spent))
-        except KeyboardInterrupt:
-            section.update(status="interrupted")
-            results.write()
-            raise
+        except KeyboardInterrupt:  # the hard time limit of run.sh (SIGINT): keep what was measured
+            section.update(status="interrupted", reason="stopped by SIGINT (run.sh's hard time limit or ^C)")
+            results.data["interrupted"] = True
+            section["seconds"] = budget.elapsed()
+            break
         except Exception as error:  # noqa: BLE001 - a failed section must not stop the others
             section.update(status="failed", **error_record(error))
             free_device_memory(torch.device(settings.device))
         section["seconds"] = budget.elapsed()
         results.write()
         print(f"[gpu-bench] {name}: {section['status']} in {section['seconds']:.1f} s", flush=True)
+    for name in requested:
+        if results.section(name)["status"] == "running":
+            results.section(name).update(status="not_run", reason="the run was interrupted before this section")
     checks = results.data["numerics"]
     results.data["summary"] = {
         "sections": {name: s["status"] for name, s in results.data["sections"].items()},
@@ -721,4 +745,4 @@ def main(argv=None) -> int:
     data = run(settings, outs, [s for s in SECTIONS if s in sections])
     print_table(data)
     print("results: " + ", ".join(str(p) for p in outs))
-    return 0
+    return 130 if data.get("interrupted") else 0
