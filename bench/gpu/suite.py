@@ -623,9 +623,14 @@ def run_dit(settings: Settings, results: Results, budget: Budget) -> None:
                 runtime = plan_runtime(plan, backend)
                 attention_fn = runtime.as_attention_fn()
                 start = time.perf_counter()
-                _step(model, inputs, 0, attention_fn)  # step 0: full attention, stores the residuals
-                synchronize(device)
-                case["step_0_s"] = time.perf_counter() - start
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    _step(model, inputs, 0, attention_fn)  # step 0: full attention, stores the residuals
+                    _step(model, inputs, 1, attention_fn)  # first compressed step: compiles the window kernel
+                    synchronize(device)
+                case["first_steps_s"] = time.perf_counter() - start
+                if caught:  # e.g. FlexAttention failing to compile and running eagerly
+                    case["warnings"] = sorted({str(w.message)[:500] for w in caught})
                 if device.type == "cuda" and backend == "auto":
                     probe = inputs["x"].new_empty(2, cfg.num_heads, tokens, cfg.head_dim)
                     case["auto_resolves_to"] = choose_backend(probe, Window1D(tokens // 8, tokens // 8))
@@ -652,16 +657,35 @@ def run_dit(settings: Settings, results: Results, budget: Budget) -> None:
 SECTIONS = {"device": run_device, "window_kernels": run_window_kernels, "vae": run_vae, "dit": run_dit}
 
 
+def _raise_recompile_limit(limit: int) -> Optional[int]:
+    """Let compiled FlexAttention specialise on every shape of the run. Each sequence length, head
+    dim and batch (ASC halves it) is one more compilation of the same function, and past dynamo's
+    default limit of 8 it silently runs eagerly instead, which would time the wrong thing (and
+    materialise a 64k x 64k score matrix). Returns the limit in force."""
+    try:
+        import torch._dynamo.config as dynamo_config
+    except ImportError:
+        return None
+    value = None
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.7; both where present
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(limit, getattr(dynamo_config, name)))
+            value = getattr(dynamo_config, name)
+    return value
+
+
 def run(settings: Settings, out_paths, sections=None) -> dict:
     """Run the chosen sections in order; each failure is recorded in its section and the run goes on."""
     total = Budget(settings.total_budget_s)
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
+    recompile_limit = _raise_recompile_limit(64)
     started = datetime.datetime.now(datetime.timezone.utc)
     results = Results(out_paths, {"schema": SCHEMA, "mode": settings.mode, "started": started.isoformat(),
                                   "budget_s": {"total": settings.total_budget_s, **settings.section_budget_s},
                                   "tolerances": dict(TOLERANCE), "tolerance_basis": TOLERANCE_BASIS})
     results.data["device"] = describe_device(settings)
+    results.data["device"]["dynamo_recompile_limit"] = recompile_limit
     results.write()
     torch.manual_seed(0)
     requested = list(sections or SECTIONS)
