@@ -309,11 +309,12 @@ def run_window_kernels(settings: Settings, results: Results, budget: Budget) -> 
                     entry["first_call_s"] = time.perf_counter() - start  # compile / autotune included
                     if caught:  # e.g. a failed FlexAttention compile that fell back to eager
                         entry["warnings"] = sorted({str(w.message)[:500] for w in caught})
+                    where = "float64 SDPA on the CPU" + (" with the window mask" if windowed else "")
                     check = relative_error(out[:, :, rows], reference[windowed], tolerance=TOLERANCE["kernel_bf16"],
-                                           reference="float64 SDPA on the CPU" + (" with the window mask" if windowed else ""),
-                                           poisoned_bytes=poisoned)
+                                           reference=where, poisoned_bytes=poisoned)
                     del out
-                    entry["numerics"] = results.add_numerics("window_kernels", f"{label} L={seq_len} D={dim} {name}", check)
+                    entry["numerics"] = results.add_numerics(
+                        "window_kernels", f"{label} L={seq_len} D={dim} {name}", check)
                     timing = time_calls(lambda i: fn(*sets[i % n_sets], window), device,
                                         warmup=settings.warmup, repeats=settings.repeats)
                     pairs = kept_pairs if windowed else full_pairs
@@ -378,7 +379,7 @@ def _vae_numerics(model, dtype_name, references, settings, results, budget, devi
     dtype = DTYPES[dtype_name]
     tol = TOLERANCE["network_fp16" if dtype == torch.float16 else "network_bf16"]
     where = "float64 VAE on " + device.type + " (final latent norm and video in float32)"
-    for label, size, tiled, tile_size in settings.vae_check_cases:
+    for label, _, tiled, tile_size in settings.vae_check_cases:
         if label not in references:
             continue
         budget.require(3.0, f"numerics {label} {dtype_name}")
@@ -675,10 +676,19 @@ def _raise_recompile_limit(limit: int) -> Optional[int]:
 
 
 def run(settings: Settings, out_paths, sections=None) -> dict:
-    """Run the chosen sections in order; each failure is recorded in its section and the run goes on."""
+    """Run the chosen sections in order; each failure is recorded in its section and the run goes on.
+    Returns the results document (also written to every path of `out_paths`)."""
+    threads = torch.get_num_threads()
+    try:
+        if settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
+        return _run_sections(settings, out_paths, sections)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (the tier-1 test) keep their own setting
+
+
+def _run_sections(settings: Settings, out_paths, sections) -> dict:
     total = Budget(settings.total_budget_s)
-    if settings.cpu_threads:
-        torch.set_num_threads(settings.cpu_threads)
     recompile_limit = _raise_recompile_limit(64)
     started = datetime.datetime.now(datetime.timezone.utc)
     results = Results(out_paths, {"schema": SCHEMA, "mode": settings.mode, "started": started.isoformat(),
