@@ -8,7 +8,7 @@ if [ ! -f .venv/.deps_done ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q einops safetensors numpy pytest "diffusers==0.31.0" "transformers<5" accelerate
+  .venv/bin/pip install -q einops safetensors numpy scipy pytest "diffusers==0.31.0" "transformers<5" accelerate
   touch .venv/.deps_done
 fi
 echo "dev venv ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
