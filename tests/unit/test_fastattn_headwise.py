@@ -375,3 +375,59 @@ def test_calibration_refuses_bad_settings():
         HeadwiseCalibration([0], 2, -1.0)
     with pytest.raises(ValueError, match="latency_gain lacks"):
         HeadwiseCalibration([0], 2, 0.5, latency_gain={"output_share": 1.0})
+
+
+def test_headwise_plan_cost_counts_pairs_per_head(sd3_plan):
+    from fastattn.flops import headwise_plan_cost
+
+    cost = headwise_plan_cost(sd3_plan)
+    seq, d = IMAGE + TEXT, 4
+    full_head = 2 * seq * seq * d
+    arrow8 = 2 * d * Window1D(16, 16, suffix_tokens=TEXT).kept_pairs(seq)
+    assert cost.per_step_layer_core[0][0] == HEADS * full_head
+    assert cost.per_step_layer_core[1][0] == 0  # step 1 caches every head
+    # step 3: 16 cached, 6 arrow-8, 2 full (golden plan summary)
+    assert cost.per_step_layer_core[3][0] == 6 * arrow8 + 2 * full_head
+    assert 0 < cost.core_fraction < cost.module_fraction < 1
+
+
+# ----------------------------------------------------------------------------- runtime V2 path
+
+
+def _qkv(batch=1, heads=3, seq=40, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, heads, seq, dim, generator=generator) for _ in range(3))
+
+
+def test_runtime_v2_entry_cached_heads_chain_and_missing_cache():
+    from fastattn.runtime import FastAttnRuntime, MissingCacheError
+
+    entries = [("full_attn",) * 3, ("output_share", "arrow_attn_4", "full_attn"),
+               ("output_share", "output_share", "arrow_attn_2")]
+    runtime = FastAttnRuntime(lambda s, l: entries[s], None, on_missing_cache="error")
+    outs = [runtime(*_qkv(seed=t), layer=0, step=t, suffix_tokens=8) for t in range(3)]
+    q, k, v = _qkv(seed=1)
+    arrow4 = Window1D(4, 4, suffix_tokens=8)  # 32 image tokens // (2 * 4)
+    torch.testing.assert_close(outs[1][:, 1:2], reference_attention(q[:, 1:2], k[:, 1:2], v[:, 1:2],
+                                                                   arrow4.mask(40)), atol=2e-6, rtol=0)
+    assert torch.equal(outs[1][:, 0], outs[0][:, 0])  # cached from step 0
+    assert torch.equal(outs[2][:, 0], outs[0][:, 0])  # cached twice: chains through step 1
+    assert torch.equal(outs[2][:, 1], outs[1][:, 1])
+    fresh = FastAttnRuntime(lambda s, l: entries[1], None, on_missing_cache="error")
+    with pytest.raises(MissingCacheError, match=r"cached heads \[0\]"):
+        fresh(*_qkv(), layer=0, step=1)
+    lenient = FastAttnRuntime(lambda s, l: entries[1], None)
+    q, k, v = _qkv()
+    out = lenient(q, k, v, layer=0, step=1)
+    torch.testing.assert_close(out[:, 0], reference_attention(q, k, v)[:, 0], atol=2e-6, rtol=0)
+
+
+def test_runtime_arrow_needs_self_attention_and_accepts_layer_wise_arrow():
+    from fastattn.runtime import FastAttnRuntime
+
+    q, k, v = _qkv()
+    runtime = FastAttnRuntime(lambda s, l: "arrow_attn_4", None)
+    out = runtime(q, k, v, layer=0, step=0)  # one arrow method for the layer = every head arrow
+    torch.testing.assert_close(out, reference_attention(q, k, v, Window1D(5, 5).mask(40)), atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="self-attention only"):
+        runtime(q, k[:, :, :20], v[:, :, :20], layer=0, step=0)
