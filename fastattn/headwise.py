@@ -455,8 +455,9 @@ class HeadwiseCalibration:
         extra = dict(meta.get("extra") or {})
         extra.setdefault("v2_head_coefficient", self.head_coefficient)
         extra.setdefault("v2_image_tokens", shape.image_tokens)
-        if self.gains_used is not None:
-            extra.setdefault("v2_latency_gain", dict(self.gains_used))
+        # Scalars only (plan `extra` holds small JSON facts); the estimate gains follow from the
+        # recorded token counts, custom gains are the caller's to keep.
+        extra.setdefault("v2_latency_gain", "estimate" if self.latency_gain is None else "custom")
         meta["extra"] = extra
         return Plan(methods, meta, granularity="head")
 
