@@ -342,7 +342,8 @@ class HeadwiseCalibration:
         self.entries: Dict[Tuple[int, Hashable], Tuple[str, ...]] = {}
         self.shape: Optional[CallShape] = None
         self.gains_used: Optional[Dict[str, float]] = None
-        self.seconds = 0.0
+        self.seconds = 0.0       # wall time inside plan_call (candidate attention, RSE, ILP)
+        self.ilp_seconds = 0.0   # of which solving the budget ILPs
         self.attention_calls = 0
 
     # ---- runtime interface ---------------------------------------------------------------
@@ -397,7 +398,9 @@ class HeadwiseCalibration:
             for head, value in enumerate(errors):
                 if value < limit:  # strict, as in the official filter
                     filtered[(head, candidate)] = value
+        ilp_started = time.perf_counter()
         solution = solve_budget(filtered, self.alpha, gains) if filtered else []
+        self.ilp_seconds += time.perf_counter() - ilp_started
         methods = solution_methods(solution, heads)
         self.entries[(step, layer)] = methods
         self.decisions[(step, layer)] = StepDecision(
