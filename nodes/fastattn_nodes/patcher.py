@@ -229,7 +229,6 @@ def _make_override(spec_holder: list):
         # prepared tensors, so every method of the plan sees the same attention.
         dropped = ("skip_output_reshape", "scale", "enable_gqa")
         base_kwargs = {key: value for key, value in kwargs.items() if key not in dropped}
-        q, k, v = _prepare_qkv(q, k, v, heads, layout, kwargs, run)
         rest = args[3:]              # heads (when positional), mask, ...
         preferred = options.get(PREFERRED_KEY)
 
@@ -245,6 +244,7 @@ def _make_override(spec_holder: list):
             return backend(qq, kk, vv, *rest, **call_kwargs)
 
         try:
+            q, k, v = _prepare_qkv(q, k, v, heads, layout, kwargs, run)
             out = run.attend(layer=layer, q=q, k=k, v=v, heads=heads, layout=layout,
                              cond_or_uncond=options.get("cond_or_uncond"),
                              full_attention=full_attention, prefix_tokens=prefix,
