@@ -89,10 +89,13 @@ def build_run_report(spec, run, sampler_name: Optional[str]) -> RunReport:
                 total += full if full is not None else c.seconds
             estimate = total
     if not calls:
-        notes.append("no compressible attention call was seen (unsupported layout, or the model "
-                     "was not sampled through this patch)")
+        notes.append("no compressible attention call was seen (unsupported layout, another attention "
+                     "override in front of DiTFastAttn, or the model was not sampled through this patch)")
     if run.skipped_calls:
         notes.append(f"{run.skipped_calls} calls left uncompressed after an error")
+    stacking = getattr(run, "stacking", None)
+    if stacking is not None:
+        notes += stacking.notes()
     return RunReport(
         family=spec.family.name, sampler=sampler_name, evaluations=run.evaluation + 1,
         layers=len(spec.layer_names), method_counts=dict(counts),
