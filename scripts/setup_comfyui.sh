@@ -52,16 +52,23 @@ get_source() {  # get_source <version> <dest> <mirror or empty>
   fi
 }
 
+# Test, training and pack packages added to each ComfyUI venv (requests: imported by
+# app/frontend_management.py but missing from v0.8.0's requirements; scikit-image: the synthetic
+# training and evaluation clips).
+EXTRAS="requests pytest websocket-client einops safetensors numpy scipy scikit-image"
+
 install_venv() {  # install_venv <comfy dir>
-  local dir="$1"
-  if [ -f "$dir/.reducio_fastattn_setup_done" ]; then echo "ComfyUI at $dir: venv already set up"; return 0; fi
+  local dir="$1" marker="$1/.reducio_fastattn_setup_done"
+  if [ -f "$marker" ] && [ "$(cat "$marker")" = "$EXTRAS" ]; then echo "ComfyUI at $dir: venv already set up"; return 0; fi
   [ -x "$dir/venv/bin/python" ] || "$PY" -m venv "$dir/venv"
-  "$dir/venv/bin/pip" install -q --upgrade pip
-  "$dir/venv/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
-  "$dir/venv/bin/pip" install -q -r "$dir/requirements.txt"
-  # requests: imported by app/frontend_management.py but missing from v0.8.0's requirements.
-  "$dir/venv/bin/pip" install -q requests pytest websocket-client einops safetensors numpy scipy
-  touch "$dir/.reducio_fastattn_setup_done"
+  if [ ! -f "$marker" ]; then
+    "$dir/venv/bin/pip" install -q --upgrade pip
+    "$dir/venv/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
+    "$dir/venv/bin/pip" install -q -r "$dir/requirements.txt"
+  fi
+  # shellcheck disable=SC2086  # one specifier per word
+  "$dir/venv/bin/pip" install -q $EXTRAS
+  echo "$EXTRAS" > "$marker"
   echo "ComfyUI at $dir: venv set up"
 }
 
