@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -640,7 +640,7 @@ class Plan:
         """Write the plan as JSON atomically (temporary file in the same folder, then rename)."""
         path = Path(path)
         text = self.to_json(indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temporary(path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
@@ -835,6 +835,22 @@ def _read_limited(path: str | os.PathLike) -> bytes:
                               f"(limit {MAX_FILE_BYTES} bytes)")
     with open(path, "rb") as handle:
         return handle.read(MAX_FILE_BYTES + 1)
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new, exclusive temporary file beside ``path`` for an atomic write.
+
+    ``tempfile.mkstemp`` creates its files with mode 0600 whatever the umask, and the rename
+    keeps that mode, so saved plans would be private unlike every other output. Here the file
+    is created with 0666 and the kernel applies the process's umask, as for any ``open()``.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {os.fspath(path)!r}")
 
 
 def _looks_like_pickle(raw: bytes) -> bool:

@@ -369,3 +369,21 @@ def test_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
         _plan().save(target)
     assert target.read_text() == "previous content"
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_saved_plan_gets_the_umask_mode_like_other_outputs(tmp_path):
+    """Plans are ordinary output files: readable by others per the umask (not mkstemp's 0600)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = _plan().save(tmp_path / "plan.json")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        private = _plan().save(tmp_path / "private.json")
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert Plan.load(path) == _plan()
+
