@@ -244,6 +244,42 @@ def _json_scalar_tree(value: Any, where: str, depth: int = 0) -> Any:
     raise _fail(where, f"unsupported value of type {type(value).__name__}")
 
 
+# ``extra`` is free-form, but the ComfyUI nodes read these keys (the window of WA-RS and the
+# sampling run a plan was calibrated on), so a wrong type there is refused when the plan is
+# loaded, with the key named, not deep inside a sampler run.
+WINDOW_SHAPES = ("1d", "grid")
+
+
+def _check_known_extra(extra: Mapping[str, Any]) -> None:
+    if "window_shape" in extra:
+        shape = extra["window_shape"]
+        if not isinstance(shape, str):
+            raise _fail("metadata.extra.window_shape", f"expected a string, got {type(shape).__name__}")
+        if shape not in WINDOW_SHAPES:
+            raise _fail("metadata.extra.window_shape",
+                        f"{shape[:40]!r} is not one of {', '.join(map(repr, WINDOW_SHAPES))}")
+    if "window_fraction" in extra:
+        fraction = _float(extra["window_fraction"], "metadata.extra.window_fraction")
+        if not 0.0 < fraction <= 1.0:
+            raise _fail("metadata.extra.window_fraction",
+                        f"{fraction} is outside (0, 1] (the window reach per side as a fraction of "
+                        f"the image tokens; the paper uses 0.125)")
+    schedule = None
+    if "schedule" in extra:
+        schedule = [_float(s, f"metadata.extra.schedule[{i}]") for i, s in
+                    enumerate(_list(extra["schedule"], "metadata.extra.schedule", MAX_STEPS + 1))]
+        if len(schedule) < 2:
+            raise _fail("metadata.extra.schedule", "the sigma schedule of a run has at least 2 "
+                                                   "entries (steps + 1)")
+        if any(s < 0 for s in schedule):
+            raise _fail("metadata.extra.schedule", "sigmas must be >= 0")
+    if "sampling_steps" in extra:
+        steps = _int(extra["sampling_steps"], "metadata.extra.sampling_steps", 1, MAX_STEPS)
+        if schedule is not None and len(schedule) - 1 != steps:
+            raise _fail("metadata.extra.sampling_steps",
+                        f"says {steps} but the schedule has {len(schedule) - 1} steps")
+
+
 def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: int | None
                         ) -> PlanMetadata:
     if not isinstance(raw, Mapping):
@@ -302,6 +338,7 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
     extra = _json_scalar_tree(m.get("extra", {}), "metadata.extra")
     if not isinstance(extra, dict):
         raise _fail("metadata.extra", "expected an object")
+    _check_known_extra(extra)
     cfg = _optional(m.get("cfg_scale"), _float, "metadata.cfg_scale")
     thr = _optional(m.get("threshold"), _float, "metadata.threshold")
     if thr is not None and thr < 0:
