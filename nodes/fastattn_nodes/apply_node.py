@@ -11,8 +11,8 @@ from .sockets import CATEGORY, DiTFastAttnPlan
 
 def window_config_of(plan) -> WindowConfig:
     extra = dict(plan.metadata.extra or {})
-    return WindowConfig(shape=str(extra.get("window_shape", "1d")),
-                        fraction=float(extra.get("window_fraction", 0.125)))
+    # Types and ranges were checked when the plan was loaded (fastattn.plan).
+    return WindowConfig(shape=extra.get("window_shape", "1d"), fraction=extra.get("window_fraction", 0.125))
 
 
 def patch_model_with_plan(model, plan, *, allow_remap=False, ignore_model_mismatch=False,

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ...fastattn.methods import residual_needed
-from ...fastattn.plan import Plan, PlanMismatchError, RunSignature
+from ...fastattn.plan import WINDOW_SHAPES, Plan, PlanMismatchError, RunSignature
 from ...fastattn.windows import grid_window_fraction, window_1d_fraction
 from . import pixart_patch
 from .families import Family, detect_family
@@ -75,6 +75,14 @@ class ReportSink(Shared):
 class WindowConfig:
     shape: str = "1d"            # "1d": the paper's band over the flattened tokens; "grid": a box
     fraction: float = 0.125      # per side, as a fraction of the image tokens (paper: 1/8)
+
+    def __post_init__(self):
+        # Checked here so no caller (node, plan, script) gets a silent 1-D window for a typo.
+        if self.shape not in WINDOW_SHAPES:
+            raise ValueError(f"window_shape {self.shape!r} is not one of {list(WINDOW_SHAPES)}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"window_fraction {self.fraction!r} must be a number in (0, 1] (paper: 0.125)")
 
     def factory(self):
         if self.shape == "grid":

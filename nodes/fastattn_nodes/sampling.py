@@ -9,6 +9,19 @@ from __future__ import annotations
 import torch
 
 
+def sampling_choice_problem(*, sampler_name=None, scheduler=None) -> str | None:
+    """Why a sampler / scheduler name is unusable, or None. ComfyUI 0.3.64 does not check V3 combo
+    values itself, and an unknown sampler name would otherwise run as another sampler."""
+    import comfy.samplers
+
+    if sampler_name is not None and sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        return f"sampler_name: {sampler_name!r} is not a sampler of this ComfyUI (e.g. 'euler', 'dpmpp_2m')"
+    if scheduler is not None and scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        return (f"scheduler: {scheduler!r} is not one of this ComfyUI's schedulers "
+                f"{list(comfy.samplers.KSampler.SCHEDULERS)}")
+    return None
+
+
 def sample_latent(model, *, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                   denoise=1.0):
     import comfy.sample
