@@ -445,7 +445,7 @@ def installed_spec(model_patcher) -> Optional[PatchSpec]:
 
 
 def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = WindowConfig(),
-                allow_remap: bool = False, ignore=(), measure_time: bool = True,
+                allow_remap: bool = False, ignore=(), measure_time: bool = False,
                 calibration=None, signature: Optional[RunSignature] = None):
     """Return a clone of ``model_patcher`` with DiTFastAttn installed (the input is untouched).
 

@@ -142,3 +142,28 @@ def test_valid_inputs_pass_validation(comfy, wan):
     node = comfy.node("DiTFastAttnCalibrate")
     assert validate(node, calibrate_inputs(wan)) is True
     assert validate(node, calibrate_inputs(wan, filename_prefix="")) is True   # empty: do not save
+
+
+# ---- measure_time: off by default (it synchronises the GPU on every compressed call) -----------------
+def test_apply_does_not_time_attention_by_default_and_the_report_says_so(fa, comfy, wan):
+    import json
+
+    schema = comfy.node("DiTFastAttnApply").define_schema()
+    assert {i.id: i for i in schema.inputs}["measure_time"].default is False
+    plan = fa.full_plan(wan, 4)
+    (patched,) = comfy.execute("DiTFastAttnApply", model=wan, plan=plan, enabled=True, allow_remap=False,
+                               ignore_model_mismatch=False)
+    samples = {"samples": fa.sample(patched, POS, NEG, tiny.video_latent())}
+    text, report_json = comfy.execute("DiTFastAttnReport", model=patched, samples=samples)
+    assert "attention time not measured" in text and "measure_time" in text
+    data = json.loads(report_json)
+    assert data["time_measured"] is False and data["measured_speedup"] is None
+    assert data["full_estimate_seconds"] is None
+
+    (timed,) = comfy.execute("DiTFastAttnApply", model=wan, plan=plan, enabled=True, allow_remap=False,
+                             ignore_model_mismatch=False, measure_time=True)
+    samples = {"samples": fa.sample(timed, POS, NEG, tiny.video_latent())}
+    text, report_json = comfy.execute("DiTFastAttnReport", model=timed, samples=samples)
+    data = json.loads(report_json)
+    assert data["time_measured"] is True and data["attention_seconds"] > 0
+    assert "not measured" not in text and "attention time" in text
