@@ -105,10 +105,11 @@ def build_run_report(spec, run, sampler_name: Optional[str]) -> RunReport:
 
 
 def method_map_image(plan) -> torch.Tensor:
-    """The plan's method map (rows = layers, columns = evaluations) as an IMAGE ``[1, H, W, 3]``."""
-    from ...fastattn.report import method_map
+    """The plan's method map figure (rows = layers, columns = evaluations, with axes and a legend) as
+    an IMAGE ``[1, H, W, 3]``."""
+    from ...fastattn.report import method_map_figure
 
-    return torch.from_numpy(method_map(plan)).unsqueeze(0).clamp(0, 1)
+    return torch.from_numpy(method_map_figure(plan)).unsqueeze(0).clamp(0, 1)
 
 
 def plan_summary(plan) -> str:

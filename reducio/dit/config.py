@@ -54,6 +54,10 @@ class ReducioDiTConfig:
     text_tokens: int = 120
     clip_channels: int = 1280
     clip_tokens: int = 256
+    # "tokens": the CLIP image tokens condition the model (the paper); "null": a reduced conditioning
+    # in which the model always uses its learned null CLIP embedding and ignores the tokens it is
+    # given (for small models trained without a real CLIP image encoder; see docs/reducio_dit.md)
+    clip_condition: str = "tokens"
     content_channels: int = 4
     content_patch: int = 2
     content_latent_scale: float = 0.18215
@@ -105,6 +109,8 @@ class ReducioDiTConfig:
             problems.append(f"patch_size must be three positive ints (pt, ph, pw), got {self.patch_size}")
         if self.temporal_pe not in ("sincos", "none"):
             problems.append(f"temporal_pe must be 'sincos' or 'none', got {self.temporal_pe!r}")
+        if self.clip_condition not in ("tokens", "null"):
+            problems.append(f"clip_condition must be 'tokens' or 'null', got {self.clip_condition!r}")
         if self.content_groups not in ("auto", 1, 4):
             problems.append(f"content_groups must be 'auto', 1 or 4, got {self.content_groups!r}")
         if self.prediction != "eps":
