@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -255,6 +255,42 @@ def _json_scalar_tree(value: Any, where: str, depth: int = 0) -> Any:
     raise _fail(where, f"unsupported value of type {type(value).__name__}")
 
 
+# ``extra`` is free-form, but the ComfyUI nodes read these keys (the window of WA-RS and the
+# sampling run a plan was calibrated on), so a wrong type there is refused when the plan is
+# loaded, with the key named, not deep inside a sampler run.
+WINDOW_SHAPES = ("1d", "grid")
+
+
+def _check_known_extra(extra: Mapping[str, Any]) -> None:
+    if "window_shape" in extra:
+        shape = extra["window_shape"]
+        if not isinstance(shape, str):
+            raise _fail("metadata.extra.window_shape", f"expected a string, got {type(shape).__name__}")
+        if shape not in WINDOW_SHAPES:
+            raise _fail("metadata.extra.window_shape",
+                        f"{shape[:40]!r} is not one of {', '.join(map(repr, WINDOW_SHAPES))}")
+    if "window_fraction" in extra:
+        fraction = _float(extra["window_fraction"], "metadata.extra.window_fraction")
+        if not 0.0 < fraction <= 1.0:
+            raise _fail("metadata.extra.window_fraction",
+                        f"{fraction} is outside (0, 1] (the window reach per side as a fraction of "
+                        f"the image tokens; the paper uses 0.125)")
+    schedule = None
+    if "schedule" in extra:
+        schedule = [_float(s, f"metadata.extra.schedule[{i}]") for i, s in
+                    enumerate(_list(extra["schedule"], "metadata.extra.schedule", MAX_STEPS + 1))]
+        if len(schedule) < 2:
+            raise _fail("metadata.extra.schedule", "the sigma schedule of a run has at least 2 "
+                                                   "entries (steps + 1)")
+        if any(s < 0 for s in schedule):
+            raise _fail("metadata.extra.schedule", "sigmas must be >= 0")
+    if "sampling_steps" in extra:
+        steps = _int(extra["sampling_steps"], "metadata.extra.sampling_steps", 1, MAX_STEPS)
+        if schedule is not None and len(schedule) - 1 != steps:
+            raise _fail("metadata.extra.sampling_steps",
+                        f"says {steps} but the schedule has {len(schedule) - 1} steps")
+
+
 def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: int | None
                         ) -> PlanMetadata:
     if not isinstance(raw, Mapping):
@@ -338,6 +374,7 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
             parsed_windows[name] = (_int(sides[0], f"{where}[0]", 0, 1 << 24),
                                     _int(sides[1], f"{where}[1]", 0, 1 << 24))
         arrow_windows = parsed_windows
+    _check_known_extra(extra)
     cfg = _optional(m.get("cfg_scale"), _float, "metadata.cfg_scale")
     thr = _optional(m.get("threshold"), _float, "metadata.threshold")
     if thr is not None and thr < 0:
@@ -687,7 +724,7 @@ class Plan:
         """Write the plan as JSON atomically (temporary file in the same folder, then rename)."""
         path = Path(path)
         text = self.to_json(indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temporary(path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
@@ -930,6 +967,22 @@ def _read_limited(path: str | os.PathLike) -> bytes:
                               f"(limit {MAX_FILE_BYTES} bytes)")
     with open(path, "rb") as handle:
         return handle.read(MAX_FILE_BYTES + 1)
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new, exclusive temporary file beside ``path`` for an atomic write.
+
+    ``tempfile.mkstemp`` creates its files with mode 0600 whatever the umask, and the rename
+    keeps that mode, so saved plans would be private unlike every other output. Here the file
+    is created with 0666 and the kernel applies the process's umask, as for any ``open()``.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {os.fspath(path)!r}")
 
 
 def _looks_like_pickle(raw: bytes) -> bool:

@@ -31,11 +31,12 @@ from typing import Optional
 import torch
 
 from ...fastattn.methods import residual_needed
-from ...fastattn.plan import Plan, PlanMismatchError, RunSignature
+from ...fastattn.plan import WINDOW_SHAPES, Plan, PlanMismatchError, RunSignature
 from ...fastattn.windows import grid_window_fraction, window_1d_fraction
 from . import pixart_patch
 from .families import Family, detect_family_of
 from .run_state import FULL, RunState
+from .sampling import expected_evaluations
 from .stacking import OVERRIDE_MARK, ModelCallRecord, StackingLog
 
 log = logging.getLogger("reducio_fastattn.ditfastattn")
@@ -86,6 +87,14 @@ class WindowConfig:
     shape: str = "1d"            # "1d": the paper's band over the flattened tokens; "grid": a box
     fraction: float = 0.125      # per side, as a fraction of the image tokens (paper: 1/8)
 
+    def __post_init__(self):
+        # Checked here so no caller (node, plan, script) gets a silent 1-D window for a typo.
+        if self.shape not in WINDOW_SHAPES:
+            raise ValueError(f"window_shape {self.shape!r} is not one of {list(WINDOW_SHAPES)}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"window_fraction {self.fraction!r} must be a number in (0, 1] (paper: 0.125)")
+
     def factory(self):
         if self.shape == "grid":
             return grid_window_fraction(min(1.0, 2.0 * self.fraction))
@@ -132,12 +141,15 @@ def _sampler_name(sampler) -> Optional[str]:
 
 
 class StepMap:
-    """Maps denoiser evaluations to plan steps: identity when the run matches the plan, nearest
-    noise level (log sigma) when remapping was allowed; evaluation 0 always maps to step 0."""
+    """Maps denoiser evaluations to plan steps: identity when the run matches the plan; when
+    remapping was allowed, the nearest noise level (log sigma) if the plan records its sigmas, else
+    the same relative position on the evaluation grid if the run's evaluation count is known
+    before it starts. Evaluation 0 always maps to step 0."""
 
-    def __init__(self, plan: Plan, remap: bool):
+    def __init__(self, plan: Plan, remap: bool, run_evaluations: Optional[int] = None):
         self.plan = plan
         self.remap = remap
+        self.run_evaluations = run_evaluations
         sigmas = plan.metadata.sigmas
         self._log_sigmas = [math.log(max(s, 1e-8)) for s in sigmas] if (remap and sigmas) else None
 
@@ -153,7 +165,11 @@ class StepMap:
         if evaluation == 0:
             return 0
         if self._log_sigmas is None or not math.isfinite(sigma):
-            return min(evaluation, self.plan.num_steps - 1)
+            runs, plans = self.run_evaluations, self.plan.num_steps
+            if runs is not None and runs > 1 and evaluation < runs:
+                # floor(x + 0.5): Python's round() sends halves to even, which would be lopsided
+                return math.floor(evaluation * (plans - 1) / (runs - 1) + 0.5)
+            return min(evaluation, plans - 1)
         target = math.log(max(sigma, 1e-8))
         return min(range(1, self.plan.num_steps), key=lambda i: (abs(self._log_sigmas[i] - target), i)) \
             if self.plan.num_steps > 1 else 0
@@ -177,6 +193,7 @@ def _check_run_against_plan(spec: PatchSpec, sampler, sigmas, cfg, latent_shape,
     differences = []
     if meta.sampler and sampler_name and meta.sampler != sampler_name:
         differences.append(f"sampler: plan calibrated with {meta.sampler!r}, this run uses {sampler_name!r}")
+    run_evaluations = expected_evaluations(sampler_name, run_schedule)
     if schedule is not None:
         if len(schedule) != len(run_schedule):
             differences.append(f"steps: plan calibrated for {len(schedule) - 1} sampling steps, "
@@ -184,13 +201,19 @@ def _check_run_against_plan(spec: PatchSpec, sampler, sigmas, cfg, latent_shape,
         elif any(not math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(schedule, run_schedule)):
             differences.append("sigma schedule: this run's noise levels differ from the plan's "
                                "(scheduler, denoise or model sampling shift changed)")
+    elif run_evaluations is not None and run_evaluations != meta.num_steps:
+        # No recorded schedule (official import, diffusers calibration, hand-written plan): the
+        # plan's step count is all there is to compare, and without this check a longer plan
+        # would silently run its first rows only.
+        differences.append(f"steps: the plan has {meta.num_steps} denoiser evaluations, this run makes "
+                           f"{run_evaluations} ({len(run_schedule) - 1} steps of {sampler_name})")
     if differences and not spec.allow_remap:
         raise PlanMismatchError(differences, [
             "calibrate a plan with the same sampler, scheduler, steps and denoise, or",
             "enable 'allow_remap' on DiTFastAttnApply to map plan steps by noise level"])
     if differences:
         log.warning("DiTFastAttn: remapping plan steps by noise level (%s)", "; ".join(differences))
-    return StepMap(plan, remap=bool(differences))
+    return StepMap(plan, remap=bool(differences), run_evaluations=run_evaluations)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,6 +424,13 @@ def _make_outer_sample_wrapper(spec: PatchSpec):
             from .report import build_run_report   # local import: report pulls in plotting code
             run.stacking.finish(spec.family.name)
             report = build_run_report(spec, run, sampler_name=_sampler_name(sampler))
+            if spec.calibration is None and not step_map.remap and run.evaluation + 1 < spec.plan.num_steps:
+                # Samplers whose evaluation count is only known afterwards (adaptive, custom).
+                note = (f"this run made {run.evaluation + 1} denoiser evaluations but the plan has "
+                        f"{spec.plan.num_steps}: only its first rows were used; calibrate for this sampler "
+                        "and step count")
+                report.notes.append(note)
+                log.warning("DiTFastAttn: %s", note)
             spec.sink.add(report)
             log.info("%s", report.summary_line())
             return result
@@ -547,7 +577,7 @@ def installed_spec(model_patcher) -> Optional[PatchSpec]:
 
 
 def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = WindowConfig(),
-                allow_remap: bool = False, ignore=(), measure_time: bool = True,
+                allow_remap: bool = False, ignore=(), measure_time: bool = False,
                 calibration=None, signature: Optional[RunSignature] = None):
     """Return a clone of ``model_patcher`` with DiTFastAttn installed (the input is untouched).
 
