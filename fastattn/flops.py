@@ -37,8 +37,8 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
-from .methods import residual_needed
-from .plan import AST, ASC, FULL, WA_NO_RESIDUAL, WARS, WARS_ASC, Plan
+from .methods import FULL, MethodLike, parse_method, residual_needed
+from .plan import Plan
 
 WindowLike = Any  # (left, right) per-side token counts, or an object with kept_pairs(seq_len)
 
@@ -121,19 +121,20 @@ class CallCost:
         return self.core + self.projections
 
 
-def method_cost(method: str, shape: AttentionShape, stores_residual: bool = False) -> CallCost:
-    """MACs of one call of one layer running ``method``."""
-    if method == AST:
+def method_cost(method: MethodLike, shape: AttentionShape, stores_residual: bool = False) -> CallCost:
+    """MACs of one call of one layer running ``method`` (a V1 method)."""
+    m = parse_method(method)
+    if m.arrow:
+        raise ValueError(f"{m} is a V2 head method; count head-wise plans with headwise_plan_cost")
+    if m.output_share:
         return CallCost(0.0, 0.0)
-    rows = shape.rows / 2 if (method in (ASC, WARS_ASC) and shape.cfg) else shape.rows
+    rows = shape.rows / 2 if (m.cfg_share and shape.cfg) else shape.rows
     d = shape.hidden
     full_pairs = shape.tokens * shape.tokens
-    if method in (FULL, ASC):
+    if m.is_full:
         pairs = full_pairs + (shape.window_pairs() if stores_residual else 0)
-    elif method in (WARS, WARS_ASC, WA_NO_RESIDUAL):
-        pairs = shape.window_pairs()
     else:
-        raise ValueError(f"unknown method {method!r}")
+        pairs = shape.window_pairs()
     return CallCost(core=2.0 * rows * pairs * d, projections=4.0 * rows * shape.tokens * d * d)
 
 
@@ -191,11 +192,11 @@ def official_counter_macs(plan: Plan, shape: AttentionShape, window_size: Sequen
     for i in range(plan.num_layers):
         methods = plan.layer_methods(i)
         stores = residual_steps(methods)
-        for t, m in enumerate(methods):
-            half = 0.5 if "cfg_attn_share" in m else 1.0
-            if m == AST:
+        for t, m in enumerate(map(parse_method, methods)):
+            half = 0.5 if m.cfg_share else 1.0
+            if m.output_share:
                 continue
-            if "full_attn" in m:
+            if m.is_full:
                 total += base * (1 + ws / n if stores[t] else 1) * half
             else:
                 total += base * ws / n * half
@@ -227,29 +228,11 @@ def headwise_plan_cost(plan: Plan, rows: int = 1) -> PlanCost:
     projection (the official runtime runs them too). Uses the plan's token grid (image tokens),
     text tokens, head count / dim and recorded arrow windows.
     """
-    from .windows import Window1D
-
     meta = plan.metadata
-    if plan.granularity != "head":
-        raise ValueError("headwise_plan_cost counts head-wise (V2) plans; use plan_cost for V1")
-    missing = [n for n in ("token_grid", "num_heads", "head_dim", "text_tokens") if getattr(meta, n) is None]
-    if missing:
-        raise ValueError(f"the plan's metadata lacks {missing}; head-wise costs need them")
+    pairs = _headwise_pairs(plan)  # validates the metadata first
     prefix, suffix = meta.text_tokens
     seq = meta.num_tokens + prefix + suffix
     head_dim, d = meta.head_dim, meta.num_heads * meta.head_dim
-    windows = dict(meta.arrow_windows or {})
-
-    def pairs(method: str) -> int:
-        if method == AST:
-            return 0
-        if method == FULL:
-            return seq * seq
-        if method in windows:
-            left, right = windows[method]
-            return Window1D(left, right, prefix_tokens=prefix, suffix_tokens=suffix).kept_pairs(seq)
-        raise ValueError(f"head-wise cost: method {method!r} is not a V2 head method with a recorded window")
-
     projections = 4.0 * rows * seq * d * d
     grid, core = [], 0.0
     for step in plan.methods:
@@ -260,3 +243,50 @@ def headwise_plan_cost(plan: Plan, rows: int = 1) -> PlanCost:
     core_full = 2.0 * rows * seq * seq * d * calls
     return PlanCost(core=core, core_full=core_full, module=core + projections * calls,
                     module_full=core_full + projections * calls, per_step_layer_core=tuple(grid))
+
+
+def _headwise_pairs(plan: Plan):
+    """(query, key) pairs one head of a V2 plan computes per call, by method name."""
+    from .windows import Window1D
+
+    meta = plan.metadata
+    if plan.granularity != "head":
+        raise ValueError("headwise_plan_cost counts head-wise (V2) plans; use plan_cost for V1")
+    missing = [n for n in ("token_grid", "num_heads", "head_dim", "text_tokens") if getattr(meta, n) is None]
+    if missing:
+        raise ValueError(f"the plan's metadata lacks {missing}; head-wise costs need them")
+    prefix, suffix = meta.text_tokens
+    seq = meta.num_tokens + prefix + suffix
+    windows = dict(meta.arrow_windows or {})
+
+    def pairs(method: str) -> int:
+        m = parse_method(method)
+        if m.output_share:
+            return 0
+        if m == FULL:
+            return seq * seq
+        if method in windows:
+            left, right = windows[method]
+            return Window1D(left, right, prefix_tokens=prefix, suffix_tokens=suffix).kept_pairs(seq)
+        raise ValueError(f"head-wise cost: method {method!r} is not a V2 head method with a recorded window")
+
+    for step in plan.methods:      # every method must be countable before any figure is made
+        for cell in step:
+            for method in cell:
+                pairs(method)
+    return pairs
+
+
+def headwise_method_core(plan: Plan, rows: int = 1) -> tuple[dict[str, float], float]:
+    """({method: attention-core MACs its heads keep}, core MACs of full attention) of a V2 plan."""
+    pairs = _headwise_pairs(plan)
+    meta = plan.metadata
+    prefix, suffix = meta.text_tokens
+    seq = meta.num_tokens + prefix + suffix
+    per_method: dict[str, float] = {}
+    for step in plan.methods:
+        for cell in step:
+            for method in cell:
+                per_method[method] = per_method.get(method, 0.0) + 2.0 * rows * meta.head_dim * pairs(method)
+    core_full = 2.0 * rows * seq * seq * meta.num_heads * meta.head_dim * plan.num_steps * plan.num_layers
+    return per_method, core_full

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .kernels import headwise_window_attention, reference_attention
-from .methods import ARROW_PREFIX, FULL, OUTPUT_SHARE, arrow_factor, arrow_method
+from .methods import ARROW_PREFIX, FULL, OUTPUT_SHARE, arrow_factor, arrow_method, arrow_window
 from .windows import CallInfo, Window1D
 
 #: The official SD3 candidate set (highest compression first); FLUX's equivalent arrow
@@ -85,11 +85,6 @@ def candidate_method(candidate: str):
         raise ValueError(f"V2 candidate {candidate!r} is not supported; supported: output_share and "
                          f"{ARROW_PREFIX}<k> (CFG-sharing and reorder candidates are not implemented)")
     return arrow_method(factor)
-
-
-def arrow_window(image_tokens: int, factor: int) -> int:
-    """Per-side image window of arrow factor k: ``image_tokens // (2k)`` (official)."""
-    return int(image_tokens) // (2 * int(factor))
 
 
 def arrow_gain(factor: int, image_tokens: int, text_tokens: int) -> float:

@@ -118,6 +118,11 @@ def arrow_method(factor: int) -> Method:
     return Method(window=True, arrow=factor)
 
 
+def arrow_window(image_tokens: int, factor: int) -> int:
+    """Per-side image window of arrow factor k: ``image_tokens // (2k)`` (official)."""
+    return int(image_tokens) // (2 * int(factor))
+
+
 def arrow_factor(text: str) -> Optional[int]:
     """The window factor k of an ``arrow_attn_<k>`` string, else None."""
     match = _ARROW_RE.fullmatch(text.strip()) if isinstance(text, str) else None
@@ -161,6 +166,60 @@ def parse_methods(values: Iterable[MethodLike]) -> list:
         except (ValueError, TypeError) as error:
             raise type(error)(f"step {step}: {error}") from None
     return parsed
+
+
+# ------------------------------------------------------------------------------- presentation
+
+@dataclass(frozen=True)
+class MethodStyle:
+    """How a method is shown: its colour (RGB 0..1), a short name and a one-line label."""
+
+    colour: tuple
+    short: str
+    label: str
+
+
+# Compressing methods get saturated colours, full attention a neutral grey, so a plan's
+# savings are visible at a glance. Arrow attention gets teal shades (darker = narrower band).
+_STYLE_OF = {
+    FULL: MethodStyle((0.55, 0.55, 0.55), "full attention", "full attention"),
+    FULL_CFG_SHARE: MethodStyle((0.35, 0.60, 0.95), "ASC", "ASC (share attention across CFG)"),
+    WINDOW_RESIDUAL: MethodStyle((0.98, 0.70, 0.20), "WA-RS",
+                                 "WA-RS (window attention + residual sharing)"),
+    WINDOW_RESIDUAL_CFG_SHARE: MethodStyle((0.90, 0.35, 0.20), "WA-RS + ASC", "WA-RS + ASC"),
+    OUTPUT_SHARE: MethodStyle((0.25, 0.75, 0.40), "AST", "AST (share attention across timesteps)"),
+    WINDOW_NO_RESIDUAL: MethodStyle((0.70, 0.40, 0.85), "WA", "WA (window attention, no residual)"),
+}
+
+
+def method_style(value: MethodLike) -> MethodStyle:
+    """Colour and labels of a method (V1 or V2 arrow)."""
+    method = parse_method(value)
+    style = _STYLE_OF.get(method)
+    if style is not None:
+        return style
+    # arrow factor k: band of 1/(2k) of the image tokens per side; shade by log2(k)
+    shade = min(1.0, max(0.0, (method.arrow.bit_length() - 1) / 6.0))
+    colour = (0.10, 0.80 - 0.45 * shade, 0.80 - 0.40 * shade)
+    return MethodStyle(colour, f"arrow k={method.arrow}",
+                       f"arrow attention k={method.arrow} (text global, image band 1/{2 * method.arrow} "
+                       f"per side)")
+
+
+def is_v1_method(value: MethodLike) -> bool:
+    """One of the six layer-wise V1 methods (what the V1 greedy search and official list hold)."""
+    try:
+        return parse_method(value) in _STRING_OF
+    except (ValueError, TypeError):
+        return False
+
+
+def arrow_sort_key(value: MethodLike) -> tuple:
+    """Order of methods in counts and legends: the V1 table order, then arrow by factor."""
+    method = parse_method(value)
+    if method in _STRING_OF:
+        return (0, METHOD_STRINGS.index(method.official))
+    return (1, method.arrow)
 
 
 def residual_needed(methods: Sequence[MethodLike]) -> list:

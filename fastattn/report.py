@@ -15,19 +15,14 @@ import dataclasses
 
 import numpy as np
 
-from .flops import AttentionShape, PlanCost, amdahl_speedup_bound, plan_cost
-from .plan import AST, ASC, FULL, PLAN_METHODS, WA_NO_RESIDUAL, WARS, WARS_ASC, Plan
+from .flops import AttentionShape, PlanCost, amdahl_speedup_bound, headwise_method_core, plan_cost
+from .methods import METHOD_STRINGS, method_style
+from .plan import Plan
 
-# Colour per method (RGB 0..1) and its short label. Compressing methods get saturated
-# colours, full attention a neutral grey, so a plan's savings are visible at a glance.
+# Colour (RGB 0..1) and label of every V1 method, from the one vocabulary (fastattn.methods);
+# arrow methods get theirs from `method_style` too.
 METHOD_STYLE: dict[str, tuple[tuple[float, float, float], str]] = {
-    FULL: ((0.55, 0.55, 0.55), "full attention"),
-    ASC: ((0.35, 0.60, 0.95), "ASC (share attention across CFG)"),
-    WARS: ((0.98, 0.70, 0.20), "WA-RS (window attention + residual sharing)"),
-    WARS_ASC: ((0.90, 0.35, 0.20), "WA-RS + ASC"),
-    AST: ((0.25, 0.75, 0.40), "AST (share attention across timesteps)"),
-    WA_NO_RESIDUAL: ((0.70, 0.40, 0.85), "WA (window attention, no residual)"),
-}
+    m: (method_style(m).colour, method_style(m).label) for m in METHOD_STRINGS}
 GRID_COLOUR = (0.08, 0.08, 0.08)
 MAX_IMAGE_SIDE = 4096
 
@@ -38,8 +33,8 @@ def _hex(rgb: tuple[float, float, float]) -> str:
 
 def legend(methods: list[str] | None = None) -> list[dict[str, str]]:
     """Colour legend ``[{"method", "label", "colour"}]`` for the given (default: all) methods."""
-    methods = methods if methods is not None else list(PLAN_METHODS)
-    return [{"method": m, "label": METHOD_STYLE[m][1], "colour": _hex(METHOD_STYLE[m][0])}
+    methods = methods if methods is not None else list(METHOD_STRINGS)
+    return [{"method": m, "label": method_style(m).label, "colour": _hex(method_style(m).colour)}
             for m in methods]
 
 
@@ -57,6 +52,7 @@ def method_map(plan: Plan, cell: int = 12, grid: int = 1) -> np.ndarray:
     cell = max(1, min(cell, MAX_IMAGE_SIDE // max(steps, layers)))
     grid = grid if cell > 2 else 0
     heads = plan.metadata.num_heads if plan.granularity == "head" else None
+    colours = {m: method_style(m).colour for m in plan.method_counts()}
     image = np.empty((layers * cell, steps * cell, 3), dtype=np.float32)
     image[:] = GRID_COLOUR
     for t in range(steps):
@@ -64,13 +60,13 @@ def method_map(plan: Plan, cell: int = 12, grid: int = 1) -> np.ndarray:
             y0, x0 = i * cell, t * cell
             x1 = x0 + cell - grid
             if heads is None:
-                image[y0:y0 + cell - grid, x0:x1] = METHOD_STYLE[plan.methods[t][i]][0]
+                image[y0:y0 + cell - grid, x0:x1] = colours[plan.methods[t][i]]
                 continue
             inner = cell - grid
             for h, method in enumerate(plan.methods[t][i]):
                 ya = y0 + (h * inner) // heads
                 yb = y0 + ((h + 1) * inner) // heads
-                image[ya:max(yb, ya + 1), x0:x1] = METHOD_STYLE[method][0]
+                image[ya:max(yb, ya + 1), x0:x1] = colours[method]
     return image
 
 
@@ -120,7 +116,7 @@ def summarize(plan: Plan, shape: AttentionShape | None = None,
         settings.append(f"CFG {meta.cfg_scale:g}")
     if settings:
         lines.append("calibrated with " + ", ".join(settings))
-    lines.append("methods: " + ", ".join(f"{METHOD_STYLE[m][1].split(' (')[0]} {n} "
+    lines.append("methods: " + ", ".join(f"{method_style(m).label.split(' (')[0]} {n} "
                                          f"({_percent(n / total)})" for m, n in counts.items()))
     cost = window_fraction = bound_core = bound_module = None
     if shape is not None and plan.granularity == "layer":
@@ -128,7 +124,7 @@ def summarize(plan: Plan, shape: AttentionShape | None = None,
         window_fraction = shape.window_fraction() if shape.window is not None else None
         per_method = method_flops_share(plan, shape)
         lines.append("attention FLOPs kept per method (share of full attention): "
-                     + ", ".join(f"{METHOD_STYLE[m][1].split(' (')[0]} {_percent(v)}"
+                     + ", ".join(f"{method_style(m).label.split(' (')[0]} {_percent(v)}"
                                  for m, v in per_method.items()))
         lines.append(f"attention work kept: core (QK^T, PV) {_percent(cost.core_fraction)}, "
                      f"module incl. Q/K/V/O projections {_percent(cost.module_fraction)}"
@@ -182,6 +178,16 @@ def method_flops_share(plan: Plan, shape: AttentionShape) -> dict[str, float]:
     return {m: v / cost.core_full for m, v in kept.items()}
 
 
+def headwise_flops_share(plan: Plan) -> dict[str, float] | None:
+    """Per method, the attention-core work its heads keep as a share of full attention
+    (head-wise V2 plans whose metadata records the head layout; None otherwise)."""
+    try:
+        core, core_full = headwise_method_core(plan)
+    except ValueError:
+        return None
+    return {m: v / core_full for m, v in core.items()}
+
+
 def method_map_figure(plan: Plan, shape: AttentionShape | None = None, title: str | None = None,
                       cell: int | None = None) -> np.ndarray:
     """The method map with a title, axes (step across, layer down; heads inside each layer row for
@@ -208,12 +214,14 @@ def method_map_figure(plan: Plan, shape: AttentionShape | None = None, title: st
     counts = plan.method_counts()
     total = sum(counts.values())
     flops = method_flops_share(plan, shape) if shape is not None and plan.granularity == "layer" else None
+    if heads:
+        flops = headwise_flops_share(plan)
     rows = []
     for method, n in counts.items():
-        label = f"{METHOD_STYLE[method][1]}: {_percent(n / total)} of " + ("heads" if heads else "cells")
+        label = f"{method_style(method).label}: {_percent(n / total)} of " + ("heads" if heads else "cells")
         if flops is not None:
             label += f", keeps {_percent(flops[method])} of full attention FLOPs"
-        rows.append((METHOD_STYLE[method][0], label))
+        rows.append((method_style(method).colour, label))
     if flops is not None:
         rows.append((None, f"total attention FLOPs kept: {_percent(sum(flops.values()))}"))
 

@@ -39,7 +39,7 @@ import torch
 from ..calibration import (OFFICIAL_CANDIDATES, GreedyCalibration, LossFn, ProgressFn,
                            official_loss)
 from ..methods import parse_method
-from ..plan import ASC, FULL, WARS_ASC, Plan, PlanMismatchError, RunSignature, weights_fingerprint
+from ..plan import FULL, Plan, PlanMismatchError, RunSignature, weights_fingerprint
 from ..windows import Window1D
 from .diffusers_processor import FastAttnProcessor
 
@@ -279,7 +279,7 @@ def apply_plan(transformer: torch.nn.Module, plan: Plan, *, window: Any = None,
         cond_first = (plan.metadata.cond_first if plan.metadata.cond_first is not None
                       else _default_cond_first(transformer))
     if guidance_scale is not None and guidance_scale <= 1 and any(
-            m in plan.method_counts() for m in (ASC, WARS_ASC)):
+            parse_method(m).cfg_share for m in plan.method_counts()):
         raise PlanMismatchError(
             [f"the plan shares attention across CFG halves (ASC), but guidance_scale="
              f"{guidance_scale} runs without a CFG batch"],
@@ -396,7 +396,7 @@ def calibrate_detailed(pipe: Any, threshold: float = 0.05, window: Any = None,
     candidates = tuple(candidates)
     dropped = []
     if guidance is not None and guidance <= 1:
-        dropped = [c for c in candidates if "cfg_attn_share" in c]
+        dropped = [c for c in candidates if parse_method(c).cfg_share]
         candidates = tuple(c for c in candidates if c not in dropped)
     timesteps, sigmas = scheduler_schedule(pipe.scheduler, num_inference_steps)
     num_evals = len(timesteps)
