@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ...fastattn.methods import residual_needed
-from ...fastattn.plan import WINDOW_SHAPES, Plan, PlanMismatchError, RunSignature
+from ...fastattn.plan import WINDOW_SHAPES, Plan, PlanMismatchError, RunSignature, StepMap, check_sampling_run
 from ...fastattn.windows import grid_window_fraction, window_1d_fraction
 from . import pixart_patch
 from .families import Family, detect_family_of
@@ -129,7 +129,7 @@ class PatchSpec(Shared):
 
 
 # ----------------------------------------------------------------------------------------------
-# Step mapping: plan step for each denoiser evaluation of a run
+# The plan against this run (the rule and the step map: fastattn.plan.compat)
 # ----------------------------------------------------------------------------------------------
 
 def _sampler_name(sampler) -> Optional[str]:
@@ -140,80 +140,20 @@ def _sampler_name(sampler) -> Optional[str]:
     return name[len("sample_"):] if name.startswith("sample_") else name
 
 
-class StepMap:
-    """Maps denoiser evaluations to plan steps: identity when the run matches the plan; when
-    remapping was allowed, the nearest noise level (log sigma) if the plan records its sigmas, else
-    the same relative position on the evaluation grid if the run's evaluation count is known
-    before it starts. Evaluation 0 always maps to step 0."""
-
-    def __init__(self, plan: Plan, remap: bool, run_evaluations: Optional[int] = None):
-        self.plan = plan
-        self.remap = remap
-        self.run_evaluations = run_evaluations
-        sigmas = plan.metadata.sigmas
-        self._log_sigmas = [math.log(max(s, 1e-8)) for s in sigmas] if (remap and sigmas) else None
-
-    def step(self, evaluation: int, sigma: float) -> int:
-        if not self.remap:
-            if evaluation >= self.plan.num_steps:
-                raise PlanMismatchError(
-                    [f"this run makes more denoiser evaluations than the plan has steps "
-                     f"({self.plan.num_steps})"],
-                    ["calibrate with the same sampler, scheduler and steps, or enable "
-                     "'allow_remap' on DiTFastAttnApply"])
-            return evaluation
-        if evaluation == 0:
-            return 0
-        if self._log_sigmas is None or not math.isfinite(sigma):
-            runs, plans = self.run_evaluations, self.plan.num_steps
-            if runs is not None and runs > 1 and evaluation < runs:
-                # floor(x + 0.5): Python's round() sends halves to even, which would be lopsided
-                return math.floor(evaluation * (plans - 1) / (runs - 1) + 0.5)
-            return min(evaluation, plans - 1)
-        target = math.log(max(sigma, 1e-8))
-        return min(range(1, self.plan.num_steps), key=lambda i: (abs(self._log_sigmas[i] - target), i)) \
-            if self.plan.num_steps > 1 else 0
-
-
 def _check_run_against_plan(spec: PatchSpec, sampler, sigmas, cfg, latent_shape, diffusion_model):
     """Raise PlanMismatchError (clear message) or return the StepMap for this run."""
     plan = spec.plan
-    meta = plan.metadata
     grid = spec.family.token_grid(diffusion_model, latent_shape)
     signature = dataclasses.replace(
         spec.signature or RunSignature(),
         token_grid=grid,
         cfg_scale=float(cfg) if cfg is not None else None,
     )
-    plan.check(signature, ignore=spec.ignore)          # model, layers, resolution, cfg
-    extra = dict(meta.extra or {})
-    schedule = extra.get("schedule")
-    run_schedule = [float(s) for s in sigmas.flatten().tolist()]
+    schedule = [float(s) for s in sigmas.flatten().tolist()]
     sampler_name = _sampler_name(sampler)
-    differences = []
-    if meta.sampler and sampler_name and meta.sampler != sampler_name:
-        differences.append(f"sampler: plan calibrated with {meta.sampler!r}, this run uses {sampler_name!r}")
-    run_evaluations = expected_evaluations(sampler_name, run_schedule)
-    if schedule is not None:
-        if len(schedule) != len(run_schedule):
-            differences.append(f"steps: plan calibrated for {len(schedule) - 1} sampling steps, "
-                               f"this run has {len(run_schedule) - 1}")
-        elif any(not math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(schedule, run_schedule)):
-            differences.append("sigma schedule: this run's noise levels differ from the plan's "
-                               "(scheduler, denoise or model sampling shift changed)")
-    elif run_evaluations is not None and run_evaluations != meta.num_steps:
-        # No recorded schedule (official import, diffusers calibration, hand-written plan): the
-        # plan's step count is all there is to compare, and without this check a longer plan
-        # would silently run its first rows only.
-        differences.append(f"steps: the plan has {meta.num_steps} denoiser evaluations, this run makes "
-                           f"{run_evaluations} ({len(run_schedule) - 1} steps of {sampler_name})")
-    if differences and not spec.allow_remap:
-        raise PlanMismatchError(differences, [
-            "calibrate a plan with the same sampler, scheduler, steps and denoise, or",
-            "enable 'allow_remap' on DiTFastAttnApply to map plan steps by noise level"])
-    if differences:
-        log.warning("DiTFastAttn: remapping plan steps by noise level (%s)", "; ".join(differences))
-    return StepMap(plan, remap=bool(differences), run_evaluations=run_evaluations)
+    return check_sampling_run(plan, signature, sampler=sampler_name, schedule=schedule,
+                              run_evaluations=expected_evaluations(sampler_name, schedule),
+                              allow_remap=spec.allow_remap, ignore=spec.ignore)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -184,8 +184,12 @@ def test_official_import_validation():
 
 
 def test_schema_file_matches_code():
-    schema = json.loads((Path(__file__).resolve().parents[2] / "fastattn" /
-                         "plan_schema.json").read_text())
+    from fastattn.plan.schema import SCHEMA_PATH, schema_text
+
+    # the shipped file is generated from the code's declaration (python -m fastattn.plan.schema)
+    assert SCHEMA_PATH.read_text() == schema_text()
+    schema = json.loads((Path(__file__).resolve().parents[2] / "fastattn" / "plan" /
+                         "schema.json").read_text())
     assert schema["properties"]["format"]["const"] == FORMAT_NAME
     assert tuple(schema["$defs"]["method"]["enum"]) == PLAN_METHODS
     meta_keys = set(schema["properties"]["metadata"]["properties"])
@@ -366,7 +370,7 @@ def test_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("fastattn.plan.os.replace", broken_replace)
+    monkeypatch.setattr("fastattn.plan.format.os.replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         _plan().save(target)
     assert target.read_text() == "previous content"

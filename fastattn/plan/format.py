@@ -6,10 +6,8 @@ optionally every head), which method runs. Methods use the official DiTFastAttn 
 plans stay readable and import/export the official list format without a translation table.
 
 Plans are tied to the model (architecture, layer/head counts, weights), the token grid (the
-window is counted in tokens), the sampler's step grid and the CFG scale. ``Plan.check`` compares
-a plan's metadata with the run it is about to be used in and refuses a mismatch with a message
-that says what differs and how to fix it; on request it remaps steps by their position on the
-sigma schedule instead.
+window is counted in tokens), the sampler's step grid and the CFG scale; ``Plan.check`` (the rule
+itself is in ``fastattn.plan.compat``) refuses a run that does not fit.
 
 File I/O is plain JSON only (``Plan.load`` never unpickles). The official implementation saves
 plans with ``torch.save`` under a ``.json`` name; ``Plan.load_official_file`` reads those with
@@ -19,7 +17,6 @@ plans with ``torch.save`` under a ``.json`` name; ``Plan.load_official_file`` re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -29,25 +26,24 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .methods import ARROW_PREFIX, is_method_string
+from .. import methods as _m
+from ..methods import ARROW_PREFIX, MAX_ARROW_FACTOR, arrow_sort_key, is_method_string, parse_method
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "ditfastattn-plan"
 FORMAT_VERSION = 1
 
-# Official V1 method strings (spec section 1). The plan format owns this list: it is what a
-# plan file may contain. The runtime interprets them.
-FULL = "full_attn"
-AST = "output_share"
-WARS = "residual_window_attn"
-ASC = "full_attn+cfg_attn_share"
-WARS_ASC = "residual_window_attn+cfg_attn_share"
-WA_NO_RESIDUAL = "residual_window_attn+without_residual"
-PLAN_METHODS: tuple[str, ...] = (FULL, AST, WARS, ASC, WARS_ASC, WA_NO_RESIDUAL)
-# DiTFastAttnV2 head-wise arrow attention: ``arrow_attn_<k>`` (k = window factor) is also a
-# valid plan method (see fastattn.methods); the per-side window it ran with is recorded in
-# ``metadata.arrow_windows``.
+# The official V1 method strings as a plan file holds them, named once in fastattn.methods (the
+# one vocabulary); V2's ``arrow_attn_<k>`` is also a valid plan method (the per-side window it
+# ran with is recorded in ``metadata.arrow_windows``).
+FULL = _m.FULL.official
+AST = _m.OUTPUT_SHARE.official
+WARS = _m.WINDOW_RESIDUAL.official
+ASC = _m.FULL_CFG_SHARE.official
+WARS_ASC = _m.WINDOW_RESIDUAL_CFG_SHARE.official
+WA_NO_RESIDUAL = _m.WINDOW_NO_RESIDUAL.official
+PLAN_METHODS: tuple[str, ...] = _m.METHOD_STRINGS
 
 # Limits against hostile or corrupted files. Real plans are tiny (50 steps x 28-60 layers).
 MAX_FILE_BYTES = 32 * 1024 * 1024
@@ -59,6 +55,13 @@ MAX_NESTING = 32
 MAX_STRING = 4_096
 MAX_NOTES = 256
 MAX_EXTRA_KEYS = 256
+MAX_TOKENS = 1 << 24           # token counts and windows (a 16M-token sequence is far beyond any DiT)
+MAX_HEAD_DIM = 1 << 16
+MAX_GRID_AXES = 4              # (frames,) rows, columns
+MAX_CANDIDATES = 16
+MAX_ARROW_METHODS = 64
+MAX_CALIBRATION_INPUTS = 1 << 20
+MAX_EXTRA_DEPTH = 4
 
 GRANULARITIES = ("layer", "head")
 
@@ -112,16 +115,17 @@ PACKAGE_VERSION = _package_version()
 
 def is_full_method(method: str) -> bool:
     """A step that computes full attention (and can refresh the WA-RS residual)."""
-    return method in (FULL, ASC)
+    return parse_method(method).is_full
 
 
 def needs_residual(method: str) -> bool:
     """WA-RS with residual reads the residual cached at the last full step."""
-    return method in (WARS, WARS_ASC)
+    m = parse_method(method)
+    return m.window and m.residual
 
 
 def needs_cached_output(method: str) -> bool:
-    return method == AST
+    return parse_method(method).output_share
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +233,7 @@ def _optional(value: Any, convert, *args):
 def _method(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise _fail(where, f"method must be a string, got {type(value).__name__}")
-    if value not in PLAN_METHODS and not (value.startswith(ARROW_PREFIX) and is_method_string(value)):
+    if value.strip() != value or not is_method_string(value):
         shown = value if len(value) <= 60 else value[:60] + "..."
         raise _fail(where, f"unknown method {shown!r}; known methods: {', '.join(PLAN_METHODS)}, "
                            f"and V2 {ARROW_PREFIX}<k> (window factor k)")
@@ -238,8 +242,8 @@ def _method(value: Any, where: str) -> str:
 
 def _json_scalar_tree(value: Any, where: str, depth: int = 0) -> Any:
     """Accept JSON scalars and small lists/dicts of them (for ``extra``)."""
-    if depth > 4:
-        raise _fail(where, "nested too deeply (at most 4 levels in 'extra')")
+    if depth > MAX_EXTRA_DEPTH:
+        raise _fail(where, f"nested too deeply (at most {MAX_EXTRA_DEPTH} levels in 'extra')")
     if value is None or isinstance(value, (bool, str)):
         return _str(value, where) if isinstance(value, str) else value
     if isinstance(value, (int, float)):
@@ -318,8 +322,8 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
             raise _fail("metadata.layer_names", f"{len(layer_names)} names for {num_layers} layers")
     token_grid = m.get("token_grid")
     if token_grid is not None:
-        token_grid = tuple(_int(v, f"metadata.token_grid[{i}]", 1, 1 << 24) for i, v in
-                           enumerate(_list(token_grid, "metadata.token_grid", 4)))
+        token_grid = tuple(_int(v, f"metadata.token_grid[{i}]", 1, MAX_TOKENS) for i, v in
+                           enumerate(_list(token_grid, "metadata.token_grid", MAX_GRID_AXES)))
         if not token_grid:
             raise _fail("metadata.token_grid", "must not be empty")
     sigmas = m.get("sigmas")
@@ -335,12 +339,12 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
         window = _list(window, "metadata.window", 2)
         if len(window) != 2:
             raise _fail("metadata.window", "expected [left, right]")
-        window = (_int(window[0], "metadata.window[0]", 0, 1 << 24),
-                  _int(window[1], "metadata.window[1]", 0, 1 << 24))
+        window = (_int(window[0], "metadata.window[0]", 0, MAX_TOKENS),
+                  _int(window[1], "metadata.window[1]", 0, MAX_TOKENS))
     candidates = m.get("candidates")
     if candidates is not None:
         candidates = tuple(_method(v, f"metadata.candidates[{i}]") for i, v in
-                           enumerate(_list(candidates, "metadata.candidates", 16)))
+                           enumerate(_list(candidates, "metadata.candidates", MAX_CANDIDATES)))
     cond_first = m.get("cond_first")
     if cond_first is not None and not isinstance(cond_first, bool):
         raise _fail("metadata.cond_first", "expected true/false")
@@ -354,25 +358,25 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
         text_tokens = _list(text_tokens, "metadata.text_tokens", 2)
         if len(text_tokens) != 2:
             raise _fail("metadata.text_tokens", "expected [prefix, suffix] text token counts")
-        text_tokens = (_int(text_tokens[0], "metadata.text_tokens[0]", 0, 1 << 24),
-                       _int(text_tokens[1], "metadata.text_tokens[1]", 0, 1 << 24))
+        text_tokens = (_int(text_tokens[0], "metadata.text_tokens[0]", 0, MAX_TOKENS),
+                       _int(text_tokens[1], "metadata.text_tokens[1]", 0, MAX_TOKENS))
     arrow_windows = m.get("arrow_windows")
     if arrow_windows is not None:
         if not isinstance(arrow_windows, Mapping):
             raise _fail("metadata.arrow_windows", "expected an object {arrow method: [left, right]}")
-        if len(arrow_windows) > 64:
-            raise _fail("metadata.arrow_windows", "more than 64 arrow methods")
+        if len(arrow_windows) > MAX_ARROW_METHODS:
+            raise _fail("metadata.arrow_windows", f"more than {MAX_ARROW_METHODS} arrow methods")
         parsed_windows = {}
         for name, sides in arrow_windows.items():
             where = f"metadata.arrow_windows.{name}"
-            if not (isinstance(name, str) and name.startswith(ARROW_PREFIX)):
+            if not (isinstance(name, str) and is_method_string(name) and parse_method(name).arrow):
                 raise _fail(where, f"keys are V2 arrow methods ({ARROW_PREFIX}<k>)")
             _method(name, where)
             sides = _list(sides, where, 2)
             if len(sides) != 2:
                 raise _fail(where, "expected [left, right]")
-            parsed_windows[name] = (_int(sides[0], f"{where}[0]", 0, 1 << 24),
-                                    _int(sides[1], f"{where}[1]", 0, 1 << 24))
+            parsed_windows[name] = (_int(sides[0], f"{where}[0]", 0, MAX_TOKENS),
+                                    _int(sides[1], f"{where}[1]", 0, MAX_TOKENS))
         arrow_windows = parsed_windows
     _check_known_extra(extra)
     cfg = _optional(m.get("cfg_scale"), _float, "metadata.cfg_scale")
@@ -383,7 +387,7 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
         num_steps=steps,
         num_layers=layers,
         num_heads=heads,
-        head_dim=_optional(m.get("head_dim"), _int, "metadata.head_dim", 1, 1 << 16),
+        head_dim=_optional(m.get("head_dim"), _int, "metadata.head_dim", 1, MAX_HEAD_DIM),
         architecture=_optional(m.get("architecture"), _str, "metadata.architecture"),
         layer_names=layer_names,
         weights_fingerprint=_optional(m.get("weights_fingerprint"), _str,
@@ -398,7 +402,7 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
         candidates=candidates,
         metric=_optional(m.get("metric"), _str, "metadata.metric"),
         calibration_inputs=_optional(m.get("calibration_inputs"), _int,
-                                     "metadata.calibration_inputs", 0, 1 << 20),
+                                     "metadata.calibration_inputs", 0, MAX_CALIBRATION_INPUTS),
         package_version=_str(m.get("package_version", PACKAGE_VERSION), "metadata.package_version"),
         notes=notes,
         extra=extra,
@@ -542,61 +546,6 @@ def parse_json_text(text: str | bytes) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Run signature and compatibility
-# --------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class RunSignature:
-    """What a plan is about to be used with. ``None`` fields are not checked."""
-
-    num_layers: int | None = None
-    num_heads: int | None = None
-    architecture: str | None = None
-    weights_fingerprint: str | None = None
-    token_grid: tuple[int, ...] | None = None
-    num_steps: int | None = None
-    sampler: str | None = None
-    sigmas: tuple[float, ...] | None = None
-    cfg_scale: float | None = None
-    # Window and head layout of the run (checked when both sides know them): the per-side
-    # window (left, right) in tokens the run's window methods use, the head dimension, and
-    # the global text tokens (prefix, suffix) of joint attention. A V2 plan's arrow windows
-    # are also checked against the image tokens of ``token_grid`` (window = image // (2k)).
-    window: tuple[int, int] | None = None
-    head_dim: int | None = None
-    text_tokens: tuple[int, int] | None = None
-
-
-# Mismatches that `ignore=` may waive (at the user's explicit request; the plan is then used
-# as it is). Layer/head counts can never be waived: the plan would not fit the model.
-IGNORABLE = ("architecture", "weights_fingerprint", "token_grid", "cfg_scale")
-
-
-def _sigmas_close(a: Sequence[float], b: Sequence[float]) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6)
-                                    for x, y in zip(a, b))
-
-
-def _remap_indices(plan_meta: PlanMetadata, run: RunSignature) -> tuple[list[int], str]:
-    src_steps = plan_meta.num_steps
-    dst_steps = run.num_steps
-    if plan_meta.sigmas and run.sigmas and len(run.sigmas) == dst_steps:
-        # Nearest noise level on a log scale: sigma spans orders of magnitude and the plan's
-        # decisions track the noise level, not the step index.
-        def log_sigma(s: float) -> float:
-            return math.log(max(s, 1e-8))
-        src = [log_sigma(s) for s in plan_meta.sigmas]
-        mapping = [min(range(src_steps), key=lambda i: (abs(src[i] - log_sigma(s)), i))
-                   for s in run.sigmas]
-        return mapping, "nearest noise level (log sigma)"
-    if dst_steps == 1:
-        return [0], "position on the step grid"
-    # floor(x + 0.5), not round(): Python rounds halves to even, which would be lopsided.
-    mapping = [math.floor(j * (src_steps - 1) / (dst_steps - 1) + 0.5) for j in range(dst_steps)]
-    return mapping, "relative position on the step grid (no sigmas known)"
-
-
-# --------------------------------------------------------------------------------------------
 # The plan
 # --------------------------------------------------------------------------------------------
 
@@ -657,9 +606,7 @@ class Plan:
         for step in self._methods:
             for cell in step:
                 counter.update([cell] if self._granularity == "layer" else cell)
-        counts = {m: counter[m] for m in PLAN_METHODS if counter[m]}
-        counts.update({m: counter[m] for m in sorted(counter, key=_arrow_sort_key) if m not in counts})
-        return counts
+        return {m: counter[m] for m in sorted(counter, key=arrow_sort_key)}
 
     def with_metadata(self, **changes) -> "Plan":
         meta = dataclasses.replace(self._metadata, **changes)
@@ -813,149 +760,18 @@ class Plan:
                                   f"(refused by the safe loader: {exc})") from None
         return cls.from_official(data, metadata)
 
-    # ---- compatibility -------------------------------------------------------------------
-    def check(self, run: RunSignature, *, allow_remap: bool = False,
-              ignore: Iterable[str] = ()) -> "Plan":
-        """Return the plan to use for ``run`` or raise ``PlanMismatchError``.
+    # ---- compatibility (the rule lives in fastattn.plan.compat) -------------------------
+    def check(self, run, *, allow_remap: bool = False, ignore: Iterable[str] = ()) -> "Plan":
+        """Return the plan to use for ``run`` or raise ``PlanMismatchError`` (see
+        :func:`fastattn.plan.compat.check_plan`)."""
+        from .compat import check_plan
 
-        ``allow_remap`` maps the plan's steps onto a different step count / sampler / schedule
-        by noise level (the returned plan carries a note saying so). ``ignore`` waives the
-        listed checks (``IGNORABLE``), also recorded as a note.
-        """
-        ignore = set(ignore)
-        bad = ignore - set(IGNORABLE)
-        if bad:
-            raise ValueError(f"cannot ignore {sorted(bad)}; ignorable checks: {IGNORABLE}")
-        meta = self._metadata
-        hard: list[str] = []
-        soft: list[tuple[str, str]] = []  # (check name, description)
-        step_diffs: list[str] = []
-        if run.num_layers is not None and run.num_layers != meta.num_layers:
-            hard.append(f"layers: plan has {meta.num_layers}, model has {run.num_layers}")
-        if (run.num_heads is not None and meta.num_heads is not None
-                and run.num_heads != meta.num_heads):
-            hard.append(f"attention heads: plan has {meta.num_heads}, model has {run.num_heads}")
-        hard.extend(self._layout_mismatches(run))
-        if meta.architecture and run.architecture and meta.architecture != run.architecture:
-            soft.append(("architecture", f"architecture: plan {meta.architecture!r}, "
-                                         f"model {run.architecture!r}"))
-        if (meta.weights_fingerprint and run.weights_fingerprint
-                and meta.weights_fingerprint != run.weights_fingerprint):
-            soft.append(("weights_fingerprint",
-                         f"weights: plan calibrated on {meta.weights_fingerprint[:16]}..., "
-                         f"model is {run.weights_fingerprint[:16]}... (different checkpoint, "
-                         f"LoRA or fine-tune)"))
-        if meta.token_grid and run.token_grid and tuple(meta.token_grid) != tuple(run.token_grid):
-            soft.append(("token_grid", f"token grid (resolution): plan {list(meta.token_grid)}, "
-                                       f"run {list(run.token_grid)} (the window is in tokens)"))
-        if (meta.cfg_scale is not None and run.cfg_scale is not None
-                and not math.isclose(meta.cfg_scale, run.cfg_scale, rel_tol=1e-6)):
-            soft.append(("cfg_scale", f"CFG scale: plan {meta.cfg_scale}, run {run.cfg_scale}"))
-        if run.num_steps is not None and run.num_steps != meta.num_steps:
-            step_diffs.append(f"steps: plan has {meta.num_steps} evaluations, run has "
-                              f"{run.num_steps}")
-        elif meta.sigmas and run.sigmas and not _sigmas_close(meta.sigmas, run.sigmas):
-            step_diffs.append("sigma schedule: the run's noise levels differ from the plan's")
-        if (not step_diffs and meta.sampler and run.sampler and meta.sampler != run.sampler
-                and not (meta.sigmas and run.sigmas)):
-            step_diffs.append(f"sampler: plan {meta.sampler!r}, run {run.sampler!r}")
-
-        unwaived = [d for name, d in soft if name not in ignore]
-        fixes = []
-        if hard:
-            fixes.append("calibrate a plan for this model and window (layer/head counts, head layout "
-                         "and windows cannot be adapted)")
-        if unwaived:
-            fixes.append("recalibrate for this model and run, or, knowing the plan may hurt "
-                         "quality, waive the check with ignore=[" +
-                         ", ".join(repr(n) for n, _ in soft if n not in ignore) + "]")
-        if step_diffs and not allow_remap:
-            fixes.append("recalibrate with this step count / sampler, or pass allow_remap=True "
-                         "to map plan steps onto this schedule by noise level")
-        if hard or unwaived or (step_diffs and not allow_remap):
-            raise PlanMismatchError(hard + unwaived + ([] if allow_remap else step_diffs), fixes)
-
-        notes = [f"ignored mismatch: {d}" for name, d in soft if name in ignore]
-        plan = self
-        if step_diffs:
-            plan, note = self._remapped(run)
-            notes.append(note)
-        if not notes:
-            return self
-        for note in notes:
-            logger.warning("DiTFastAttn plan: %s", note)
-        return plan.with_metadata(notes=plan.metadata.notes + tuple(notes))
-
-    def _layout_mismatches(self, run: RunSignature) -> list[str]:
-        """Window and head-layout differences (never waivable: the plan's choices were measured
-        with exactly these windows and heads)."""
-        meta = self._metadata
-        out = []
-        if (run.head_dim is not None and meta.head_dim is not None
-                and int(run.head_dim) != meta.head_dim):
-            out.append(f"head dim: plan has {meta.head_dim}, model has {run.head_dim}")
-        if (run.text_tokens is not None and meta.text_tokens is not None
-                and tuple(run.text_tokens) != tuple(meta.text_tokens)):
-            out.append(f"text tokens (prefix, suffix): plan {list(meta.text_tokens)}, run "
-                       f"{list(run.text_tokens)}")
-        if run.window is not None and meta.window is not None and tuple(run.window) != tuple(meta.window):
-            out.append(f"window: plan calibrated with {list(meta.window)} tokens per side, run uses "
-                       f"{list(run.window)}")
-        arrows = _arrow_methods_used(self._methods)
-        if arrows and meta.arrow_windows is None:
-            out.append("window: this V2 plan does not record the windows its arrow methods ran with "
-                       "(metadata.arrow_windows)")
-        elif arrows and run.token_grid:
-            image = math.prod(run.token_grid)
-            for name in sorted(arrows, key=_arrow_sort_key):
-                recorded = meta.arrow_windows.get(name)
-                w = image // (2 * int(name[len(ARROW_PREFIX):]))
-                if recorded is None:
-                    out.append(f"window: metadata.arrow_windows has no entry for {name}")
-                elif tuple(recorded) != (w, w):
-                    out.append(f"window: {name} ran with {list(recorded)} tokens per side, this run's "
-                               f"{image} image tokens give [{w}, {w}]")
-        return out
-
-    def _remapped(self, run: RunSignature) -> tuple["Plan", str]:
-        target_steps = run.num_steps if run.num_steps is not None else self.num_steps
-        run = dataclasses.replace(run, num_steps=target_steps)
-        mapping, how = _remap_indices(self._metadata, run)
-        methods = [list(self._methods[i]) for i in mapping]
-        # The first evaluation must compute attention everywhere (no cache exists yet); later
-        # WA-RS steps then always find the residual of a full step.
-        full_row = ([FULL] * self.num_layers if self._granularity == "layer" else
-                    [tuple([FULL] * len(self._methods[0][0]))] * self.num_layers)
-        forced = methods[0] != full_row
-        methods[0] = full_row
-        meta = dataclasses.replace(
-            self._metadata, num_steps=target_steps,
-            sigmas=tuple(run.sigmas) if run.sigmas else None,
-            sampler=run.sampler or self._metadata.sampler)
-        note = (f"remapped {self.num_steps} planned steps onto {target_steps} by {how}; "
-                f"step map {mapping if len(mapping) <= 64 else str(mapping[:64]) + '...'}"
-                + ("; step 0 forced to full attention" if forced else ""))
-        return Plan(methods, meta, granularity=self._granularity), note
+        return check_plan(self, run, allow_remap=allow_remap, ignore=ignore)
 
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
-
-def _arrow_sort_key(method: str) -> tuple:
-    tail = method[len(ARROW_PREFIX):]
-    return (int(tail) if tail.isdigit() else 0, method)
-
-
-def _arrow_methods_used(methods: Sequence[Sequence]) -> set:
-    used = set()
-    for step in methods:
-        for cell in step:
-            for method in (cell if isinstance(cell, tuple) else (cell,)):
-                if method.startswith(ARROW_PREFIX):
-                    used.add(method)
-    return used
-
 
 def _read_limited(path: str | os.PathLike) -> bytes:
     path = Path(path)
@@ -989,47 +805,3 @@ def _looks_like_pickle(raw: bytes) -> bool:
     # torch.save writes a zip archive ("PK\x03\x04"); legacy torch.save / pickle protocol 2+
     # starts with 0x80.
     return raw[:4] == b"PK\x03\x04" or raw[:1] == b"\x80"
-
-
-def weights_fingerprint(named_tensors: Iterable[tuple[str, Any]], sample_tensors: int = 4,
-                        sample_elements: int = 4096, per_tensor_samples: int = 64) -> str:
-    """A cheap fingerprint of a model's weights.
-
-    Hashes every tensor's name, shape and dtype, ``per_tensor_samples`` evenly strided
-    elements of every tensor, and the first ``sample_elements`` elements of a few tensors
-    spread over the model. Different checkpoints, fine-tunes and merged LoRAs change it; it
-    reads a few KB per tensor at most instead of the whole model.
-    """
-    items = sorted(named_tensors, key=lambda kv: kv[0])
-    digest = hashlib.sha256()
-    for name, tensor in items:
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype};".encode())
-        numel = tensor.numel()
-        if numel:
-            stride = max(1, numel // per_tensor_samples)
-            digest.update(_tensor_bytes(tensor, stride, per_tensor_samples))
-    if items:
-        count = min(sample_tensors, len(items))
-        picks = sorted({round(k * (len(items) - 1) / max(count - 1, 1)) for k in range(count)})
-        for index in picks:
-            name, tensor = items[index]
-            digest.update(name.encode())
-            digest.update(_tensor_bytes(tensor, 1, sample_elements))
-    return "sha256:" + digest.hexdigest()
-
-
-def _tensor_bytes(tensor: Any, stride: int, count: int) -> bytes:
-    try:
-        flat = tensor.detach().reshape(-1)[::stride][:count].to("cpu").contiguous()
-    except Exception:  # exotic tensor subclasses (quantized wrappers): shape/dtype only
-        return b""
-    try:
-        return flat.view(dtype=_uint8()).numpy().tobytes()
-    except (RuntimeError, TypeError):  # dtypes numpy cannot hold: hash a float32 copy
-        return flat.float().numpy().tobytes()
-
-
-def _uint8():
-    import torch
-
-    return torch.uint8
