@@ -290,3 +290,25 @@ def headwise_method_core(plan: Plan, rows: int = 1) -> tuple[dict[str, float], f
                 per_method[method] = per_method.get(method, 0.0) + 2.0 * rows * meta.head_dim * pairs(method)
     core_full = 2.0 * rows * seq * seq * meta.num_heads * meta.head_dim * plan.num_steps * plan.num_layers
     return per_method, core_full
+
+
+def call_flops(outcome) -> tuple[float, float]:
+    """(dense, kept) attention-core FLOPs of one call the runtime ran (a ``CallOutcome``).
+
+    dense: full attention on every row and head of the call. kept: what ran, per group of
+    heads: 0 for a reused output, the window's exact pairs for window methods, full pairs plus
+    the window pass for a full step that refreshed the WA-RS residual; ASC counts its computed
+    rows only. FLOPs = 2 x the MACs of the module docstring (Q K^T and P V)."""
+    seq, head_dim = outcome.seq_len, outcome.head_dim
+    full_pairs = seq * seq
+    dense = 4.0 * outcome.batch * outcome.heads * full_pairs * head_dim
+    kept = 0.0
+    for part in outcome.parts:
+        if part.rows == 0 or part.method.output_share:
+            continue
+        if part.method.window:
+            pairs = part.window.kept_pairs(seq)
+        else:
+            pairs = full_pairs + (part.window.kept_pairs(seq) if part.refreshed and part.window is not None else 0)
+        kept += 4.0 * part.rows * part.heads * pairs * head_dim
+    return dense, kept

@@ -25,6 +25,7 @@ the official code.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence, Tuple, Union
 
@@ -32,7 +33,7 @@ import torch
 
 from .headwise import arrow_window
 from .kernels import from_bhld, headwise_window_attention, reference_attention, to_bhld, window_attention
-from .methods import FULL, Method, MethodLike, parse_method
+from .methods import FULL, OUTPUT_SHARE, Method, MethodLike, parse_method
 from .state import FastAttnState, LayerCache
 from .windows import CallInfo, Window1D
 
@@ -126,6 +127,41 @@ def _as_cfg_rows(value, batch: int) -> Optional[CfgRows]:
 
 
 FullAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What one group of heads of a call actually ran (after every fallback)."""
+
+    method: Method       # the method as run (a missing cache turns AST / WA-RS into full)
+    heads: int           # heads of the call in this group
+    rows: int            # batch rows computed (0: an output was reused, nothing computed)
+    window: object       # the window of window methods and residual refreshes, else None
+    refreshed: bool      # full attention that also computed and cached the WA-RS residual
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """What the runtime did at one call: the accounting (fastattn.flops.call_flops) and the
+    reports read this instead of re-deriving the runtime's branches."""
+
+    step: int
+    layer: Hashable
+    batch: int
+    seq_len: int
+    head_dim: int
+    parts: Tuple[Ran, ...]
+    # an ASC step's uncond-only call found no cond output of this step to share (computed alone)
+    cfg_share_missed: bool = False
+
+    @property
+    def heads(self) -> int:
+        return sum(part.heads for part in self.parts)
+
+    @property
+    def uniform(self) -> bool:
+        """Every head ran the same method."""
+        return len({part.method for part in self.parts}) == 1
 
 
 def compute_attention_core(
@@ -231,6 +267,16 @@ class FastAttnRuntime:
         self.share_cfg_across_calls = share_cfg_across_calls
         self.kernel_backend = kernel_backend
         self.planner = planner
+        self._outcome = threading.local()   # per thread: MultiGPU CFG split calls in threads
+
+    @property
+    def last_outcome(self) -> Optional[CallOutcome]:
+        """What the last call of this thread actually ran."""
+        return getattr(self._outcome, "value", None)
+
+    def _ran(self, info: CallInfo, batch: int, head_dim: int, parts) -> None:
+        missed = getattr(self._outcome, "missed", False)
+        self._outcome.value = CallOutcome(info.step, info.layer, batch, info.seq_len, head_dim, tuple(parts), missed)
 
     def __deepcopy__(self, memo) -> "FastAttnRuntime":
         # ComfyUI deep-copies model options on clone; the runtime (and its state) is shared.
@@ -278,7 +324,9 @@ class FastAttnRuntime:
         None means no CFG information (ASC is then off).
         """
         qh, kh, vh = (to_bhld(t, layout, heads) for t in (q, k, v))
-        batch, n_heads, seq_len, _ = qh.shape
+        batch, n_heads, seq_len, head_dim = qh.shape
+        self._outcome.value = None
+        self._outcome.missed = False
         rows = _as_cfg_rows(cfg_rows, batch)
         out_shape = (batch, n_heads, seq_len, vh.shape[-1])
         cache_key = (layer, rows.labels if rows is not None else None)
@@ -309,17 +357,20 @@ class FastAttnRuntime:
         if method.cfg_share and (rows is None or not rows.has_both):
             reused = self._reuse_split_cfg(method, rows, layer, step, out_shape)
             if reused is not None:
+                self._ran(info, batch, head_dim, [Ran(method, n_heads, 0, None, False)])
                 if method.is_full:
                     # One CFG call would cache cat([R_cond, R_cond]) here: the uncond rows take
                     # the cond call's residual of this step, not one left from an older full step.
                     cond_cache = self.state.get((layer, (COND,) * rows.batch))
                     cache.cached_residual = cond_cache.cached_residual if cond_cache is not None else None
                 return self._finish(reused, cache, step, layer, layout, full_attention_out=None)
+            self._outcome.missed = rows is not None and not rows.cond_rows
             method = method.without_cfg_share()
 
         if method.output_share:
             cached = cache.cached_output
             if cached is not None and tuple(cached.shape) == out_shape:
+                self._ran(info, batch, head_dim, [Ran(method, n_heads, 0, None, False)])
                 return from_bhld(cached, layout)
             self._missing(f"AST step {step} of layer {layer!r} has no cached output of shape {out_shape}")
             method = FULL
@@ -350,6 +401,8 @@ class FastAttnRuntime:
         # A cond-only call of an ASC step keeps its output for the uncond-only call of this step.
         stash_cond = asc_requested and self.share_cfg_across_calls and rows is not None and not rows.uncond_rows
         plain_full = method == FULL and not needs_residual
+        computed_rows = len(rows.cond_rows) if method.cfg_share else batch
+        self._ran(info, batch, head_dim, [Ran(method, n_heads, computed_rows, window, needs_residual)])
         if plain_full:
             # Keep the caller's backend output untouched: an all-full plan is exactly plain attention.
             out = full_attention(q, k, v) if full_attention is not None else from_bhld(
@@ -437,6 +490,9 @@ class FastAttnRuntime:
             cached = []  # computed with full attention instead
         computed = [h for h in range(n_heads) if h not in set(cached)]
         windows = [arrow_window_of(methods[h], info) if methods[h].arrow else None for h in computed]
+        parts = [Ran(OUTPUT_SHARE, len(cached), 0, None, False)] if cached else []
+        parts += [Ran(methods[h] if methods[h].arrow else FULL, 1, batch, w, False) for h, w in zip(computed, windows)]
+        self._ran(info, batch, qh.shape[-1], parts)
         if not cached:
             return headwise_window_attention(qh, kh, vh, windows, self.kernel_backend)
         out = torch.empty(out_shape, dtype=vh.dtype, device=vh.device)
@@ -466,6 +522,7 @@ class FastAttnRuntime:
         for head, (method, window) in enumerate(zip(methods, windows)):
             groups.setdefault((method, window if (method.window or method.is_full) else None), []).append(head)
         out = torch.empty(out_shape, dtype=vh.dtype, device=vh.device)
+        parts = []
         residual_updates = []
         cached_output = cache.cached_output
         output_usable = cached_output is not None and tuple(cached_output.shape) == out_shape
@@ -491,6 +548,7 @@ class FastAttnRuntime:
             if method.output_share:
                 if output_usable:
                     out[:, index] = cached_output.index_select(1, index)
+                    parts.append(Ran(method, len(heads), 0, None, False))
                     continue
                 self._missing(f"AST heads {heads} at step {step} of layer {layer!r} have no cached output")
                 method, force_residual = FULL, True
@@ -504,6 +562,8 @@ class FastAttnRuntime:
             needs_residual = method.is_full and self_attention and window is not None and (
                 force_residual or self.needs_residual is None or bool(self.needs_residual(step, layer))
             )
+            parts.append(Ran(method, len(heads), len(rows.cond_rows) if method.cfg_share else batch,
+                             window if (method.window or needs_residual) else None, needs_residual))
             head_cache = LayerCache(cached_residual=residual.index_select(1, index) if residual_usable else None)
             q_, k_, v_ = (t.index_select(1, index) for t in (qh, kh, vh))
             if method.cfg_share:
@@ -528,6 +588,7 @@ class FastAttnRuntime:
             for index, head_residual in residual_updates:
                 updated[:, index] = head_residual.to(updated.dtype)
             cache.cached_residual = updated
+        self._ran(info, batch, qh.shape[-1], parts)
         return out
 
     # ------------------------------------------------------------------ helpers

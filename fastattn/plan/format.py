@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .. import methods as _m
-from ..methods import ARROW_PREFIX, MAX_ARROW_FACTOR, arrow_sort_key, is_method_string, parse_method
+from ..methods import ARROW_PREFIX, arrow_sort_key, is_method_string, parse_method
 
 logger = logging.getLogger(__name__)
 

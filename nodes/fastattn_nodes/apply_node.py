@@ -20,7 +20,7 @@ def patch_model_with_plan(model, plan, *, allow_remap=False, ignore_model_mismat
     """The node's logic without the node (also used by tests and the bench)."""
     family = detect_family(model)
     ignore = ("weights_fingerprint", "architecture") if ignore_model_mismatch else ()
-    if family is not None and family.tagging != "unsupported":
+    if family is not None:
         model_signature = RunSignature(num_layers=len(family.layer_names(model.model.diffusion_model)),
                                        architecture=family.name,
                                        weights_fingerprint=weights_fingerprint_of(model))

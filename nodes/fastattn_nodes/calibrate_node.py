@@ -31,10 +31,9 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
                    progress=None, interrupted=None):
     """Run the calibration sampling pass; return (plan, calibration latent, session)."""
     family = detect_family(model)
-    if family is None or family.tagging == "unsupported":
+    if family is None:
         name = type(getattr(model.model, "diffusion_model", None)).__name__
-        reason = f" ({family.unsupported_reason})" if family is not None else ""
-        raise ValueError(f"DiTFastAttn cannot calibrate {name}{reason}: supported families are Wan, "
+        raise ValueError(f"DiTFastAttn cannot calibrate {name}: supported families are Wan, "
                          f"Flux/Chroma, SD3, HunyuanVideo, LTXV, Cosmos-Predict2, PixArt and Reducio-DiT")
     if not candidates:
         raise ValueError("no compression method is allowed: enable at least one of "

@@ -22,6 +22,8 @@ import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
+from .layer_access import BLOCK_REPLACE, OBJECT_PATCH, CallCounting, LayerAccess
+
 TEXT_NONE = "none"        # self-attention over image tokens only (Wan, LTXV, PixArt)
 TEXT_PREFIX = "prefix"    # joint attention, text before image (Flux, SD3)
 TEXT_SUFFIX = "suffix"    # joint attention, image before text (HunyuanVideo)
@@ -44,14 +46,9 @@ class Family:
     text_position: str
     # Index of the self-attention call inside one block (0 = the first attention call).
     self_attention_call: int = 0
-    # "replace": tag layers through patches_replace["dit"]; "count": the model has neither
-    # patches_replace nor block_index, so layers come from counting attention calls per model
-    # call (``calls_per_block`` calls per block, in order); "object_patch": the model never passes
-    # transformer_options to attention, so each block's self-attention forward is replaced by a
-    # ModelPatcher object patch that does (PixArt); "unsupported": logged no-op.
-    tagging: str = "replace"
-    calls_per_block: int = 1
-    unsupported_reason: str = ""
+    # How the patch learns which layer a call belongs to (layer_access.py): block replace
+    # entries (default), counting the attention calls of a model call, or PixArt object patches.
+    access: LayerAccess = BLOCK_REPLACE
     # Joint families whose text length is the conditioning length (Flux: Kontext reference
     # tokens may follow the image); otherwise the text length is "whatever is not image".
     text_len_from_context: bool = False
@@ -201,8 +198,7 @@ FAMILIES: tuple[Family, ...] = (
         class_names=("MiniTrainDIT",),
         block_groups=(BlockGroup("blocks", "", "block"),),
         text_position=TEXT_NONE,
-        tagging="count",
-        calls_per_block=2,
+        access=CallCounting(calls_per_block=2),
         patch_size=lambda dm: (int(dm.patch_temporal), int(dm.patch_spatial), int(dm.patch_spatial)),
     ),
     Family(
@@ -214,7 +210,7 @@ FAMILIES: tuple[Family, ...] = (
         class_names=("PixArtMS", "PixArt"),
         block_groups=(BlockGroup("blocks", "", "block"),),
         text_position=TEXT_NONE,
-        tagging="object_patch",
+        access=OBJECT_PATCH,
         patch_size=lambda dm: _int_tuple(dm.patch_size),
     ),
 )

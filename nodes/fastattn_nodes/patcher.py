@@ -14,7 +14,7 @@ Stacking with other attention patches (stacking.py): at every model call the APP
 looks at the override the call is about to use and counts which patched layers' self-attention
 reached ours; an override that replaced ours, or one in front of ours that handles calls itself,
 is logged once and reported; caches of a layer whose earlier step bypassed us are recomputed
-(run_state.py's gap rule); MultiGPU CFG split threads get a run-state lane per device.
+(fastattn/run.py's gap rule); MultiGPU CFG split threads get a run-state lane per device.
 
 Nothing is stored on the model or in module globals. Objects placed in ``model_options`` are
 closures or return themselves from ``__deepcopy__`` (``ModelPatcher.clone`` deep-copies
@@ -31,11 +31,12 @@ from typing import Optional
 import torch
 
 from ...fastattn.methods import residual_needed
-from ...fastattn.plan import WINDOW_SHAPES, Plan, PlanMismatchError, RunSignature, StepMap, check_sampling_run
+from ...fastattn.run import RunState
+from ...fastattn.plan import FULL, WINDOW_SHAPES, Plan, PlanMismatchError, RunSignature, StepMap, check_sampling_run
 from ...fastattn.windows import grid_window_fraction, window_1d_fraction
 from . import pixart_patch
+from .layer_access import (BLOCK_REPLACE, COUNT_KEY, OBJECT_PATCH, PREFERRED_KEY, RECORD_KEY, _seq_len)
 from .families import Family, detect_family_of
-from .run_state import FULL, RunState
 from .sampling import expected_evaluations
 from .stacking import OVERRIDE_MARK, ModelCallRecord, StackingLog
 
@@ -44,12 +45,7 @@ log = logging.getLogger("reducio_fastattn.ditfastattn")
 WRAPPER_KEY = "ditfastattn"
 SPEC_KEY = "ditfastattn_spec"        # the PatchSpec of the patch installed on this model
 RUN_KEY = "ditfastattn_run"          # the RunState of the sampling run in progress
-LAYER_KEY = "ditfastattn_layer"      # layer name of the block being executed
-CALL_KEY = "ditfastattn_call"        # attention calls so far inside that block
 GEOMETRY_KEY = "ditfastattn_geometry"  # (token grid, conditioning length) of this model call
-COUNT_KEY = "ditfastattn_calls"      # attention calls so far in this model call ("count" families)
-RECORD_KEY = "ditfastattn_model_call"  # ModelCallRecord of this model call (stacking checks)
-PREFERRED_KEY = "ditfastattn_preferred"  # the running block's self-attention ComfyAttention, if any
 OVERRIDE_KEY = "optimized_attention_override"
 DEVICE_KEY = "multigpu_thread_device"  # set by core's MultiGPU CFG split on each thread's options
 
@@ -263,30 +259,8 @@ def _classify_call(spec: PatchSpec, options, args, kwargs):
     call, or None to leave the call alone."""
     family = spec.family
     record: Optional[ModelCallRecord] = options.get(RECORD_KEY)
-    if family.tagging == "count":
-        # Every attention call of the model call counts, also the ones we leave alone.
-        n = options.get(COUNT_KEY)
-        if n is None or (record is not None and record.desynced):
-            return None
-        options[COUNT_KEY] = n + 1
-        if n % family.calls_per_block != family.self_attention_call:
-            return None
-        layer = f"{family.block_groups[0].layer_prefix}.{n // family.calls_per_block}"
-        if len(args) >= 2 and _seq_len(args[0], kwargs) != _seq_len(args[1], kwargs):
-            # a cross-attention call where the self-attention belongs: an outer override took
-            # calls of this model call, so the count no longer says which block is running
-            if record is not None:
-                record.desynced = True
-            return None
-    else:
-        layer = options.get(LAYER_KEY)
-        if layer is None:
-            return None                  # e.g. HunyuanVideo's text refiner before the blocks
-        call_index = options.get(CALL_KEY, 0)
-        options[CALL_KEY] = call_index + 1
-        if call_index != family.self_attention_call:
-            return None
-    if layer not in spec.layer_index:
+    layer = family.access.layer_of_call(family, options, args, kwargs)
+    if layer is None or layer not in spec.layer_index:
         return None
     if len(args) < 3:
         return None
@@ -321,10 +295,6 @@ def _classify_call(spec: PatchSpec, options, args, kwargs):
             return None
         prefix, suffix = split
     return layer, layout, int(heads), prefix, suffix, grid
-
-
-def _seq_len(t, kwargs) -> int:
-    return t.shape[2] if kwargs.get("skip_reshape", False) else t.shape[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,13 +439,8 @@ def _make_apply_model_wrapper(spec: PatchSpec):
             # the override this call's attention will go to (another one may sit in front)
             run.stacking.note_override(options.get(OVERRIDE_KEY), spec.override)
         try:
-            if spec.family.tagging != "object_patch":
+            with spec.family.access.model_call(spec, options):
                 return executor(*args, **kwargs)
-            previous = spec.model_call.enter(options if isinstance(options, dict) else None)
-            try:
-                return executor(*args, **kwargs)
-            finally:
-                spec.model_call.leave(previous)
         finally:
             if record is not None:
                 if options.get(RECORD_KEY) is record:
@@ -483,29 +448,6 @@ def _make_apply_model_wrapper(spec: PatchSpec):
                 run.stacking.model_call_done(record, spec.layer_names)
 
     return ditfastattn_apply_model
-
-
-def _make_layer_tag(layer: str, chained, preferred=None):
-    """Block replace entry: tags the running layer, records that its block ran (stacking checks)
-    and publishes the block's self-attention ComfyAttention (``preferred``) for the full path."""
-    def ditfastattn_tag_layer(args, extra):
-        options = args.get("transformer_options")
-        if options is None:
-            return chained(args, extra) if chained is not None else extra["original_block"](args)
-        previous = options.get(LAYER_KEY), options.get(CALL_KEY), options.get(PREFERRED_KEY)
-        options[LAYER_KEY], options[CALL_KEY], options[PREFERRED_KEY] = layer, 0, preferred
-        record = options.get(RECORD_KEY)
-        if record is not None:
-            record.executed.add(layer)
-        try:
-            if chained is not None:
-                return chained(args, extra)
-            return extra["original_block"](args)
-        finally:
-            options[LAYER_KEY], options[CALL_KEY], options[PREFERRED_KEY] = previous
-
-    ditfastattn_tag_layer.ditfastattn_chained = chained
-    return ditfastattn_tag_layer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,8 +473,8 @@ def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = W
     clone = model_patcher.clone()
     name = type(diffusion_model).__name__
     problem = family.structure_problem(diffusion_model) if family is not None and family.structure_problem else None
-    if family is None or family.tagging == "unsupported" or problem:
-        reason = f" ({problem or family.unsupported_reason})" if family is not None else ""
+    if family is None or problem:
+        reason = f" ({problem})" if problem else ""
         log.warning("DiTFastAttn: architecture %s is not supported%s; the model is returned unchanged",
                     name, reason)
         return clone, None
@@ -561,30 +503,8 @@ def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = W
     clone.add_wrapper_with_key(pe.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, _make_predict_noise_wrapper(spec))
     clone.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _make_apply_model_wrapper(spec))
 
-    if family.tagging == "replace":
-        dit = options.setdefault("patches_replace", {}).setdefault("dit", {})
-        for group in family.block_groups:
-            blocks = getattr(diffusion_model, group.attribute, None) or []
-            for i in range(len(blocks)):
-                key = (group.replace_kind, i)
-                dit[key] = _make_layer_tag(f"{group.layer_prefix}.{i}", dit.get(key),
-                                           _preferred_attention(blocks[i]))
-    elif family.tagging == "object_patch":
-        pixart_patch.install(clone, diffusion_model, family.block_groups[0].layer_prefix,
-                             spec.model_call, LAYER_KEY, CALL_KEY)
+    family.access.install(clone, diffusion_model, family, spec)
     return clone, spec
-
-
-def _preferred_attention(block):
-    """The ComfyAttention of a block's self-attention (current core: ``comfy_attention`` on the
-    attention module, whose ``function`` a checkpoint may set, e.g. comfy-kitchen int8). Core's
-    wrap_attn pops ``preferred_attention`` before it calls an override, so the full-attention path
-    finds it here instead. The self-attention module comes first in a block's modules."""
-    for module in block.modules():
-        preferred = getattr(module, "comfy_attention", None)
-        if preferred is not None and hasattr(preferred, "function"):
-            return preferred
-    return None
 
 
 def _remove_from(clone, spec: Optional[PatchSpec]) -> None:
@@ -594,7 +514,7 @@ def _remove_from(clone, spec: Optional[PatchSpec]) -> None:
     options = clone.model_options.setdefault("transformer_options", {})
     for wrapper_type in (pe.WrappersMP.OUTER_SAMPLE, pe.WrappersMP.PREDICT_NOISE, pe.WrappersMP.APPLY_MODEL):
         clone.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
-    pixart_patch.remove(clone)
+    OBJECT_PATCH.remove(clone)
     if spec is None:
         return
     if spec.previous_override is not None:
@@ -602,14 +522,7 @@ def _remove_from(clone, spec: Optional[PatchSpec]) -> None:
     else:
         options.pop(OVERRIDE_KEY, None)
     options.pop(SPEC_KEY, None)
-    dit = options.get("patches_replace", {}).get("dit", {})
-    for key, patch in list(dit.items()):
-        if getattr(patch, "__name__", "") == "ditfastattn_tag_layer":
-            chained = getattr(patch, "ditfastattn_chained", None)
-            if chained is None:
-                del dit[key]
-            else:
-                dit[key] = chained
+    BLOCK_REPLACE.remove(clone)
 
 
 def remove_patch(model_patcher):

@@ -16,14 +16,15 @@ from typing import Optional
 
 import torch
 
-SHORT_NAMES = {
-    "full_attn": "full",
-    "output_share": "AST",
-    "residual_window_attn": "WA-RS",
-    "full_attn+cfg_attn_share": "ASC",
-    "residual_window_attn+cfg_attn_share": "WA-RS+ASC",
-    "residual_window_attn+without_residual": "WA",
-}
+from ...fastattn.methods import arrow_sort_key, is_method_string, method_style
+
+
+def short_name(method: str) -> str:
+    """The short name of a method string (from the one vocabulary); other labels unchanged."""
+    if not is_method_string(method):
+        return method
+    short = method_style(method).short
+    return "full" if short == "full attention" else short.replace(" + ", "+")
 
 
 @dataclasses.dataclass
@@ -39,6 +40,7 @@ class RunReport:
     compressible_calls: int
     notes: list
     time_measured: bool = True        # False: measure_time was off, the seconds above are zero
+    head_method_counts: dict = dataclasses.field(default_factory=dict)   # V2: heads per method
 
     @property
     def flops_bound_speedup(self) -> Optional[float]:
@@ -51,7 +53,11 @@ class RunReport:
         return self.full_estimate_seconds / self.attention_seconds
 
     def summary_line(self) -> str:
-        methods = ", ".join(f"{SHORT_NAMES.get(m, m)} {n}" for m, n in sorted(self.method_counts.items()))
+        methods = ", ".join(f"{short_name(m)} {n}" for m, n in sorted(self.method_counts.items()))
+        if self.head_method_counts:
+            methods += "; heads: " + ", ".join(
+                f"{short_name(m)} {n}" for m, n in sorted(self.head_method_counts.items(),
+                                                          key=lambda kv: arrow_sort_key(kv[0])))
         bound = self.flops_bound_speedup
         measured = self.measured_speedup
         return (f"DiTFastAttn ({self.family}, {self.sampler}): {self.evaluations} evaluations x "
@@ -77,6 +83,9 @@ class RunReport:
 def build_run_report(spec, run, sampler_name: Optional[str]) -> RunReport:
     calls = run.stats.calls
     counts = Counter(c.method for c in calls)
+    head_counts: Counter = Counter()
+    for c in calls:
+        head_counts.update(c.head_methods)
     dense = sum(c.dense_flops for c in calls)
     kept = sum(c.kept_flops for c in calls)
     attention_seconds = sum(c.seconds for c in calls)
@@ -104,7 +113,7 @@ def build_run_report(spec, run, sampler_name: Optional[str]) -> RunReport:
         layers=len(spec.layer_names), method_counts=dict(counts),
         flops_kept=(kept / dense) if dense else 1.0, attention_seconds=attention_seconds,
         full_estimate_seconds=estimate, compressible_calls=len(calls), notes=notes,
-        time_measured=bool(spec.measure_time))
+        time_measured=bool(spec.measure_time), head_method_counts=dict(head_counts))
 
 
 def method_map_image(plan) -> torch.Tensor:

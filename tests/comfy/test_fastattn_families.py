@@ -18,7 +18,7 @@ pytestmark = pytest.mark.comfyui
 
 
 def spy_calls(fa, monkeypatch):
-    run_state = sys.modules[fa.patcher.__name__.rsplit(".", 1)[0] + ".run_state"]
+    run_state = sys.modules[fa.patcher.RunState.__module__]
     seen = []
     original = run_state.RunState.attend
 
@@ -119,7 +119,7 @@ def test_reducio_dit_through_the_native_loader(fa, comfy, monkeypatch):
 def test_pixart_is_patched_through_object_patches_not_a_no_op(fa):
     model = tiny.tiny_pixart()
     family = fa.families.detect_family(model)
-    assert family.name == "pixart" and family.tagging == "object_patch"
+    assert family.name == "pixart" and family.access is fa.families.OBJECT_PATCH
     patched = fa.apply(model, fa.full_plan(model, 4))
     assert fa.patcher.installed_spec(patched) is not None
     assert sorted(k for k in patched.object_patches if k.endswith(".attn.forward")) == \

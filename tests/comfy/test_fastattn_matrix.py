@@ -90,7 +90,7 @@ def test_flux_window_keeps_text_tokens_global(fa, flux):
                     "extra": {"window_shape": "1d", "window_fraction": 0.125}})
     seen = []
     patched = fa.apply(flux, plan)
-    run_state = sys.modules[fa.patcher.__name__.rsplit(".", 1)[0] + ".run_state"]
+    run_state = sys.modules[fa.patcher.RunState.__module__]
     original = run_state.RunState.attend
 
     def spy(self, **kw):

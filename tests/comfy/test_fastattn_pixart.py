@@ -30,7 +30,7 @@ def pixart():
 
 
 def spy_calls(fa, monkeypatch):
-    run_state = sys.modules[fa.patcher.__name__.rsplit(".", 1)[0] + ".run_state"]
+    run_state = sys.modules[fa.patcher.RunState.__module__]
     seen = []
     original = run_state.RunState.attend
 

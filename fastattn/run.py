@@ -1,9 +1,11 @@
-"""State of one patched sampling run: step counter, caches, CFG sharing across calls, timings.
+"""State of one sampling run: evaluation counter, caches, snapshot / restore, per-call accounting.
 
-A :class:`RunState` is created by the OUTER_SAMPLE wrapper when a sampling run starts, stored in
-that run's own copy of ``transformer_options`` (ComfyUI copies the model options per run, so the
-patched MODEL itself never holds run state), and dropped in ``finally`` when the run ends. Nothing
-here imports ComfyUI.
+Integration-neutral run-level logic (tier-1 tested): the ComfyUI nodes create a :class:`RunState`
+in their OUTER_SAMPLE wrapper when a sampling run starts, keep it in that run's own copy of
+``transformer_options`` (the patched MODEL never holds run state) and drop it when the run ends;
+any other driver does the same around its sampling loop. The accounting reads what the runtime
+reports it ran (``FastAttnRuntime.last_outcome``) and counts it with the one FLOP model
+(``fastattn.flops.call_flops``).
 
 Caches live in one :class:`Lane` per device: core's MultiGPU CFG split runs cond and uncond chunks
 in threads on different devices that share one ``model_options`` (so one RunState); each device
@@ -23,14 +25,28 @@ from typing import Callable, Hashable, Optional
 
 import torch
 
-from ...fastattn.methods import parse_method
-from ...fastattn.kernels import to_bhld
-from ...fastattn.runtime import CfgRows, FastAttnRuntime
-from ...fastattn.windows import CallInfo
-from ...fastattn.state import FastAttnState
-from .stacking import StackingLog
+from .flops import call_flops
+from .runtime import CallOutcome, CfgRows, FastAttnRuntime
+from .state import FastAttnState
 
-FULL = "full_attn"
+
+class RunEvents:
+    """Counts of run events (gap refreshes, ASC calls that ran apart, devices seen). The ComfyUI
+    nodes pass their stacking log, which has the same two methods and also reports them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        self.devices: list = []
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def add_device(self, key) -> None:
+        with self._lock:
+            if key not in self.devices:
+                self.devices.append(key)
 
 
 @dataclasses.dataclass
@@ -39,10 +55,11 @@ class CallRecord:
 
     evaluation: int
     layer: str
-    method: str
+    method: str               # the method that ran ("head-wise" when heads ran different ones)
     seconds: float
     dense_flops: float        # FLOPs of full attention on every row of this call
     kept_flops: float         # FLOPs actually spent (window fraction, ASC rows, residual refresh)
+    head_methods: dict = dataclasses.field(default_factory=dict)   # {method: heads}, head-wise calls
 
 
 class RunStats:
@@ -57,11 +74,6 @@ class RunStats:
     def truncate(self, n: int) -> None:
         with self._lock:
             del self.calls[n:]
-
-
-def attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_dim: int) -> float:
-    """QK^T and PV multiply-adds, counted as 2 FLOPs each (softmax ignored)."""
-    return 4.0 * batch * heads * q_len * k_len * head_dim
 
 
 class Lane:
@@ -81,7 +93,7 @@ class RunState:
 
     def __init__(self, *, method_for: Callable[[int, str], str], window_for: Callable,
                  needs_residual: Optional[Callable[[int, str], bool]], measure_time: bool,
-                 stacking: Optional[StackingLog] = None):
+                 stacking=None, planner=None):
         self.evaluation = -1                  # denoiser evaluation index (PREDICT_NOISE count)
         self.evaluation_sigmas: list[float] = []
         self.method_for = method_for
@@ -90,7 +102,8 @@ class RunState:
         self._lanes_lock = threading.Lock()
         self._lanes: dict = {}
         self.stats = RunStats()
-        self.stacking = stacking if stacking is not None else StackingLog()
+        self.stacking = stacking if stacking is not None else RunEvents()
+        self.planner = planner                # V2 calibration (HeadwiseCalibration) or None
         self.measure_time = measure_time
         self.token_grid: Optional[tuple[int, ...]] = None
         self.skipped_calls = 0
@@ -109,6 +122,7 @@ class RunState:
             state=cache,
             on_missing_cache="full",
             share_cfg_across_calls=True,
+            planner=self.planner,
         )
 
     def lane(self, key) -> Lane:
@@ -200,7 +214,6 @@ class RunState:
         (``device_key``: the MultiGPU thread's device, None for an ordinary run).
         """
         step = self.evaluation
-        method = parse_method(self.method_for(step, layer))
         batch = q.shape[0]
         chunks = [int(c) for c in cond_or_uncond] if cond_or_uncond else None
         lane = self._lane_for_call(device_key, q)
@@ -208,52 +221,21 @@ class RunState:
         start = time.perf_counter() if self.measure_time else 0.0
         if self.measure_time:
             full_attention = self._timed(full_attention, layer, batch)
-
-        computed_rows = batch
-        if method.cfg_share and chunks:
-            conds = sum(1 for c in chunks if c == 0)
-            if conds == 0:
-                stashed = lane.cache.cfg_share_stash.get(layer)
-                if stashed is not None and stashed[0] == step:
-                    computed_rows = 0            # reused from the cond call of this evaluation
-                else:
-                    self.stacking.add("asc_apart_calls")   # no cond output here to share
-            elif conds < len(chunks):
-                computed_rows = batch * conds // len(chunks)
-        ran = self._effective_method(lane, method, layer, chunks, batch) if computed_rows else method
         out = lane.runtime(q, k, v, layer=layer, step=step, heads=heads, layout=layout,
                            cfg_rows=chunks, full_attention=full_attention,
                            token_grid=token_grid, prefix_tokens=prefix_tokens,
                            suffix_tokens=suffix_tokens)
-        if method.cfg_share and chunks and all(c == 0 for c in chunks):
-            # The runtime stashes the cond-only output for the uncond-only call of the same step,
-            # except on its plain full-attention path; make sure the stash is there either way.
-            stashed = lane.cache.cfg_share_stash.get(layer)
-            if stashed is None or stashed[0] != step:
-                lane.cache.cfg_share_stash[layer] = (step, to_bhld(out, layout, heads))
+        outcome = lane.runtime.last_outcome
+        if outcome.cfg_share_missed:
+            self.stacking.add("asc_apart_calls")   # an ASC step with no cond output here to share
         if self.measure_time:
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
             seconds = time.perf_counter() - start
         else:
             seconds = 0.0
-        self.stats.add(self._record(step, layer, ran, q, v, heads, layout, computed_rows,
-                                    prefix_tokens, suffix_tokens, token_grid, seconds))
+        self.stats.add(self._record(outcome, seconds))
         return out
-
-    @staticmethod
-    def _effective_method(lane: Lane, method, layer, chunks, batch):
-        """The method the runtime will really run: an AST or WA-RS step without its cache (first
-        step of a key, or dropped by the gap rule) falls back to full attention."""
-        if not (method.output_share or (method.window and method.residual)):
-            return method
-        labels = CfgRows.from_cond_or_uncond(chunks, batch).labels if chunks else None
-        cache = lane.cache.get((layer, labels))
-        if method.output_share:
-            missing = cache is None or cache.cached_output is None
-        else:
-            missing = cache is None or cache.cached_residual is None
-        return parse_method(FULL) if missing else method
 
     def _timed(self, full_attention, layer, call_rows):
         with self._times_lock:
@@ -273,27 +255,12 @@ class RunState:
 
         return timed_full_attention
 
-    def _record(self, step, layer, method, q, v, heads, layout, computed_rows, prefix, suffix,
-                grid, seconds) -> CallRecord:
-        batch = q.shape[0]
-        if layout == "bhld":
-            seq, head_dim = q.shape[2], q.shape[3]
-        else:
-            seq, head_dim = q.shape[1], q.shape[2] // heads
-        dense = attention_flops(batch, heads, seq, seq, head_dim)
-        if method.output_share or computed_rows == 0:
-            kept = 0.0
-        else:
-            window_fraction = self.window_fraction(seq, prefix, suffix, grid)
-            rows = computed_rows / batch
-            if method.window:
-                kept = dense * rows * window_fraction
-            else:
-                refresh = window_fraction if self._runtime_needs_residual(step, layer) else 0.0
-                kept = dense * rows * (1.0 + refresh)
-        return CallRecord(step, layer, str(method), seconds, dense, kept)
-
-    def window_fraction(self, seq, prefix, suffix, grid) -> float:
-        info = CallInfo(None, self.evaluation, seq, tuple(grid) if grid else None, prefix, suffix)
-        return float(self.runtime.window_for(info).kept_fraction(seq))
-
+    @staticmethod
+    def _record(outcome: CallOutcome, seconds: float) -> CallRecord:
+        dense, kept = call_flops(outcome)
+        if outcome.uniform:
+            return CallRecord(outcome.step, outcome.layer, outcome.parts[0].method.official, seconds, dense, kept)
+        heads: dict = {}
+        for part in outcome.parts:
+            heads[part.method.official] = heads.get(part.method.official, 0) + part.heads
+        return CallRecord(outcome.step, outcome.layer, "head-wise", seconds, dense, kept, heads)
