@@ -301,6 +301,11 @@ class HeadwiseCalibration:
     alpha:  the error budget per (layer, step) (official δ; SD3 0.05-0.3, FLUX 0.1-1.0).
     latency_gain: ``{candidate: gain}``, or None for the official "estimate" gains computed
         from the call's image and text token counts.
+    flops_kept: instead of an error budget, a budget on the attention work: every (layer,
+        step) keeps at most this fraction of its full-attention (query, key) pairs, at the
+        smallest error budget alpha that achieves it (found by bisection over alpha, the same
+        filter and ILP at each trial). `alpha` is then only the starting bracket. When even the
+        most compressing feasible choice keeps more, that choice is used.
     When cond and uncond arrive in separate calls of one step, the first call decides.
     """
 
@@ -308,7 +313,7 @@ class HeadwiseCalibration:
                  candidates: Sequence[str] = OFFICIAL_CANDIDATES, *,
                  head_coefficient: float = OFFICIAL_HEAD_COEFFICIENT,
                  latency_gain: Optional[Mapping[str, float]] = None,
-                 kernel_backend: str = "auto"):
+                 kernel_backend: str = "auto", flops_kept: Optional[float] = None):
         layers = list(layers)
         if not layers or num_steps < 1:
             raise ValueError("V2 calibration needs at least one layer and one step")
@@ -326,6 +331,9 @@ class HeadwiseCalibration:
             missing = [c for c in self.candidates if c not in latency_gain]
             if missing:
                 raise ValueError(f"latency_gain lacks candidates {missing}")
+        if flops_kept is not None and not (isinstance(flops_kept, (int, float)) and 0 <= flops_kept <= 1):
+            raise ValueError(f"flops_kept must be a fraction in [0, 1], got {flops_kept!r}")
+        self.flops_kept = None if flops_kept is None else float(flops_kept)
         self.layers = layers
         self.layer_index = {layer: i for i, layer in enumerate(layers)}
         self.num_steps = int(num_steps)
@@ -377,8 +385,7 @@ class HeadwiseCalibration:
         if self.gains_used is None:
             self.gains_used = dict(gains)
         full = reference_attention(q, k, v)
-        limit = self.head_coefficient * self.alpha / heads
-        filtered: Dict[Tuple[int, str], float] = {}
+        errors: Dict[Tuple[int, str], float] = {}
         for candidate in self.candidates:
             method = self.methods_of[candidate]
             if method.output_share:
@@ -389,12 +396,13 @@ class HeadwiseCalibration:
                 window = Window1D(arrow_window(image, method.arrow), arrow_window(image, method.arrow),
                                   prefix_tokens=info.prefix_tokens, suffix_tokens=info.suffix_tokens)
                 output = headwise_window_attention(q, k, v, [window] * heads, self.kernel_backend)
-            errors = relative_squared_error(output, full).tolist()
-            for head, value in enumerate(errors):
-                if value < limit:  # strict, as in the official filter
-                    filtered[(head, candidate)] = value
+            for head, value in enumerate(relative_squared_error(output, full).tolist()):
+                errors[(head, candidate)] = value
         ilp_started = time.perf_counter()
-        solution = solve_budget(filtered, self.alpha, gains) if filtered else []
+        if self.flops_kept is None:
+            filtered, solution = self._solve(errors, heads, gains, self.alpha)
+        else:
+            filtered, solution = self._solve_for_flops(errors, heads, gains, info)
         self.ilp_seconds += time.perf_counter() - ilp_started
         methods = solution_methods(solution, heads)
         self.entries[(step, layer)] = methods
@@ -402,6 +410,50 @@ class HeadwiseCalibration:
             step, layer, solution, methods, filtered, window_table(solution, heads, image),
             cached_heads(solution), solution_objective(solution, gains))
         self.seconds += time.perf_counter() - started
+
+    def _solve(self, errors, heads: int, gains, alpha: float):
+        """The official filter (per-head error strictly below c * alpha / H) and the budget ILP."""
+        limit = self.head_coefficient * alpha / heads
+        filtered = {key: value for key, value in errors.items() if value < limit}
+        return filtered, (solve_budget(filtered, alpha, gains) if filtered else [])
+
+    def _solve_for_flops(self, errors, heads: int, gains, info: CallInfo):
+        """The smallest error budget whose choice keeps at most `flops_kept` of the pairs."""
+        seq = info.seq_len
+        image = info.image_tokens
+        pairs = {}
+        for candidate in self.candidates:
+            method = self.methods_of[candidate]
+            code = candidate_code(candidate)        # the solution names heads' choices by code
+            if method.output_share:
+                pairs[code] = 0
+            else:
+                w = arrow_window(image, method.arrow)
+                pairs[code] = Window1D(w, w, prefix_tokens=info.prefix_tokens,
+                                            suffix_tokens=info.suffix_tokens).kept_pairs(seq)
+
+        def kept(solution) -> float:
+            chosen = {head: candidate for head, candidate in solution}
+            return sum(pairs[chosen[h]] if h in chosen else seq * seq for h in range(heads)) / (heads * seq * seq)
+
+        if not errors:
+            return {}, []
+        worst = max(errors.values())
+        per_head_worst = [max((v for (h, _), v in errors.items() if h == head), default=0.0) for head in range(heads)]
+        # at `high` every candidate passes the filter and the ILP budget binds nothing
+        high = max(heads * worst / self.head_coefficient, sum(per_head_worst)) * 1.01 + 1e-12
+        best = self._solve(errors, heads, gains, high)
+        if kept(best[1]) > self.flops_kept:
+            return best
+        low = 0.0
+        for _ in range(30):
+            middle = 0.5 * (low + high)
+            trial = self._solve(errors, heads, gains, middle)
+            if kept(trial[1]) <= self.flops_kept:
+                high, best = middle, trial
+            else:
+                low = middle
+        return best
 
     def _record_shape(self, heads: int, head_dim: int, info: CallInfo) -> None:
         shape = CallShape(heads, head_dim, info.image_tokens, info.prefix_tokens, info.suffix_tokens,
@@ -445,13 +497,16 @@ class HeadwiseCalibration:
         meta.setdefault("arrow_windows", {
             c: [arrow_window(shape.image_tokens, m.arrow)] * 2
             for c, m in self.methods_of.items() if m.arrow})
-        meta.setdefault("threshold", self.alpha)
+        meta.setdefault("threshold", self.alpha if self.flops_kept is None else None)
         meta.setdefault("candidates", [c for c in self.candidates])
         meta.setdefault("metric", METRIC)
         if meta.get("layer_names") is None and all(isinstance(x, str) for x in self.layers):
             meta["layer_names"] = list(self.layers)
         extra = dict(meta.get("extra") or {})
         extra.setdefault("v2_head_coefficient", self.head_coefficient)
+        extra.setdefault("v2_budget", "error" if self.flops_kept is None else "flops_kept")
+        if self.flops_kept is not None:
+            extra.setdefault("v2_flops_kept", self.flops_kept)
         extra.setdefault("v2_image_tokens", shape.image_tokens)
         # Scalars only (plan `extra` holds small JSON facts); the estimate gains follow from the
         # recorded token counts, custom gains are the caller's to keep.

@@ -429,3 +429,23 @@ def test_runtime_arrow_needs_self_attention_and_accepts_layer_wise_arrow():
     torch.testing.assert_close(out, reference_attention(q, k, v, Window1D(5, 5).mask(40)), atol=2e-6, rtol=0)
     with pytest.raises(ValueError, match="self-attention only"):
         runtime(q, k[:, :, :20], v[:, :, :20], layer=0, step=0)
+
+
+@pytest.mark.parametrize("target", [0.6, 0.3])
+def test_flops_kept_budget_holds_every_call_and_tracks_the_target(target):
+    from fastattn.flops import headwise_plan_cost
+
+    model = TinyJointModel()
+    calibration = calibrate_headwise(lambda runtime: sample(model, runtime), [0, 1], 4, alpha=0.5,
+                                     flops_kept=target)
+    plan = calibration.to_plan()
+    assert plan.metadata.extra["v2_budget"] == "flops_kept" and plan.metadata.threshold is None
+    cost = headwise_plan_cost(plan)
+    full_call = cost.core_full / (plan.num_steps * plan.num_layers)
+    for step in range(1, plan.num_steps):          # step 0 is all full by definition
+        for layer in range(plan.num_layers):
+            assert cost.per_step_layer_core[step][layer] <= target * full_call * (1 + 1e-9)
+    # the smallest error budget that meets the target: a looser target never keeps less
+    assert cost.core_fraction > 0.0
+    with pytest.raises(ValueError, match="flops_kept"):
+        HeadwiseCalibration([0], 2, 0.5, flops_kept=1.5)
