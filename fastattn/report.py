@@ -136,6 +136,13 @@ def summarize(plan: Plan, shape: AttentionShape | None = None,
             lines.append(f"with self-attention at {_percent(attention_share)} of the run time, "
                          f"end-to-end speed-up at most {bound_module:.2f}x (Amdahl, module "
                          f"work; real kernels reach less)")
+    if plan.granularity == "head":
+        per_method = headwise_flops_share(plan)
+        if per_method is not None:
+            lines.append("attention FLOPs kept per method (share of full attention): "
+                         + ", ".join(f"{method_style(m).label.split(' (')[0]} {_percent(v)}"
+                                     for m, v in per_method.items())
+                         + f"; total {_percent(sum(per_method.values()))}")
     for note in meta.notes:
         lines.append(f"note: {note}")
     return PlanReport(counts=counts, cost=cost, window_fraction=window_fraction,

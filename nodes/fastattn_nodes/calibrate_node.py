@@ -1,12 +1,15 @@
-"""DiTFastAttnCalibrate: run the sampler once with the greedy V1 search and produce a plan."""
+"""DiTFastAttnCalibrate: run the sampler once and produce a plan: V1 (greedy, layer-wise; the
+default) or V2 (head-wise, under an error budget or an "attention FLOPs kept" budget)."""
 from __future__ import annotations
 
 import logging
 
 from .._compat import io, ui
 from ...fastattn.calibration import OFFICIAL_CANDIDATES
+from ...fastattn.headwise import OFFICIAL_CANDIDATES as V2_CANDIDATES
+from ...fastattn.methods import parse_method
 from ...fastattn.plan import ASC, AST, WARS, WARS_ASC, WINDOW_SHAPES
-from .calibrate import CalibrationSession
+from .calibrate import CalibrationSession, HeadwiseCalibrationSession
 from .families import detect_family
 from .patcher import WindowConfig, apply_patch
 from .plan_io_nodes import filename_prefix_problem, save_plan_to_folder
@@ -20,6 +23,17 @@ log = logging.getLogger("reducio_fastattn.ditfastattn")
 FALLBACK_PREFIX = "ditfastattn/unsaved_calibration"
 
 
+# Appended inputs (saved workflows store widget values by position): plan version and V2 budget.
+PLAN_VERSIONS = ("V1 layer-wise", "V2 head-wise")
+V2_BUDGETS = ("error", "attention FLOPs kept")
+
+
+def allowed_v2_candidates(allow_output_share: bool, allow_window: bool) -> list[str]:
+    """V2 candidates: head caching (AST per head) and arrow attention (window per head)."""
+    return [c for c in V2_CANDIDATES
+            if (allow_output_share if parse_method(c).output_share else allow_window)]
+
+
 def allowed_candidates(allow_output_share: bool, allow_window: bool, allow_cfg_share: bool) -> list[str]:
     allowed = {AST: allow_output_share, WARS: allow_window, ASC: allow_cfg_share,
                WARS_ASC: allow_window and allow_cfg_share}
@@ -28,8 +42,13 @@ def allowed_candidates(allow_output_share: bool, allow_window: bool, allow_cfg_s
 
 def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler,
                    denoise, threshold, window_fraction=0.125, window_shape="1d", candidates=OFFICIAL_CANDIDATES,
-                   progress=None, interrupted=None):
-    """Run the calibration sampling pass; return (plan, calibration latent, session)."""
+                   progress=None, interrupted=None, plan_version=PLAN_VERSIONS[0], v2_budget=V2_BUDGETS[0],
+                   v2_alpha=0.3, v2_flops_kept=0.35):
+    """Run the calibration sampling pass; return (plan, calibration latent, session).
+
+    plan_version "V2 head-wise": ``candidates`` are V2 candidates (allowed_v2_candidates), the
+    budget is ``v2_alpha`` (error) or ``v2_flops_kept`` (share of attention FLOPs the plan keeps);
+    threshold / window settings are V1's and unused."""
     family = detect_family(model)
     if family is None:
         name = type(getattr(model.model, "diffusion_model", None)).__name__
@@ -37,12 +56,18 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
                          f"Flux/Chroma, SD3, HunyuanVideo, LTXV, Cosmos-Predict2, PixArt and Reducio-DiT")
     if not candidates:
         raise ValueError("no compression method is allowed: enable at least one of "
-                         "allow_output_share, allow_window, allow_cfg_share")
+                         "allow_output_share, allow_window, allow_cfg_share (V2: allow_output_share or "
+                         "allow_window)")
     diffusion_model = model.model.diffusion_model
     layer_names = family.layer_names(diffusion_model)
-    session = CalibrationSession(layer_names, threshold, candidates, progress=progress,
-                                 interrupted=interrupted)
     window = WindowConfig(shape=window_shape, fraction=window_fraction)
+    if plan_version == PLAN_VERSIONS[1]:
+        session = HeadwiseCalibrationSession(
+            layer_names, v2_alpha, v2_flops_kept if v2_budget == V2_BUDGETS[1] else None, candidates,
+            progress=progress, interrupted=interrupted)
+    else:
+        session = CalibrationSession(layer_names, threshold, candidates, progress=progress,
+                                     interrupted=interrupted)
     patched, _ = apply_patch(model, plan=None, window=window, calibration=session, measure_time=True)
     out = sample_latent(patched, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                         scheduler=scheduler, positive=positive, negative=negative, latent=latent,
@@ -52,6 +77,11 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
     for g in grid:
         image_tokens *= g
     w = int(round(window.fraction * image_tokens))
+    if session.version == "v2":      # arrow methods carry their own windows (metadata.arrow_windows)
+        plan = session.to_plan(architecture=family.name, token_grid=tuple(grid),
+                               weights_fingerprint=weights_fingerprint_of(model),
+                               extra={"scheduler": scheduler, "denoise": float(denoise), "seed": int(seed)})
+        return plan, out, session
     plan = session.to_plan(
         architecture=family.name, token_grid=tuple(grid),
         weights_fingerprint=weights_fingerprint_of(model), window=(w, w),
@@ -60,11 +90,16 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
     return plan, out, session
 
 
-def input_problem(*, sampler_name=None, scheduler=None, window_shape=None, filename_prefix=None) -> str | None:
+def input_problem(*, sampler_name=None, scheduler=None, window_shape=None, filename_prefix=None,
+                  plan_version=None, v2_budget=None) -> str | None:
     """The first widget value the calibrate node cannot use (``None`` = linked or not given)."""
     problem = sampling_choice_problem(sampler_name=sampler_name, scheduler=scheduler)
     if problem:
         return problem
+    if plan_version is not None and plan_version not in PLAN_VERSIONS:
+        return f"plan_version: {plan_version!r} is not one of {list(PLAN_VERSIONS)}"
+    if v2_budget is not None and v2_budget not in V2_BUDGETS:
+        return f"v2_budget: {v2_budget!r} is not one of {list(V2_BUDGETS)}"
     if window_shape is not None and window_shape not in WINDOW_SHAPES:
         return f"window_shape: {window_shape!r} is not one of {list(WINDOW_SHAPES)}"
     if filename_prefix is not None and filename_prefix.strip():
@@ -156,6 +191,25 @@ class DiTFastAttnCalibrate(io.ComfyNode):
                 io.String.Input("filename_prefix", default="ditfastattn/plan",
                                 tooltip="Where the plan is saved inside models/ditfastattn_plans "
                                         "(empty: do not save)."),
+                # Appended after the published inputs (widget values are stored by position);
+                # optional so that saved API prompts without them still validate.
+                io.Combo.Input("plan_version", options=list(PLAN_VERSIONS), default=PLAN_VERSIONS[0],
+                               optional=True,
+                               tooltip="'V1 layer-wise': the greedy search (threshold, window, allow_* "
+                                       "inputs). 'V2 head-wise' (DiTFastAttnV2): per head full, arrow "
+                                       "attention (text tokens global, image band per head, k = 8/16/32) "
+                                       "or cached, chosen per layer and step by integer programming "
+                                       "under the budget below; no extra model evaluations."),
+                io.Combo.Input("v2_budget", options=list(V2_BUDGETS), default=V2_BUDGETS[0], optional=True,
+                               tooltip="V2 only. 'error': the error budget v2_alpha per layer and step. "
+                                       "'attention FLOPs kept': the smallest error budget whose plan keeps "
+                                       "at most v2_flops_kept of the attention FLOPs."),
+                io.Float.Input("v2_alpha", default=0.3, min=0.0, max=100.0, step=0.01, optional=True,
+                               tooltip="V2 error budget (sum of per-head relative squared errors per layer "
+                                       "and step). Paper: SD3 0.05-0.3, FLUX 0.1-1.0."),
+                io.Float.Input("v2_flops_kept", default=0.35, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="V2 'attention FLOPs kept' budget: share of the full-attention FLOPs "
+                                       "the plan may keep (step 0 is always full attention)."),
             ],
             outputs=[
                 DiTFastAttnPlan.Output(display_name="plan"),
@@ -166,20 +220,23 @@ class DiTFastAttnCalibrate(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sampler_name=None, scheduler=None, window_shape=None, filename_prefix=None):
+    def validate_inputs(cls, sampler_name=None, scheduler=None, window_shape=None, filename_prefix=None,
+                        plan_version=None, v2_budget=None):
         return input_problem(sampler_name=sampler_name, scheduler=scheduler, window_shape=window_shape,
-                             filename_prefix=filename_prefix) or True
+                             filename_prefix=filename_prefix, plan_version=plan_version,
+                             v2_budget=v2_budget) or True
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise, threshold, window_fraction, window_shape, allow_output_share, allow_window,
-                allow_cfg_share, filename_prefix) -> io.NodeOutput:
+                allow_cfg_share, filename_prefix, plan_version=PLAN_VERSIONS[0], v2_budget=V2_BUDGETS[0],
+                v2_alpha=0.3, v2_flops_kept=0.35) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
         # Before sampling: a calibration can take hours, a typo must not cost them.
         problem = input_problem(sampler_name=sampler_name, scheduler=scheduler, window_shape=window_shape,
-                                filename_prefix=filename_prefix)
+                                filename_prefix=filename_prefix, plan_version=plan_version, v2_budget=v2_budget)
         if problem:
             raise ValueError(f"DiTFastAttnCalibrate: {problem}")
         bar = comfy.utils.ProgressBar(steps)
@@ -187,12 +244,18 @@ class DiTFastAttnCalibrate(io.ComfyNode):
             model, positive=positive, negative=negative, latent=latent_image, seed=seed, steps=steps,
             cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
             threshold=threshold, window_fraction=window_fraction, window_shape=window_shape,
-            candidates=allowed_candidates(allow_output_share, allow_window, allow_cfg_share),
+            candidates=(allowed_v2_candidates(allow_output_share, allow_window) if plan_version == PLAN_VERSIONS[1]
+                        else allowed_candidates(allow_output_share, allow_window, allow_cfg_share)),
+            plan_version=plan_version, v2_budget=v2_budget, v2_alpha=v2_alpha, v2_flops_kept=v2_flops_kept,
             progress=lambda done, total: bar.update_absolute(min(done, total), total),
             interrupted=comfy.model_management.throw_exception_if_processing_interrupted)
         saved_line = save_calibrated_plan(plan, filename_prefix)
         text = plan_summary(plan)
-        text += f"\ncalibration: {session.search.forward_count} trial evaluations over {plan.num_steps} denoiser evaluations"
+        if session.version == "v2":
+            text += "\n" + session.summary()
+        else:
+            text += (f"\ncalibration: {session.search.forward_count} trial evaluations over {plan.num_steps} "
+                     f"denoiser evaluations")
         if saved_line:
             text += "\n" + saved_line
         image = method_map_image(plan)

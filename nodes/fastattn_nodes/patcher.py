@@ -120,8 +120,16 @@ class PatchSpec(Shared):
         self.model_call = pixart_patch.ModelCallContext()
         self._residual_table = None
         if plan is not None:
-            self._residual_table = [residual_needed(list(plan.layer_methods(i)))
-                                    for i in range(plan.num_layers)]
+            self._residual_table = [_layer_residual_needed(plan, i) for i in range(plan.num_layers)]
+
+
+def _layer_residual_needed(plan: Plan, layer: int) -> list[bool]:
+    """Per step: must a full step of this layer cache the WA-RS residual (any head, head-wise)."""
+    column = plan.layer_methods(layer)
+    if plan.granularity == "layer":
+        return residual_needed(column)
+    per_head = [residual_needed([cell[h] for cell in column]) for h in range(len(column[0]))]
+    return [any(head[t] for head in per_head) for t in range(len(column))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,14 +322,15 @@ def _make_outer_sample_wrapper(spec: PatchSpec):
             session = spec.calibration
             session.begin_run(sampler=_sampler_name(sampler), sigmas=sigmas, cfg=cfg,
                               latent_shape=tuple(noise.shape), diffusion_model=diffusion_model)
-            method_for, needs_residual = session.method_for, None
+            method_for, needs_residual, planner = session.method_for, session.needs_residual, session.planner
         else:
             step_map = _check_run_against_plan(spec, sampler, sigmas, cfg, tuple(noise.shape),
                                                diffusion_model)
             method_for, needs_residual = _plan_lookup(spec, step_map)
+            planner = None
         run = RunState(method_for=method_for, window_for=spec.window.factory(),
                        needs_residual=needs_residual, measure_time=spec.measure_time,
-                       stacking=StackingLog())
+                       stacking=StackingLog(), planner=planner)
         run.token_grid = spec.family.token_grid(diffusion_model, noise.shape)
         # Run start: is our override still the one in the slot? (Another one may also be put
         # in front later, e.g. at ON_PREPARE_STATE; the APPLY_MODEL wrapper checks every call.)
@@ -364,11 +373,12 @@ def _plan_lookup(spec: PatchSpec, step_map: StepMap):
             evaluation_steps[evaluation] = step_map.step(evaluation, current["sigma"])
         return evaluation_steps[evaluation]
 
-    def method_for(evaluation: int, layer: str) -> str:
+    def method_for(evaluation: int, layer: str):
+        """A method string, or one per head for a head-wise (V2) plan."""
         i = index.get(layer)
         if i is None or evaluation < 0:
             return FULL
-        return plan.method(plan_step(evaluation), i)
+        return plan.methods[plan_step(evaluation)][i]
 
     def needs_residual(evaluation: int, layer: str) -> bool:
         i = index.get(layer)
