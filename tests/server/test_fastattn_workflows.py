@@ -10,6 +10,7 @@ in the style of nunchaku's test cases.
 """
 import copy
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ WORKFLOWS = api_workflows("ditfastattn_")
 OVERRIDES = {
     "ditfastattn_image_calibrate_apply": {"4": {"width": 64, "height": 64}},
     "ditfastattn_video_calibrate_apply": {"4": {"width": 64, "height": 64, "length": 9}},
+    "ditfastattn_v2_calibrate_apply": {"4": {"width": 64, "height": 64}},
 }
 COMMON_OVERRIDES = {"5": {"steps": 3, "threshold": 0.1}, "7": {"steps": 3}}
 
@@ -72,13 +74,21 @@ def test_calibrate_then_apply_workflow_runs(server_with_model, path):
     report = history_text(entry, "8")
     assert "DiTFastAttn (cosmos_predict2" in report and "attention FLOPs kept" in report, report
     # the plan landed in models/ditfastattn_plans and is a valid plan for this run
-    plans = sorted((server.models_dir / "ditfastattn_plans" / "ditfastattn").glob("*.json"))
+    prefix = with_overrides(path)["5"]["inputs"]["filename_prefix"].split("/")[-1]
+    plans = sorted((server.models_dir / "ditfastattn_plans" / "ditfastattn").glob(f"{prefix}_[0-9]*.json"))
     assert plans, "the calibrate node did not save its plan"
     plan = json.loads(plans[-1].read_text())
     assert plan["format"] == "ditfastattn-plan"
     assert plan["metadata"]["architecture"] == "cosmos_predict2" and plan["metadata"]["num_steps"] == 3
     grid = plan["metadata"]["token_grid"]
-    assert grid == ([1, 4, 4] if "image" in path.name else [3, 4, 4])
+    assert grid == ([3, 4, 4] if "video" in path.name else [1, 4, 4])
+    if "v2" in path.name:
+        # V2 head-wise under an "attention FLOPs kept" budget, which the accelerated run keeps
+        assert plan["granularity"] == "head" and plan["metadata"]["extra"]["v2_budget"] == "flops_kept"
+        kept = float(re.search(r"attention FLOPs kept ([0-9.]+)%", report).group(1))
+        assert kept <= 100 * plan["metadata"]["extra"]["v2_flops_kept"] + 0.05, report
+    else:
+        assert plan["granularity"] == "layer"
 
 
 def test_saved_plan_reused_from_file_and_embedded_json(server_with_model):
