@@ -8,7 +8,7 @@
 ``from fastattn.plan import Plan, RunSignature, ...`` keeps working.
 """
 
-from .compat import IGNORABLE, RunSignature, StepMap, check_plan, check_sampling_run, plan_window
+from .compat import IGNORABLE, RunSignature, StepMap, check_plan, check_sampling_run, plan_window, window_tokens
 from .fingerprint import weights_fingerprint
 from .format import (
     AST, ASC, FORMAT_NAME, FORMAT_VERSION, FULL, GRANULARITIES, MAX_ENTRIES, MAX_EXTRA_KEYS, MAX_FILE_BYTES,
@@ -23,5 +23,5 @@ __all__ = [
     "MAX_STRING", "PACKAGE_VERSION", "PLAN_METHODS", "WA_NO_RESIDUAL", "WARS", "WARS_ASC", "WINDOW_SHAPES",
     "Plan", "PlanError", "PlanFormatError", "PlanMetadata", "PlanMismatchError", "RunSignature", "StepMap",
     "check_plan", "check_sampling_run", "is_full_method", "needs_cached_output", "needs_residual",
-    "parse_json_text", "plan_window", "weights_fingerprint",
+    "parse_json_text", "plan_window", "window_tokens", "weights_fingerprint",
 ]

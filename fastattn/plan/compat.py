@@ -299,9 +299,16 @@ def check_sampling_run(plan: Plan, signature: RunSignature, *, sampler: Optional
     return StepMap(plan, remap=bool(differences), run_evaluations=run_evaluations)
 
 
+def window_tokens(fraction: float, image_tokens: int) -> int:
+    """Per-side window in tokens of a window given as a fraction of the image tokens (the value
+    ``metadata.window`` records, and what the ComfyUI run is compared with)."""
+    return int(round(float(fraction) * int(image_tokens)))
+
+
 def plan_window(plan: Plan) -> tuple[Optional[str], Optional[float], Optional[tuple[int, int]]]:
     """(window shape, window fraction, per-side window in tokens) the plan was calibrated with
-    (None where the plan does not say)."""
+    (None where the plan does not say). The tokens are the one copy the checks compare; shape and
+    fraction are the rule that produced them (the ComfyUI grid window needs the rule)."""
     extra = plan.metadata.extra or {}
     fraction = extra.get("window_fraction")
     return (extra.get("window_shape"), float(fraction) if fraction is not None else None,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .._compat import io
-from ...fastattn.plan import RunSignature
+from ...fastattn.plan import RunSignature, plan_window
 from .families import detect_family
 from .patcher import WindowConfig, apply_patch, remove_patch
 from .sampling import weights_fingerprint_of
@@ -10,9 +10,9 @@ from .sockets import CATEGORY, DiTFastAttnPlan
 
 
 def window_config_of(plan) -> WindowConfig:
-    extra = dict(plan.metadata.extra or {})
+    shape, fraction, _ = plan_window(plan)
     # Types and ranges were checked when the plan was loaded (fastattn.plan).
-    return WindowConfig(shape=extra.get("window_shape", "1d"), fraction=extra.get("window_fraction", 0.125))
+    return WindowConfig(shape=shape or "1d", fraction=0.125 if fraction is None else fraction)
 
 
 def patch_model_with_plan(model, plan, *, allow_remap=False, ignore_model_mismatch=False,

@@ -8,7 +8,7 @@ from .._compat import io, ui
 from ...fastattn.calibration import OFFICIAL_CANDIDATES
 from ...fastattn.headwise import OFFICIAL_CANDIDATES as V2_CANDIDATES
 from ...fastattn.methods import parse_method
-from ...fastattn.plan import ASC, AST, WARS, WARS_ASC, WINDOW_SHAPES
+from ...fastattn.plan import ASC, AST, WARS, WARS_ASC, WINDOW_SHAPES, window_tokens
 from .calibrate import CalibrationSession, HeadwiseCalibrationSession
 from .families import detect_family
 from .patcher import WindowConfig, apply_patch
@@ -76,7 +76,7 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
     image_tokens = 1
     for g in grid:
         image_tokens *= g
-    w = int(round(window.fraction * image_tokens))
+    w = window_tokens(window.fraction, image_tokens)
     if session.version == "v2":      # arrow methods carry their own windows (metadata.arrow_windows)
         plan = session.to_plan(architecture=family.name, token_grid=tuple(grid),
                                weights_fingerprint=weights_fingerprint_of(model),
