@@ -15,7 +15,6 @@ meaning, so it is never copied.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import Mapping, Sequence

@@ -1,6 +1,5 @@
 """High-level API of the Reducio VAE: input checks, padding, long videos, dtypes, hooks, memory."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -4,7 +4,6 @@ Every entry of tests/golden/reducio (tiny_io, tiny_modules, tiny_trace) is repro
 atol/rtol 1e-4, the tolerance the golden README recommends for a float32 re-implementation.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
