@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import clips as clip_utils
-from .config import TRAINING_ONLY_KWARGS, check_content_config, check_ddconfig
+from .config import validate_config
 from .decoder import FusionDecoder
 from .encoder import Encoder
 from .hooks import InterruptFn, ProgressFn, StepHooks
@@ -35,19 +35,9 @@ class ReducioVAE(nn.Module):
                  tile_sample_min_size: int = 256, tile_overlap_factor: float = 0.2, enable_2d: bool = True,
                  mode: str = "full", ckpt_path: Optional[str] = None, **training_kwargs):
         super().__init__()
-        unknown = set(training_kwargs) - TRAINING_ONLY_KWARGS
-        if unknown:
-            raise TypeError(f"ReducioVAE got unknown arguments {sorted(unknown)}")
-        if ckpt_path is not None:
-            raise ValueError("ckpt_path is not supported (the official loader is not strict); "
-                             "use ReducioVAE.from_pretrained(path)")
-        if not enable_2d:
-            raise NotImplementedError("enable_2d=False (no content branch) is not implemented: every "
-                                      "official Reducio model decodes with a content frame")
-        if mode != "full":
-            raise NotImplementedError(f"mode={mode!r} is not implemented; the official models use 'full'")
-        check_ddconfig(ddconfig)
-        check_content_config(ddconfig_2d)
+        validate_config(dict(ddconfig=ddconfig, ddconfig_2d=ddconfig_2d, embed_dim=embed_dim, use_tiling=use_tiling,
+                             tile_sample_min_size=tile_sample_min_size, tile_overlap_factor=tile_overlap_factor,
+                             enable_2d=enable_2d, mode=mode, ckpt_path=ckpt_path, **training_kwargs))
 
         self.config = {"ddconfig": dict(ddconfig), "ddconfig_2d": dict(ddconfig_2d), "embed_dim": embed_dim,
                        "use_tiling": use_tiling, "tile_sample_min_size": tile_sample_min_size,
