@@ -20,7 +20,7 @@ from ..files import (abbreviate, atomic_write_safetensors, check_torch_archive, 
                      read_safetensors_tensors)
 from ..validation import CheckpointError, ConfigError, parse_json_object
 from .blocks import sinusoid_table
-from .config import official_config, validate_config
+from .config import TILING_AUTO, official_config, validate_config
 from .decoder import decoder_level_frames
 
 PathLike = Union[str, os.PathLike]
@@ -249,8 +249,12 @@ def choose_config(shapes: Mapping, metadata: Mapping[str, str], path: PathLike, 
         return ConfigChoice(own, "metadata", f"the file's own metadata ({CONFIG_METADATA_KEY}){note}")
     if side is not None:
         return ConfigChoice(side, "sidecar", f"the sidecar {sidecar.name}")
+    # The official 256-px and 1024-px configs build identical weights and differ only in use_tiling
+    # (False / True), so weights alone cannot say which was meant: tiling follows the memory estimate.
     variant = detect_variant(shapes)
-    return ConfigChoice(official_config(variant), "detected", f"detected from the weights: official {variant}")
+    detected = {**official_config(variant), "use_tiling": TILING_AUTO}
+    return ConfigChoice(detected, "detected", f"detected from the weights: official {variant}, use_tiling "
+                                              f"'{TILING_AUTO}' (tiles only when the memory estimate does not fit)")
 
 
 def resolve_config(state_dict: Mapping, metadata: Mapping[str, str], config: Optional[dict] = None) -> dict:
@@ -259,7 +263,7 @@ def resolve_config(state_dict: Mapping, metadata: Mapping[str, str], config: Opt
     if config is not None:
         return normalize_config(config)
     config = config_from_metadata(metadata)
-    return config if config is not None else official_config(detect_variant(state_dict))
+    return config if config is not None else {**official_config(detect_variant(state_dict)), "use_tiling": TILING_AUTO}
 
 
 def _indices(shapes: Mapping, prefix: str) -> set[int]:
