@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 
 from ..files import (abbreviate, atomic_write_safetensors, check_torch_archive, read_safetensors_header,  # noqa: F401
-                     read_safetensors_tensors)
+                     read_safetensors_tensors, same_file)
 from ..validation import CheckpointError, ConfigError, parse_json_object
 from .blocks import sinusoid_table
 from .config import TILING_AUTO, official_config, validate_config
@@ -388,7 +388,7 @@ def convert_to_safetensors(in_path: PathLike, out_path: PathLike, overwrite: boo
     Returns the metadata written.
     """
     in_path, out_path = Path(in_path), Path(out_path)
-    if out_path.exists() and out_path.resolve() == in_path.resolve():
+    if out_path.exists() and same_file(in_path, out_path):
         raise FileExistsError("the output path is the input file; choose another output name")
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} already exists; pass --force to replace it")

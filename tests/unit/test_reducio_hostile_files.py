@@ -336,3 +336,15 @@ def test_plain_torch_archive_still_loads(tmp_path, vae_weights, vae_config):
     torch.save({"state_dict": dict(vae_weights)}, path)
     model = load_model(ReducioVAE, path, config=vae_config)
     assert torch.equal(model.quant_conv.weight, vae_weights["quant_conv.weight"])
+
+
+def test_vae_converter_config_file_and_output_spelling(tmp_path, vae_file, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000)
+    assert convert_main(["vae", str(vae_file), str(tmp_path / "out.safetensors"), "--config", str(deep)]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+    link = tmp_path / "link.safetensors"
+    os.symlink(vae_file, link)
+    before = vae_file.read_bytes()
+    assert convert_main(["vae", str(vae_file), str(link), "--force"]) == 2
+    assert "is the input file" in capsys.readouterr().err and vae_file.read_bytes() == before
