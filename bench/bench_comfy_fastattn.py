@@ -50,7 +50,7 @@ def bench(fa, label, model, latent, length):
     ref, base_seconds = timed(lambda: fa.sample(model, pos, neg, latent, steps=STEPS))
     rows = [f"| {label} | unpatched | {base_seconds:.2f} | 1.00x | – | – | – | – |"]
     for name, plan in plans(fa, model).items():
-        patched = fa.apply(model, plan)
+        patched = fa.apply(model, plan, measure_time=True)   # the report's attention times
         out, seconds = timed(lambda: fa.sample(patched, pos, neg, latent, steps=STEPS))
         report = fa.patcher.installed_spec(patched).sink.last
         err = float((out - ref).norm() / ref.norm())

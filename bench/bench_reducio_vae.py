@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GOLDEN = REPO / ".." / "shared" / "golden" / "reducio"
+GOLDEN = REPO / "tests" / "golden" / "reducio"   # the golden data kept in the repository
 RESULTS_JSON = REPO / "bench" / "reducio_vae_results.json"
 RESULTS_MD = REPO / "bench" / "reducio_vae_results.md"
 MIB = 2 ** 20

@@ -216,3 +216,47 @@ def amdahl_speedup_bound(attention_share: float, attention_fraction: float) -> f
         raise ValueError(f"attention_fraction must be in [0, 1], got {attention_fraction}")
     remaining = (1 - attention_share) + attention_share * attention_fraction
     return math.inf if remaining == 0 else 1 / remaining
+
+
+def headwise_plan_cost(plan: Plan, rows: int = 1) -> PlanCost:
+    """Corrected inference cost of a head-wise V2 plan (full / ``arrow_attn_<k>`` / cached heads).
+
+    Per head and call: full ``L^2`` (query, key) pairs over the whole [text; image] sequence,
+    arrow the exact pairs of its band plus every text row and column, cached 0. Projections
+    (``4 L d^2``) are counted at every call: the other heads still need q, k, v and the output
+    projection (the official runtime runs them too). Uses the plan's token grid (image tokens),
+    text tokens, head count / dim and recorded arrow windows.
+    """
+    from .windows import Window1D
+
+    meta = plan.metadata
+    if plan.granularity != "head":
+        raise ValueError("headwise_plan_cost counts head-wise (V2) plans; use plan_cost for V1")
+    missing = [n for n in ("token_grid", "num_heads", "head_dim", "text_tokens") if getattr(meta, n) is None]
+    if missing:
+        raise ValueError(f"the plan's metadata lacks {missing}; head-wise costs need them")
+    prefix, suffix = meta.text_tokens
+    seq = meta.num_tokens + prefix + suffix
+    head_dim, d = meta.head_dim, meta.num_heads * meta.head_dim
+    windows = dict(meta.arrow_windows or {})
+
+    def pairs(method: str) -> int:
+        if method == AST:
+            return 0
+        if method == FULL:
+            return seq * seq
+        if method in windows:
+            left, right = windows[method]
+            return Window1D(left, right, prefix_tokens=prefix, suffix_tokens=suffix).kept_pairs(seq)
+        raise ValueError(f"head-wise cost: method {method!r} is not a V2 head method with a recorded window")
+
+    projections = 4.0 * rows * seq * d * d
+    grid, core = [], 0.0
+    for step in plan.methods:
+        costs = tuple(2.0 * rows * head_dim * sum(pairs(m) for m in cell) for cell in step)
+        grid.append(costs)
+        core += sum(costs)
+    calls = plan.num_steps * plan.num_layers
+    core_full = 2.0 * rows * seq * seq * d * calls
+    return PlanCost(core=core, core_full=core_full, module=core + projections * calls,
+                    module_full=core_full + projections * calls, per_step_layer_core=tuple(grid))

@@ -263,6 +263,122 @@ def flex_window_attention(q, k, v, window, compile: bool = True) -> torch.Tensor
         return flex_attention(q, k, v, block_mask=block_mask)
 
 
+# ----------------------------------------------------------------------------- head-wise
+
+
+def _headwise_flex_mask_mod(tables, prefix_tokens: int, suffix_tokens: int, seq_len: int):
+    """mask_mod of a per-head 1-D window: tables = (left[H], right[H]) int tensors (full = L)."""
+    left, right = tables
+    start, end = prefix_tokens, seq_len - suffix_tokens
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        offset = kv_idx - q_idx
+        band = (offset >= -left[h]) & (offset <= right[h])
+        q_text = (q_idx < start) | (q_idx >= end)
+        kv_text = (kv_idx < start) | (kv_idx >= end)
+        return band | q_text | kv_text
+
+    return mask_mod
+
+
+def _headwise_text_tokens(windows) -> tuple:
+    texts = {(w.prefix_tokens, w.suffix_tokens) for w in windows if w is not None}
+    if len(texts) > 1:
+        raise ValueError(f"per-head windows of one call must agree on the text tokens, got {sorted(texts)}")
+    return texts.pop() if texts else (0, 0)
+
+
+_HEADWISE_MASKS: dict = {}
+
+
+def _headwise_block_mask(windows: tuple, seq_len: int, device):
+    """A FlexAttention block mask with one window per head (cached per geometry, 16 kept)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (windows, seq_len, str(device))
+    block_mask = _HEADWISE_MASKS.get(key)
+    if block_mask is None:
+        prefix, suffix = _headwise_text_tokens(windows)
+        image = seq_len - prefix - suffix
+        sides = [window.resolved(image) if window is not None else (seq_len, seq_len) for window in windows]
+        left = torch.tensor([s[0] for s in sides], dtype=torch.int64, device=device)
+        right = torch.tensor([s[1] for s in sides], dtype=torch.int64, device=device)
+        mask_mod = _headwise_flex_mask_mod((left, right), prefix, suffix, seq_len)
+        block_mask = create_block_mask(mask_mod, None, len(windows), seq_len, seq_len, device=str(device))
+        if len(_HEADWISE_MASKS) >= 16:
+            _HEADWISE_MASKS.pop(next(iter(_HEADWISE_MASKS)))
+        _HEADWISE_MASKS[key] = block_mask
+    return block_mask
+
+
+def headwise_flex_attention(q, k, v, windows, compile: bool = True) -> torch.Tensor:
+    """Every head with its own 1-D (arrow) window in ONE FlexAttention call.
+
+    The per-head block mask skips the key blocks outside each head's band, so a call that
+    mixes full, wide and narrow heads costs what its kept blocks cost (DiTFastAttnV2's fused
+    kernel does the same with whole tiles). Compiled on CUDA; `compile=False` runs eagerly
+    (computes every score: correct, for CPU tests)."""
+    seq_len = _check_self_attention(q, k, v)
+    windows = tuple(windows)
+    if len(windows) != q.shape[1]:
+        raise ValueError(f"{len(windows)} per-head windows for {q.shape[1]} heads")
+    if any(w is not None and not isinstance(w, Window1D) for w in windows):
+        raise TypeError("head-wise FlexAttention takes Window1D (arrow) windows or None (full) per head")
+    if not flex_attention_available():
+        raise RuntimeError("torch.nn.attention.flex_attention is not available in this torch build (needs torch >= 2.5)")
+    block_mask = _headwise_block_mask(windows, seq_len, q.device)
+    if compile:
+        try:
+            return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+        except Exception as error:  # noqa: BLE001 - no compiler / Triton: stay correct, run eagerly
+            warnings.warn(f"torch.compile of head-wise FlexAttention failed ({type(error).__name__}: {error}); "
+                          f"running it eagerly (correct, but computes every score)")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def headwise_window_attention(q, k, v, windows, backend: str = "auto") -> torch.Tensor:
+    """Attention on [B, H, L, D] where head h uses `windows[h]` (a window spec, or None = full).
+
+    backends: "flex" (one FlexAttention call with a per-head block mask; compiled on CUDA,
+    eager elsewhere), "banded" (heads of equal window grouped into one banded-kernel call
+    each: the fast CPU path), "reference" (per-group SDPA over the boolean mask), "auto"
+    (flex where compiled FlexAttention works, i.e. CUDA; else banded)."""
+    seq_len = _check_self_attention(q, k, v)
+    windows = list(windows)
+    if len(windows) != q.shape[1]:
+        raise ValueError(f"{len(windows)} per-head windows for {q.shape[1]} heads")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown window attention backend {backend!r}; use one of {BACKENDS}")
+    windows = [None if (w is None or w.is_full(seq_len)) else w for w in windows]
+    if all(w is None for w in windows):
+        return reference_attention(q, k, v)
+    plain_1d = all(w is None or isinstance(w, Window1D) for w in windows)
+    if backend == "auto":
+        backend = "flex" if (q.is_cuda and plain_1d and compiled_flex_works(q.device.type)) else "banded"
+    if backend == "flex":
+        return headwise_flex_attention(q, k, v, windows, compile=q.is_cuda)
+    groups: dict = {}
+    for head, window in enumerate(windows):
+        groups.setdefault(window, []).append(head)
+    if len(groups) == 1:
+        window = windows[0]
+        return window_attention(q, k, v, window, backend if backend != "flash" else "banded")
+    out = torch.empty_like(q)
+    for window, heads in groups.items():
+        index = torch.tensor(heads, device=q.device)
+        q_, k_, v_ = (t.index_select(1, index) for t in (q, k, v))
+        if window is None:
+            result = reference_attention(q_, k_, v_)
+        else:
+            result = window_attention(q_, k_, v_, window, "reference" if backend == "reference" else "banded")
+        out.index_copy_(1, index, result)
+    return out
+
+
 # ----------------------------------------------------------------------------- flash-attn
 
 
@@ -363,6 +479,8 @@ __all__ = [
     "flex_window_attention",
     "flash_window_attention",
     "window_attention",
+    "headwise_window_attention",
+    "headwise_flex_attention",
     "available_backends",
     "choose_backend",
     "default_block_size",

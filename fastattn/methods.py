@@ -1,16 +1,23 @@
-"""DiTFastAttn (V1) method vocabulary.
+"""DiTFastAttn method vocabulary (V1 layer-wise methods and V2 head-wise arrow attention).
 
-The official code names the per-(layer, step) decision with one of six strings and
+The official V1 code names the per-(layer, step) decision with one of six strings and
 matches them by substring. Here each string parses into a small frozen dataclass so
 the runtime branches on named flags instead of substrings, and every value can be
 written back as the exact official string (plans stay interchangeable with the
 official tool).
+
+DiTFastAttnV2 adds, per head, arrow attention with a window factor k: text tokens attend
+and are attended globally, image tokens see a band of ``image_tokens // (2k)`` tokens per
+side, no residual. Its official candidate name ``arrow_attn_<k>`` is the method string
+(`Method(window=True, arrow=k)`); V2's caching and full heads are V1's ``output_share``
+and ``full_attn`` applied to one head.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 
 @dataclass(frozen=True)
@@ -21,14 +28,26 @@ class Method:
     residual:     add the residual (full - window) cached at the last full step (WA-RS).
     cfg_share:    compute only the conditional rows of a CFG batch and copy (ASC).
     output_share: skip everything, return the layer's cached output (AST).
+    arrow:        V2 arrow attention window factor k (0 = not arrow): per-side image
+                  window image_tokens // (2k), text tokens global; implies `window`.
     """
 
     window: bool = False
     residual: bool = False
     cfg_share: bool = False
     output_share: bool = False
+    arrow: int = 0
 
     def __post_init__(self) -> None:
+        if self.arrow:
+            if (isinstance(self.arrow, bool) or not isinstance(self.arrow, int)
+                    or not 0 < self.arrow <= MAX_ARROW_FACTOR):
+                raise ValueError(f"arrow window factor must be an integer in [1, {MAX_ARROW_FACTOR}], "
+                                 f"got {self.arrow!r}")
+            if not self.window or self.residual or self.cfg_share or self.output_share:
+                raise ValueError("arrow attention is a window method without residual, CFG sharing "
+                                 "or output sharing: use Method(window=True, arrow=k)")
+            return
         if self not in _STRING_OF:
             raise ValueError(
                 f"{self!r} is not one of the DiTFastAttn methods; valid methods: "
@@ -42,13 +61,15 @@ class Method:
 
     @property
     def official(self) -> str:
+        if self.arrow:
+            return f"{ARROW_PREFIX}{self.arrow}"
         return _STRING_OF[self]
 
     def without_cfg_share(self) -> "Method":
         """The same method computed on every row (ASC disabled)."""
         if not self.cfg_share:
             return self
-        return Method(window=self.window, residual=self.residual)
+        return Method(window=self.window, residual=self.residual, arrow=self.arrow)
 
     def __str__(self) -> str:
         return self.official
@@ -59,6 +80,7 @@ def _raw(**flags: bool) -> Method:
     method = object.__new__(Method)
     for name in ("window", "residual", "cfg_share", "output_share"):
         object.__setattr__(method, name, flags.get(name, False))
+    object.__setattr__(method, "arrow", 0)
     return method
 
 
@@ -84,6 +106,33 @@ WINDOW_NO_RESIDUAL = _METHOD_OF["residual_window_attn+without_residual"]
 
 MethodLike = Union[str, Method]
 
+#: V2 arrow attention: the official candidate name is this prefix and the window factor k.
+ARROW_PREFIX = "arrow_attn_"
+#: Largest window factor accepted (a factor beyond the image token count is a 0-token band).
+MAX_ARROW_FACTOR = 99_999
+_ARROW_RE = re.compile(r"arrow_attn_([1-9][0-9]{0,4})")
+
+
+def arrow_method(factor: int) -> Method:
+    """V2 arrow attention with window factor `factor` (official candidate ``arrow_attn_<factor>``)."""
+    return Method(window=True, arrow=factor)
+
+
+def arrow_factor(text: str) -> Optional[int]:
+    """The window factor k of an ``arrow_attn_<k>`` string, else None."""
+    match = _ARROW_RE.fullmatch(text.strip()) if isinstance(text, str) else None
+    return int(match.group(1)) if match else None
+
+
+def is_method_string(text: str) -> bool:
+    """Whether `text` names a method (a V1 official string or a V2 ``arrow_attn_<k>``)."""
+    if not isinstance(text, str):
+        return False
+    if text.strip() in _METHOD_OF:
+        return True
+    factor = arrow_factor(text)
+    return factor is not None and factor <= MAX_ARROW_FACTOR
+
 
 def parse_method(value: MethodLike) -> Method:
     """Parse an official method string (surrounding whitespace ignored) or pass a Method through."""
@@ -93,8 +142,12 @@ def parse_method(value: MethodLike) -> Method:
         raise TypeError(f"a DiTFastAttn method must be a string or Method, got {type(value).__name__}")
     method = _METHOD_OF.get(value.strip())
     if method is None:
+        factor = arrow_factor(value)
+        if factor is not None and factor <= MAX_ARROW_FACTOR:
+            return arrow_method(factor)
         raise ValueError(
             f"unknown DiTFastAttn method {value!r}; valid methods: " + ", ".join(METHOD_STRINGS)
+            + f", or V2 {ARROW_PREFIX}<k> (k = window factor, e.g. {ARROW_PREFIX}8)"
         )
     return method
 

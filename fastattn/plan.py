@@ -24,10 +24,12 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from .methods import ARROW_PREFIX, is_method_string
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ ASC = "full_attn+cfg_attn_share"
 WARS_ASC = "residual_window_attn+cfg_attn_share"
 WA_NO_RESIDUAL = "residual_window_attn+without_residual"
 PLAN_METHODS: tuple[str, ...] = (FULL, AST, WARS, ASC, WARS_ASC, WA_NO_RESIDUAL)
+# DiTFastAttnV2 head-wise arrow attention: ``arrow_attn_<k>`` (k = window factor) is also a
+# valid plan method (see fastattn.methods); the per-side window it ran with is recorded in
+# ``metadata.arrow_windows``.
 
 # Limits against hostile or corrupted files. Real plans are tiny (50 steps x 28-60 layers).
 MAX_FILE_BYTES = 32 * 1024 * 1024
@@ -129,6 +134,9 @@ class PlanMetadata:
 
     ``sigmas`` holds the noise level of every planned evaluation (length ``num_steps``); it is
     what step remapping uses. ``window`` is the per-side window in tokens ``(left, right)``.
+    ``text_tokens`` is ``(prefix, suffix)``: the global text tokens of joint attention before
+    and after the image tokens (head layout of a V2 plan). ``arrow_windows`` maps every V2
+    ``arrow_attn_<k>`` method to the per-side window ``[left, right]`` in tokens it ran with.
     """
 
     num_steps: int
@@ -151,6 +159,8 @@ class PlanMetadata:
     package_version: str = PACKAGE_VERSION
     notes: tuple[str, ...] = ()
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    text_tokens: tuple[int, int] | None = None
+    arrow_windows: Mapping[str, tuple[int, int]] | None = None
 
     @property
     def num_tokens(self) -> int | None:
@@ -163,7 +173,7 @@ class PlanMetadata:
             if isinstance(value, tuple):
                 value = list(value)
             elif isinstance(value, Mapping):
-                value = dict(value)
+                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
             out[field.name] = value
         return out
 
@@ -219,9 +229,10 @@ def _optional(value: Any, convert, *args):
 def _method(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise _fail(where, f"method must be a string, got {type(value).__name__}")
-    if value not in PLAN_METHODS:
+    if value not in PLAN_METHODS and not (value.startswith(ARROW_PREFIX) and is_method_string(value)):
         shown = value if len(value) <= 60 else value[:60] + "..."
-        raise _fail(where, f"unknown method {shown!r}; known methods: {', '.join(PLAN_METHODS)}")
+        raise _fail(where, f"unknown method {shown!r}; known methods: {', '.join(PLAN_METHODS)}, "
+                           f"and V2 {ARROW_PREFIX}<k> (window factor k)")
     return value
 
 
@@ -242,6 +253,42 @@ def _json_scalar_tree(value: Any, where: str, depth: int = 0) -> Any:
         return {_str(k, f"{where} key"): _json_scalar_tree(v, f"{where}.{k}", depth + 1)
                 for k, v in value.items()}
     raise _fail(where, f"unsupported value of type {type(value).__name__}")
+
+
+# ``extra`` is free-form, but the ComfyUI nodes read these keys (the window of WA-RS and the
+# sampling run a plan was calibrated on), so a wrong type there is refused when the plan is
+# loaded, with the key named, not deep inside a sampler run.
+WINDOW_SHAPES = ("1d", "grid")
+
+
+def _check_known_extra(extra: Mapping[str, Any]) -> None:
+    if "window_shape" in extra:
+        shape = extra["window_shape"]
+        if not isinstance(shape, str):
+            raise _fail("metadata.extra.window_shape", f"expected a string, got {type(shape).__name__}")
+        if shape not in WINDOW_SHAPES:
+            raise _fail("metadata.extra.window_shape",
+                        f"{shape[:40]!r} is not one of {', '.join(map(repr, WINDOW_SHAPES))}")
+    if "window_fraction" in extra:
+        fraction = _float(extra["window_fraction"], "metadata.extra.window_fraction")
+        if not 0.0 < fraction <= 1.0:
+            raise _fail("metadata.extra.window_fraction",
+                        f"{fraction} is outside (0, 1] (the window reach per side as a fraction of "
+                        f"the image tokens; the paper uses 0.125)")
+    schedule = None
+    if "schedule" in extra:
+        schedule = [_float(s, f"metadata.extra.schedule[{i}]") for i, s in
+                    enumerate(_list(extra["schedule"], "metadata.extra.schedule", MAX_STEPS + 1))]
+        if len(schedule) < 2:
+            raise _fail("metadata.extra.schedule", "the sigma schedule of a run has at least 2 "
+                                                   "entries (steps + 1)")
+        if any(s < 0 for s in schedule):
+            raise _fail("metadata.extra.schedule", "sigmas must be >= 0")
+    if "sampling_steps" in extra:
+        steps = _int(extra["sampling_steps"], "metadata.extra.sampling_steps", 1, MAX_STEPS)
+        if schedule is not None and len(schedule) - 1 != steps:
+            raise _fail("metadata.extra.sampling_steps",
+                        f"says {steps} but the schedule has {len(schedule) - 1} steps")
 
 
 def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: int | None
@@ -302,6 +349,32 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
     extra = _json_scalar_tree(m.get("extra", {}), "metadata.extra")
     if not isinstance(extra, dict):
         raise _fail("metadata.extra", "expected an object")
+    text_tokens = m.get("text_tokens")
+    if text_tokens is not None:
+        text_tokens = _list(text_tokens, "metadata.text_tokens", 2)
+        if len(text_tokens) != 2:
+            raise _fail("metadata.text_tokens", "expected [prefix, suffix] text token counts")
+        text_tokens = (_int(text_tokens[0], "metadata.text_tokens[0]", 0, 1 << 24),
+                       _int(text_tokens[1], "metadata.text_tokens[1]", 0, 1 << 24))
+    arrow_windows = m.get("arrow_windows")
+    if arrow_windows is not None:
+        if not isinstance(arrow_windows, Mapping):
+            raise _fail("metadata.arrow_windows", "expected an object {arrow method: [left, right]}")
+        if len(arrow_windows) > 64:
+            raise _fail("metadata.arrow_windows", "more than 64 arrow methods")
+        parsed_windows = {}
+        for name, sides in arrow_windows.items():
+            where = f"metadata.arrow_windows.{name}"
+            if not (isinstance(name, str) and name.startswith(ARROW_PREFIX)):
+                raise _fail(where, f"keys are V2 arrow methods ({ARROW_PREFIX}<k>)")
+            _method(name, where)
+            sides = _list(sides, where, 2)
+            if len(sides) != 2:
+                raise _fail(where, "expected [left, right]")
+            parsed_windows[name] = (_int(sides[0], f"{where}[0]", 0, 1 << 24),
+                                    _int(sides[1], f"{where}[1]", 0, 1 << 24))
+        arrow_windows = parsed_windows
+    _check_known_extra(extra)
     cfg = _optional(m.get("cfg_scale"), _float, "metadata.cfg_scale")
     thr = _optional(m.get("threshold"), _float, "metadata.threshold")
     if thr is not None and thr < 0:
@@ -329,6 +402,8 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
         package_version=_str(m.get("package_version", PACKAGE_VERSION), "metadata.package_version"),
         notes=notes,
         extra=extra,
+        text_tokens=text_tokens,
+        arrow_windows=arrow_windows,
     )
 
 
@@ -483,6 +558,13 @@ class RunSignature:
     sampler: str | None = None
     sigmas: tuple[float, ...] | None = None
     cfg_scale: float | None = None
+    # Window and head layout of the run (checked when both sides know them): the per-side
+    # window (left, right) in tokens the run's window methods use, the head dimension, and
+    # the global text tokens (prefix, suffix) of joint attention. A V2 plan's arrow windows
+    # are also checked against the image tokens of ``token_grid`` (window = image // (2k)).
+    window: tuple[int, int] | None = None
+    head_dim: int | None = None
+    text_tokens: tuple[int, int] | None = None
 
 
 # Mismatches that `ignore=` may waive (at the user's explicit request; the plan is then used
@@ -575,7 +657,9 @@ class Plan:
         for step in self._methods:
             for cell in step:
                 counter.update([cell] if self._granularity == "layer" else cell)
-        return {m: counter[m] for m in PLAN_METHODS if counter[m]}
+        counts = {m: counter[m] for m in PLAN_METHODS if counter[m]}
+        counts.update({m: counter[m] for m in sorted(counter, key=_arrow_sort_key) if m not in counts})
+        return counts
 
     def with_metadata(self, **changes) -> "Plan":
         meta = dataclasses.replace(self._metadata, **changes)
@@ -640,7 +724,7 @@ class Plan:
         """Write the plan as JSON atomically (temporary file in the same folder, then rename)."""
         path = Path(path)
         text = self.to_json(indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temporary(path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
@@ -751,6 +835,7 @@ class Plan:
         if (run.num_heads is not None and meta.num_heads is not None
                 and run.num_heads != meta.num_heads):
             hard.append(f"attention heads: plan has {meta.num_heads}, model has {run.num_heads}")
+        hard.extend(self._layout_mismatches(run))
         if meta.architecture and run.architecture and meta.architecture != run.architecture:
             soft.append(("architecture", f"architecture: plan {meta.architecture!r}, "
                                          f"model {run.architecture!r}"))
@@ -778,7 +863,8 @@ class Plan:
         unwaived = [d for name, d in soft if name not in ignore]
         fixes = []
         if hard:
-            fixes.append("calibrate a plan for this model (layer/head counts cannot be adapted)")
+            fixes.append("calibrate a plan for this model and window (layer/head counts, head layout "
+                         "and windows cannot be adapted)")
         if unwaived:
             fixes.append("recalibrate for this model and run, or, knowing the plan may hurt "
                          "quality, waive the check with ignore=[" +
@@ -799,6 +885,37 @@ class Plan:
         for note in notes:
             logger.warning("DiTFastAttn plan: %s", note)
         return plan.with_metadata(notes=plan.metadata.notes + tuple(notes))
+
+    def _layout_mismatches(self, run: RunSignature) -> list[str]:
+        """Window and head-layout differences (never waivable: the plan's choices were measured
+        with exactly these windows and heads)."""
+        meta = self._metadata
+        out = []
+        if (run.head_dim is not None and meta.head_dim is not None
+                and int(run.head_dim) != meta.head_dim):
+            out.append(f"head dim: plan has {meta.head_dim}, model has {run.head_dim}")
+        if (run.text_tokens is not None and meta.text_tokens is not None
+                and tuple(run.text_tokens) != tuple(meta.text_tokens)):
+            out.append(f"text tokens (prefix, suffix): plan {list(meta.text_tokens)}, run "
+                       f"{list(run.text_tokens)}")
+        if run.window is not None and meta.window is not None and tuple(run.window) != tuple(meta.window):
+            out.append(f"window: plan calibrated with {list(meta.window)} tokens per side, run uses "
+                       f"{list(run.window)}")
+        arrows = _arrow_methods_used(self._methods)
+        if arrows and meta.arrow_windows is None:
+            out.append("window: this V2 plan does not record the windows its arrow methods ran with "
+                       "(metadata.arrow_windows)")
+        elif arrows and run.token_grid:
+            image = math.prod(run.token_grid)
+            for name in sorted(arrows, key=_arrow_sort_key):
+                recorded = meta.arrow_windows.get(name)
+                w = image // (2 * int(name[len(ARROW_PREFIX):]))
+                if recorded is None:
+                    out.append(f"window: metadata.arrow_windows has no entry for {name}")
+                elif tuple(recorded) != (w, w):
+                    out.append(f"window: {name} ran with {list(recorded)} tokens per side, this run's "
+                               f"{image} image tokens give [{w}, {w}]")
+        return out
 
     def _remapped(self, run: RunSignature) -> tuple["Plan", str]:
         target_steps = run.num_steps if run.num_steps is not None else self.num_steps
@@ -825,6 +942,21 @@ class Plan:
 # Small helpers
 # --------------------------------------------------------------------------------------------
 
+def _arrow_sort_key(method: str) -> tuple:
+    tail = method[len(ARROW_PREFIX):]
+    return (int(tail) if tail.isdigit() else 0, method)
+
+
+def _arrow_methods_used(methods: Sequence[Sequence]) -> set:
+    used = set()
+    for step in methods:
+        for cell in step:
+            for method in (cell if isinstance(cell, tuple) else (cell,)):
+                if method.startswith(ARROW_PREFIX):
+                    used.add(method)
+    return used
+
+
 def _read_limited(path: str | os.PathLike) -> bytes:
     path = Path(path)
     if not path.is_file():
@@ -835,6 +967,22 @@ def _read_limited(path: str | os.PathLike) -> bytes:
                               f"(limit {MAX_FILE_BYTES} bytes)")
     with open(path, "rb") as handle:
         return handle.read(MAX_FILE_BYTES + 1)
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new, exclusive temporary file beside ``path`` for an atomic write.
+
+    ``tempfile.mkstemp`` creates its files with mode 0600 whatever the umask, and the rename
+    keeps that mode, so saved plans would be private unlike every other output. Here the file
+    is created with 0666 and the kernel applies the process's umask, as for any ``open()``.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {os.fspath(path)!r}")
 
 
 def _looks_like_pickle(raw: bytes) -> bool:

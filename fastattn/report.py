@@ -3,8 +3,10 @@
 The method map is a float32 RGB array ``[H, W, 3]`` in 0..1 (numpy), laid out like the paper's
 compression-plan figures: one column per step (left = first step), one row per layer (top =
 layer 0), one colour per method, thin dark grid lines between cells. Head-wise plans get one
-thin row per head inside each layer row. ComfyUI nodes turn it into an IMAGE with
-``torch.from_numpy(image)[None]``.
+thin row per head inside each layer row. :func:`method_map_figure` puts that map in a figure a
+person can read on its own: title, labelled axes with tick numbers, and a legend with each
+method's share of the cells and of the attention work kept. ComfyUI nodes turn either into an
+IMAGE with ``torch.from_numpy(image)[None]``.
 """
 
 from __future__ import annotations
@@ -124,6 +126,10 @@ def summarize(plan: Plan, shape: AttentionShape | None = None,
     if shape is not None and plan.granularity == "layer":
         cost = plan_cost(plan, shape)
         window_fraction = shape.window_fraction() if shape.window is not None else None
+        per_method = method_flops_share(plan, shape)
+        lines.append("attention FLOPs kept per method (share of full attention): "
+                     + ", ".join(f"{METHOD_STYLE[m][1].split(' (')[0]} {_percent(v)}"
+                                 for m, v in per_method.items()))
         lines.append(f"attention work kept: core (QK^T, PV) {_percent(cost.core_fraction)}, "
                      f"module incl. Q/K/V/O projections {_percent(cost.module_fraction)}"
                      + (f"; window covers {_percent(window_fraction)} of the score matrix"
@@ -139,3 +145,109 @@ def summarize(plan: Plan, shape: AttentionShape | None = None,
     return PlanReport(counts=counts, cost=cost, window_fraction=window_fraction,
                       attention_share=attention_share, speedup_bound_core=bound_core,
                       speedup_bound_module=bound_module, text="\n".join(lines))
+
+
+# ---- the figure -----------------------------------------------------------------------------------
+FIGURE_BACKGROUND = (1.0, 1.0, 1.0)
+FIGURE_TEXT = (0.1, 0.1, 0.1)
+MIN_FIGURE_CELL = 14      # px: cells below this are hard to see; the figure grows instead
+MAX_FIGURE_CELL = 28
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:   # Pillow >= 10.1 ships a scalable default font
+        return ImageFont.load_default(size=size)
+    except TypeError:   # older Pillow: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _tick_every(count: int, cell: int, label_px: int) -> int:
+    """Label every n-th row/column so the numbers never overlap."""
+    for n in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000):
+        if n * cell >= label_px:
+            return n
+    return max(1, count // 10)
+
+
+def method_flops_share(plan: Plan, shape: AttentionShape) -> dict[str, float]:
+    """Attention-core work each method keeps, as a fraction of the same run at full attention
+    (layer-wise plans; the values add up to ``plan_cost(plan, shape).core_fraction``)."""
+    cost = plan_cost(plan, shape)
+    kept: dict[str, float] = {m: 0.0 for m in plan.method_counts()}
+    for t, row in enumerate(plan.methods):
+        for i, method in enumerate(row):
+            kept[method] += cost.per_step_layer_core[t][i]
+    return {m: v / cost.core_full for m, v in kept.items()}
+
+
+def method_map_figure(plan: Plan, shape: AttentionShape | None = None, title: str | None = None,
+                      cell: int | None = None) -> np.ndarray:
+    """The method map with a title, axes (step across, layer down; heads inside each layer row for
+    head-wise plans), tick numbers and a legend (method, share of cells and, when the attention
+    shape is known, of the full-attention core work kept). RGB float ``[H, W, 3]`` in 0..1.
+
+    Needs Pillow for the lettering (it comes with ComfyUI).
+    """
+    from PIL import Image, ImageDraw
+
+    steps, layers = plan.num_steps, plan.num_layers
+    heads = plan.metadata.num_heads if plan.granularity == "head" else None
+    if cell is None:
+        per_layer = MIN_FIGURE_CELL if heads is None else max(MIN_FIGURE_CELL, 5 * heads + 2)
+        cell = max(per_layer, min(MAX_FIGURE_CELL, 900 // max(steps, 1)))
+    cell = max(2, min(cell, MAX_IMAGE_SIDE // max(steps, layers)))
+    cells = method_map(plan, cell=cell, grid=1 if cell > 4 else 0)
+    font, small = _font(15), _font(12)
+    if shape is None and plan.granularity == "layer":
+        try:
+            shape = AttentionShape.from_plan(plan)
+        except ValueError:
+            shape = None
+    counts = plan.method_counts()
+    total = sum(counts.values())
+    flops = method_flops_share(plan, shape) if shape is not None and plan.granularity == "layer" else None
+    rows = []
+    for method, n in counts.items():
+        label = f"{METHOD_STYLE[method][1]}: {_percent(n / total)} of " + ("heads" if heads else "cells")
+        if flops is not None:
+            label += f", keeps {_percent(flops[method])} of full attention FLOPs"
+        rows.append((METHOD_STYLE[method][0], label))
+    if flops is not None:
+        rows.append((None, f"total attention FLOPs kept: {_percent(sum(flops.values()))}"))
+
+    margin_left, margin_top, pad = 74, 68, 14
+    map_h, map_w = cells.shape[:2]
+    legend_h = 22 * len(rows) + pad
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(measure.textlength(label, font=small) for _, label in rows) + pad + 22 + pad
+    width = int(max(margin_left + map_w + pad, 400, text_w))
+    height = margin_top + map_h + 34 + legend_h
+    canvas = Image.new("RGB", (width, height), tuple(round(255 * c) for c in FIGURE_BACKGROUND))
+    canvas.paste(Image.fromarray((cells * 255).round().astype(np.uint8)), (margin_left, margin_top))
+    draw = ImageDraw.Draw(canvas)
+    ink = tuple(round(255 * c) for c in FIGURE_TEXT)
+    meta = plan.metadata
+    heading = title or ("DiTFastAttn plan" + (f" - {meta.architecture}" if meta.architecture else "")
+                        + (" (head-wise)" if heads else ""))
+    draw.text((pad, 8), heading, fill=ink, font=font)
+    draw.text((margin_left, margin_top - 38), "denoising step (first step left)", fill=ink, font=small)
+    every = _tick_every(steps, cell, 26)
+    for t in range(0, steps, every):
+        draw.text((margin_left + t * cell + 1, margin_top - 18), str(t), fill=ink, font=small)
+    draw.text((4, margin_top - 18), "layer", fill=ink, font=small)
+    every = _tick_every(layers, cell, 16)
+    for i in range(0, layers, every):
+        draw.text((margin_left - 34, margin_top + i * cell + max(0, cell // 2 - 7)), str(i), fill=ink, font=small)
+    if heads:
+        draw.text((4, margin_top + map_h + 6), f"each layer row: heads 0..{heads - 1}, top to bottom",
+                  fill=ink, font=small)
+    y = margin_top + map_h + 30
+    for colour, label in rows:
+        if colour is not None:
+            swatch = tuple(round(255 * c) for c in colour)
+            draw.rectangle((pad, y + 2, pad + 14, y + 16), fill=swatch, outline=ink)
+        draw.text((pad + 22, y + 1), label, fill=ink, font=small)
+        y += 22
+    return np.asarray(canvas, dtype=np.float32) / 255.0

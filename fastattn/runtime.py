@@ -9,6 +9,13 @@ one call is decided by the plan's method for (step, layer) (spec ditfastattn.md 
 * AST: the layer's cached output, no attention at all;
 * ASC: the method computed on the conditional rows only, copied to the unconditional rows.
 
+Head-wise plan entries (one method per head) run every head with its own method; the
+DiTFastAttnV2 entries (full / ``arrow_attn_<k>`` / ``output_share`` per head) take one fast
+path: cached heads copy their slice of the layer's previous output, the others run in one
+head-wise arrow kernel call (`kernels.headwise_window_attention`). A `planner` (the V2
+calibration, `fastattn.headwise.HeadwiseCalibration`) may decide an entry from the call's own
+q/k/v just before it runs.
+
 `compute_attention_core` is the shared step (q/k/v already restricted to the computed
 rows); `FastAttnRuntime` adds plan lookup, CFG row handling, layouts and caching for
 callers that see only q/k/v (ComfyUI's attention override, Reducio-DiT); the diffusers
@@ -23,10 +30,11 @@ from typing import Callable, Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .kernels import from_bhld, reference_attention, to_bhld, window_attention
+from .headwise import arrow_window
+from .kernels import from_bhld, headwise_window_attention, reference_attention, to_bhld, window_attention
 from .methods import FULL, Method, MethodLike, parse_method
 from .state import FastAttnState, LayerCache
-from .windows import CallInfo
+from .windows import CallInfo, Window1D
 
 COND, UNCOND = 0, 1
 
@@ -191,6 +199,10 @@ class FastAttnRuntime:
     share_cfg_across_calls: when cond and uncond arrive in separate calls of the same
         step, reuse the cond call's output for the uncond call of an ASC step.
     kernel_backend: window kernel backend ("auto", "banded", "flex", "flash", "reference").
+    planner: optional object with `plan_call(q, k, v, info, previous_output)` ([B, H, L, D]
+        tensors, CallInfo, the layer's last computed output or None), called before the plan
+        entry of each call is looked up, so that it can decide that entry from the call
+        itself (V2 calibration). None for plain inference.
     """
 
     def __init__(
@@ -205,6 +217,7 @@ class FastAttnRuntime:
         on_missing_cache: str = "full",
         share_cfg_across_calls: bool = True,
         kernel_backend: str = "auto",
+        planner=None,
     ) -> None:
         if on_missing_cache not in ("full", "error"):
             raise ValueError(f"on_missing_cache must be 'full' or 'error', got {on_missing_cache!r}")
@@ -217,6 +230,7 @@ class FastAttnRuntime:
         self.on_missing_cache = on_missing_cache
         self.share_cfg_across_calls = share_cfg_across_calls
         self.kernel_backend = kernel_backend
+        self.planner = planner
 
     def __deepcopy__(self, memo) -> "FastAttnRuntime":
         # ComfyUI deep-copies model options on clone; the runtime (and its state) is shared.
@@ -263,7 +277,6 @@ class FastAttnRuntime:
         cfg_rows: CfgRows, per-row labels, or a ComfyUI `cond_or_uncond` chunk list;
         None means no CFG information (ASC is then off).
         """
-        method = self.method_at(step, layer)
         qh, kh, vh = (to_bhld(t, layout, heads) for t in (q, k, v))
         batch, n_heads, seq_len, _ = qh.shape
         rows = _as_cfg_rows(cfg_rows, batch)
@@ -271,10 +284,22 @@ class FastAttnRuntime:
         cache_key = (layer, rows.labels if rows is not None else None)
         cache = self.state.layer(cache_key)
         info = CallInfo(layer, step, seq_len, tuple(token_grid) if token_grid else None, prefix_tokens, suffix_tokens)
+        if self.planner is not None:
+            previous = cache.cached_output
+            usable = previous is not None and tuple(previous.shape) == out_shape
+            self.planner.plan_call(qh, kh, vh, info, previous if usable else None)
+        method = self.method_at(step, layer)
+        if isinstance(method, Method) and method.arrow:
+            method = (method,) * n_heads  # arrow attention is head-wise by nature
         if isinstance(method, tuple):
             uniform = len(set(method)) == 1 and len(method) == n_heads
+            if len(method) == n_heads and all(_is_v2_head_method(m) for m in method) and not (
+                    uniform and not method[0].arrow):
+                out = self._call_arrow_heads(method, qh, kh, vh, cache, info, out_shape)
+                return self._finish(out, cache, step, layer, layout, full_attention_out=None)
             # WA-RS stays head-wise: only that path checks the per-head residual validity
-            if uniform and not (method[0].window and method[0].residual) and self._uniform_windows(info):
+            if (uniform and not (method[0].window and method[0].residual) and not method[0].arrow
+                    and self._uniform_windows(info)):
                 method = method[0]  # every head alike: the layer-wise path (caller's backend, exact)
             else:
                 out = self._call_headwise(method, qh, kh, vh, rows, cache, info, out_shape)
@@ -381,13 +406,47 @@ class FastAttnRuntime:
 
     # ------------------------------------------------------------------ head-wise plans
 
-    def _head_windows(self, info: CallInfo, n_heads: int) -> list:
+    def _head_windows(self, info: CallInfo, n_heads: int, methods=None) -> list:
         window = self.window_for(info)
         if isinstance(window, (list, tuple)):
             if len(window) != n_heads:
                 raise ValueError(f"layer {info.layer!r}: {len(window)} per-head windows for {n_heads} heads")
-            return list(window)
-        return [window] * n_heads
+            windows = list(window)
+        else:
+            windows = [window] * n_heads
+        if methods is not None:  # arrow heads carry their own window
+            windows = [arrow_window_of(m, info) if m.arrow else w for m, w in zip(methods, windows)]
+        return windows
+
+    def _call_arrow_heads(self, methods: Tuple[Method, ...], qh, kh, vh, cache: LayerCache, info: CallInfo, out_shape):
+        """A DiTFastAttnV2 entry: each head full, arrow (factor k) or cached.
+
+        Cached heads copy their slice of the layer's previous output (which holds the value
+        those heads had then, cached or not, so caching chains over steps as in V2); every
+        computed head runs in one head-wise kernel call, heads of equal window together."""
+        batch, n_heads, seq_len, _ = out_shape
+        step, layer = info.step, info.layer
+        if any(m.arrow for m in methods) and seq_len != kh.shape[2]:
+            raise ValueError(f"layer {layer!r}: arrow attention applies to self-attention only, got "
+                             f"{seq_len} queries and {kh.shape[2]} keys")
+        cached = [h for h, m in enumerate(methods) if m.output_share]
+        previous = cache.cached_output
+        if cached and (previous is None or tuple(previous.shape) != out_shape):
+            self._missing(f"cached heads {cached} at step {step} of layer {layer!r} have no previous output "
+                          f"of shape {out_shape}")
+            cached = []  # computed with full attention instead
+        computed = [h for h in range(n_heads) if h not in set(cached)]
+        windows = [arrow_window_of(methods[h], info) if methods[h].arrow else None for h in computed]
+        if not cached:
+            return headwise_window_attention(qh, kh, vh, windows, self.kernel_backend)
+        out = torch.empty(out_shape, dtype=vh.dtype, device=vh.device)
+        cached_index = torch.tensor(cached, device=qh.device)
+        out.index_copy_(1, cached_index, previous.index_select(1, cached_index).to(out.dtype))
+        if computed:
+            index = torch.tensor(computed, device=qh.device)
+            q_, k_, v_ = (t.index_select(1, index) for t in (qh, kh, vh))
+            out.index_copy_(1, index, headwise_window_attention(q_, k_, v_, windows, self.kernel_backend))
+        return out
 
     def _call_headwise(self, methods: Tuple[Method, ...], qh, kh, vh, rows, cache: LayerCache, info: CallInfo, out_shape):
         """Head-wise plan entry (DiTFastAttnV2 style): every head runs its own method, with
@@ -402,7 +461,7 @@ class FastAttnRuntime:
             raise ValueError(f"layer {info.layer!r}: head-wise plan entry has {len(methods)} methods for {n_heads} heads")
         step, layer = info.step, info.layer
         self_attention = seq_len == kh.shape[2]
-        windows = self._head_windows(info, n_heads) if any(m.window for m in methods) or self_attention else [None] * n_heads
+        windows = self._head_windows(info, n_heads, methods) if any(m.window for m in methods) or self_attention else [None] * n_heads
         groups: dict = {}
         for head, (method, window) in enumerate(zip(methods, windows)):
             groups.setdefault((method, window if (method.window or method.is_full) else None), []).append(head)
@@ -548,6 +607,17 @@ class FastAttnRuntime:
             )
 
         return attention_fn
+
+
+def _is_v2_head_method(method: Method) -> bool:
+    """Per-head methods of a DiTFastAttnV2 entry: full, arrow attention, or caching."""
+    return not method.cfg_share and not method.residual and (method.arrow or method.output_share or method == FULL)
+
+
+def arrow_window_of(method: Method, info: CallInfo) -> Window1D:
+    """The window of an arrow method at one call: image_tokens // (2k) per side, text global."""
+    w = arrow_window(info.image_tokens, method.arrow)
+    return Window1D(w, w, prefix_tokens=info.prefix_tokens, suffix_tokens=info.suffix_tokens)
 
 
 def methods_from_table(table: Sequence[Sequence[MethodLike]]) -> MethodsFor:

@@ -19,6 +19,7 @@ FEATURE_MODULES = (
     "reducio_vae",
     "reducio_dit",
     "fastattn_nodes",
+    "embedded_models",
 )
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ._compat import io
 from ._folders import REDUCIO_FOLDER, register_model_folder
+from .reducio_vae._layout import ReducioInputError, check_image
 
 MODEL_FOLDERS = (REDUCIO_FOLDER, "diffusion_models")
 UNCOND_MODES = {
@@ -151,9 +152,13 @@ class ReducioImageToVideo(io.ComfyNode):
             raise ValueError(f"width and height must be multiples of latent_downscale {latent_downscale}")
         if uncond not in UNCOND_MODES:
             raise ValueError(f"uncond must be one of {list(UNCOND_MODES)}, got {uncond!r}")
-        if content_image.ndim != 4 or content_image.shape[-1] < 3:
-            raise ValueError(f"content_image must be an IMAGE [B, H, W, 3], got {list(content_image.shape)}")
-        image = content_image[:1, :, :, :3]
+        if not isinstance(content_image, torch.Tensor) or content_image.ndim != 4 or content_image.shape[-1] < 3:
+            shape = list(content_image.shape) if isinstance(content_image, torch.Tensor) else type(content_image).__name__
+            raise ValueError(f"content_image must be an IMAGE [B, H, W, 3], got {shape}")
+        try:   # NaN / 0..255 / -1..1 pixels are refused (same rule as the Reducio VAE nodes)
+            image = check_image(content_image[:1, :, :, :3], "content_image")
+        except ReducioInputError as error:
+            raise ValueError(f"ReducioImageToVideo: {error}") from error
         image = comfy.utils.common_upscale(image.movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
 
         content_latent = vae.encode(image)

@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "harness"), str(REPO / "tests" / "server"), str(REPO / "tests" / "comfy")]
 
+from golden import GOLDEN_DIR  # noqa: E402
 from harness_comfyui import InProcessComfy, locate_comfyui  # noqa: E402
 from harness_server import ComfyServer, PromptFailed  # noqa: E402
 from harness_workflows import API_DIR, load  # noqa: E402
@@ -30,8 +31,8 @@ from harness_workflows import API_DIR, load  # noqa: E402
 # graph is adapted to the stand-ins (nothing is adapted when real models are used).
 # ---------------------------------------------------------------------------------------------------
 class Recipes:
-    def __init__(self, server: ComfyServer, shared: Path, real_models: bool, comfy: InProcessComfy | None):
-        self.server, self.shared, self.real_models, self.comfy = server, shared, real_models, comfy
+    def __init__(self, server: ComfyServer, real_models: bool, comfy: InProcessComfy | None):
+        self.server, self.real_models, self.comfy = server, real_models, comfy
 
     def prepare_reducio_vae(self) -> None:
         from test_reducio_vae_workflows import VIDEO_NAME, write_test_video
@@ -43,7 +44,7 @@ class Recipes:
             return
         from safetensors.torch import load_file, save_file
 
-        base = self.shared / "golden" / "reducio"
+        base = GOLDEN_DIR / "reducio"
         config = json.loads((base / "tiny_config.json").read_text())["constructor_kwargs"]
         folder = self.server.models_dir / "reducio"
         folder.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ class Recipes:
 
         if self.real_models:
             return
-        standins.write_all(self.server.models_dir, self.server.input_dir, self.shared / "golden",
+        standins.write_all(self.server.models_dir, self.server.input_dir, GOLDEN_DIR,
                            self.comfy.install.root)
 
     def prepare_ditfastattn(self) -> None:
@@ -123,10 +124,9 @@ def main(argv=None) -> int:
     if install is None:
         print("No ComfyUI found: run scripts/setup_comfyui.sh or set COMFYUI_PATH.", file=sys.stderr)
         return 2
-    shared = Path(os.environ.get("REDUCIO_SHARED", REPO.parent / "shared"))
-    if args.models is None and not (shared / "golden").is_dir():
-        print(f"Stand-in models need the golden tiny weights in {shared}/golden (or pass --models).",
-              file=sys.stderr)
+    if args.models is None and not GOLDEN_DIR.is_dir():
+        print(f"Stand-in models need the golden tiny weights in {GOLDEN_DIR} (restore it with "
+              "`git checkout -- tests/golden`, or pass --models).", file=sys.stderr)
         return 2
 
     base = REPO / "build" / "demo"
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     # Stand-ins are built from ComfyUI's own classes, so ComfyUI is imported here too.
     comfy = InProcessComfy(install, base / "inprocess") if args.models is None else None
     server = ComfyServer(install, base)
-    recipes = Recipes(server, shared, args.models is not None, comfy)
+    recipes = Recipes(server, args.models is not None, comfy)
     print(f"Starting ComfyUI {install.version} (headless, CPU) with the pack ...", flush=True)
     server.start()
     results = []

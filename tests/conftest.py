@@ -20,6 +20,7 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS_DIR / "harness"))
 
+from golden import golden_path  # noqa: E402
 from harness_comfyui import REPO_ROOT, InProcessComfy, locate_comfyui, missing_comfyui_message  # noqa: E402
 
 TIERS = {"unit": "tier 1 (pure)", "comfy": "tier 2 (in-process ComfyUI)", "server": "tier 3 (ComfyUI server)"}
@@ -93,18 +94,9 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """../shared beside the checkout (specs and golden data); REDUCIO_SHARED overrides."""
-    path = Path(os.environ.get("REDUCIO_SHARED", REPO_ROOT.parent / "shared"))
-    if not (path / "golden").is_dir():
-        pytest.fail(f"golden data not found at {path}/golden: put the shared folder beside the checkout "
-                    "or set REDUCIO_SHARED")
-    return path
-
-
-@pytest.fixture(scope="session")
-def golden_dir(shared_dir) -> Path:
-    return shared_dir / "golden"
+def golden_dir() -> Path:
+    """The golden data kept in the repository (tests/golden; see its README). Missing data fails."""
+    return golden_path()
 
 
 @pytest.fixture(scope="session")

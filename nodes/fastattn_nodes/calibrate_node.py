@@ -5,16 +5,19 @@ import logging
 
 from .._compat import io, ui
 from ...fastattn.calibration import OFFICIAL_CANDIDATES
-from ...fastattn.plan import ASC, AST, WARS, WARS_ASC
+from ...fastattn.plan import ASC, AST, WARS, WARS_ASC, WINDOW_SHAPES
 from .calibrate import CalibrationSession
 from .families import detect_family
 from .patcher import WindowConfig, apply_patch
-from .plan_io_nodes import save_plan_to_folder
+from .plan_io_nodes import filename_prefix_problem, save_plan_to_folder
 from .report import method_map_image, plan_summary
-from .sampling import sample_latent, weights_fingerprint_of
+from .sampling import sample_latent, sampling_choice_problem, weights_fingerprint_of
 from .sockets import CATEGORY, DiTFastAttnPlan
 
 log = logging.getLogger("reducio_fastattn.ditfastattn")
+
+# Where a finished calibration goes when its own filename_prefix cannot be written after all.
+FALLBACK_PREFIX = "ditfastattn/unsaved_calibration"
 
 
 def allowed_candidates(allow_output_share: bool, allow_window: bool, allow_cfg_share: bool) -> list[str]:
@@ -40,7 +43,7 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
     layer_names = family.layer_names(diffusion_model)
     session = CalibrationSession(layer_names, threshold, candidates, progress=progress,
                                  interrupted=interrupted)
-    window = WindowConfig(shape=window_shape, fraction=float(window_fraction))
+    window = WindowConfig(shape=window_shape, fraction=window_fraction)
     patched, _ = apply_patch(model, plan=None, window=window, calibration=session, measure_time=True)
     out = sample_latent(patched, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                         scheduler=scheduler, positive=positive, negative=negative, latent=latent,
@@ -56,6 +59,44 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
         extra={"window_shape": window.shape, "window_fraction": window.fraction,
                "scheduler": scheduler, "denoise": float(denoise), "seed": int(seed)})
     return plan, out, session
+
+
+def input_problem(*, sampler_name=None, scheduler=None, window_shape=None, filename_prefix=None) -> str | None:
+    """The first widget value the calibrate node cannot use (``None`` = linked or not given)."""
+    problem = sampling_choice_problem(sampler_name=sampler_name, scheduler=scheduler)
+    if problem:
+        return problem
+    if window_shape is not None and window_shape not in WINDOW_SHAPES:
+        return f"window_shape: {window_shape!r} is not one of {list(WINDOW_SHAPES)}"
+    if filename_prefix is not None and filename_prefix.strip():
+        return filename_prefix_problem(filename_prefix)
+    return None
+
+
+def save_calibrated_plan(plan, filename_prefix: str) -> str | None:
+    """Save a finished calibration; never lose it. Returns the report line (None: not asked to save).
+
+    The prefix was checked before sampling, but saving can still fail (a file where a sub-folder
+    should be, permissions, a full disk): then the plan goes under FALLBACK_PREFIX and the report
+    says so. If even that fails, the plan still leaves the node on its output.
+    """
+    if not filename_prefix.strip():
+        return None
+    try:
+        return f"saved: models/ditfastattn_plans/{save_plan_to_folder(plan, filename_prefix)}"
+    except (OSError, ValueError) as error:
+        first_error = error
+    log.warning("DiTFastAttnCalibrate: could not save the plan as %r (%s); saving it under %r instead",
+                filename_prefix, first_error, FALLBACK_PREFIX)
+    try:
+        fallback = save_plan_to_folder(plan, FALLBACK_PREFIX)
+    except (OSError, ValueError) as error:
+        log.error("DiTFastAttnCalibrate: could not save the plan at all (%s); it is only on the node's plan "
+                  "output now: connect DiTFastAttnSavePlan to keep it", error)
+        return (f"NOT SAVED: could not save as {filename_prefix!r} ({first_error}) nor under {FALLBACK_PREFIX!r} "
+                f"({error}); connect DiTFastAttnSavePlan to the plan output to keep it")
+    return (f"could not save as {filename_prefix!r} ({first_error}); saved instead: "
+            f"models/ditfastattn_plans/{fallback}")
 
 
 class DiTFastAttnCalibrate(io.ComfyNode):
@@ -100,7 +141,7 @@ class DiTFastAttnCalibrate(io.ComfyNode):
                 io.Float.Input("window_fraction", default=0.125, min=0.01, max=1.0, step=0.005,
                                tooltip="Window attention reach per side, as a fraction of the image "
                                        "tokens (paper: 1/8). Text tokens always stay global."),
-                io.Combo.Input("window_shape", options=["1d", "grid"], default="1d",
+                io.Combo.Input("window_shape", options=list(WINDOW_SHAPES), default="1d",
                                tooltip="'1d': the paper's band over the flattened tokens; 'grid': a "
                                        "box over the (frame,) row, column token grid, covering about "
                                        "2 x window_fraction of the tokens (better for video)."),
@@ -126,12 +167,22 @@ class DiTFastAttnCalibrate(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None, window_shape=None, filename_prefix=None):
+        return input_problem(sampler_name=sampler_name, scheduler=scheduler, window_shape=window_shape,
+                             filename_prefix=filename_prefix) or True
+
+    @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise, threshold, window_fraction, window_shape, allow_output_share, allow_window,
                 allow_cfg_share, filename_prefix) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
+        # Before sampling: a calibration can take hours, a typo must not cost them.
+        problem = input_problem(sampler_name=sampler_name, scheduler=scheduler, window_shape=window_shape,
+                                filename_prefix=filename_prefix)
+        if problem:
+            raise ValueError(f"DiTFastAttnCalibrate: {problem}")
         bar = comfy.utils.ProgressBar(steps)
         plan, latent, session = calibrate_plan(
             model, positive=positive, negative=negative, latent=latent_image, seed=seed, steps=steps,
@@ -140,11 +191,11 @@ class DiTFastAttnCalibrate(io.ComfyNode):
             candidates=allowed_candidates(allow_output_share, allow_window, allow_cfg_share),
             progress=lambda done, total: bar.update_absolute(min(done, total), total),
             interrupted=comfy.model_management.throw_exception_if_processing_interrupted)
-        saved = save_plan_to_folder(plan, filename_prefix) if filename_prefix.strip() else None
+        saved_line = save_calibrated_plan(plan, filename_prefix)
         text = plan_summary(plan)
         text += f"\ncalibration: {session.search.forward_count} trial evaluations over {plan.num_steps} denoiser evaluations"
-        if saved:
-            text += f"\nsaved: models/ditfastattn_plans/{saved}"
+        if saved_line:
+            text += "\n" + saved_line
         image = method_map_image(plan)
         log.info("%s", text.replace("\n", " | "))
         return io.NodeOutput(plan, image, text, latent, ui=ui.PreviewText(text))

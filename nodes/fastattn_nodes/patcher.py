@@ -10,6 +10,12 @@
 * for native PixArt only (its attention never receives transformer_options): one
   ``add_object_patch`` per block on ``blocks.{i}.attn.forward`` (see pixart_patch.py);
 
+Stacking with other attention patches (stacking.py): at every model call the APPLY_MODEL wrapper
+looks at the override the call is about to use and counts which patched layers' self-attention
+reached ours; an override that replaced ours, or one in front of ours that handles calls itself,
+is logged once and reported; caches of a layer whose earlier step bypassed us are recomputed
+(run_state.py's gap rule); MultiGPU CFG split threads get a run-state lane per device.
+
 Nothing is stored on the model or in module globals. Objects placed in ``model_options`` are
 closures or return themselves from ``__deepcopy__`` (``ModelPatcher.clone`` deep-copies
 ``model_options``; a copied state holder would silently fork).
@@ -25,11 +31,13 @@ from typing import Optional
 import torch
 
 from ...fastattn.methods import residual_needed
-from ...fastattn.plan import Plan, PlanMismatchError, RunSignature
+from ...fastattn.plan import WINDOW_SHAPES, Plan, PlanMismatchError, RunSignature
 from ...fastattn.windows import grid_window_fraction, window_1d_fraction
 from . import pixart_patch
-from .families import Family, detect_family
+from .families import Family, detect_family_of
 from .run_state import FULL, RunState
+from .sampling import expected_evaluations
+from .stacking import OVERRIDE_MARK, ModelCallRecord, StackingLog
 
 log = logging.getLogger("reducio_fastattn.ditfastattn")
 
@@ -40,7 +48,10 @@ LAYER_KEY = "ditfastattn_layer"      # layer name of the block being executed
 CALL_KEY = "ditfastattn_call"        # attention calls so far inside that block
 GEOMETRY_KEY = "ditfastattn_geometry"  # (token grid, conditioning length) of this model call
 COUNT_KEY = "ditfastattn_calls"      # attention calls so far in this model call ("count" families)
+RECORD_KEY = "ditfastattn_model_call"  # ModelCallRecord of this model call (stacking checks)
+PREFERRED_KEY = "ditfastattn_preferred"  # the running block's self-attention ComfyAttention, if any
 OVERRIDE_KEY = "optimized_attention_override"
+DEVICE_KEY = "multigpu_thread_device"  # set by core's MultiGPU CFG split on each thread's options
 
 
 class Shared:
@@ -76,6 +87,14 @@ class WindowConfig:
     shape: str = "1d"            # "1d": the paper's band over the flattened tokens; "grid": a box
     fraction: float = 0.125      # per side, as a fraction of the image tokens (paper: 1/8)
 
+    def __post_init__(self):
+        # Checked here so no caller (node, plan, script) gets a silent 1-D window for a typo.
+        if self.shape not in WINDOW_SHAPES:
+            raise ValueError(f"window_shape {self.shape!r} is not one of {list(WINDOW_SHAPES)}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) \
+                or not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"window_fraction {self.fraction!r} must be a number in (0, 1] (paper: 0.125)")
+
     def factory(self):
         if self.shape == "grid":
             return grid_window_fraction(min(1.0, 2.0 * self.fraction))
@@ -100,6 +119,7 @@ class PatchSpec(Shared):
         self.calibration = calibration        # a calibration session (calibrate node) or None
         self.signature = signature
         self.sink = ReportSink()
+        self.override = None                  # our override closure (set by apply_patch)
         # transformer_options of the model call in progress, for object-patched forwards (PixArt)
         self.model_call = pixart_patch.ModelCallContext()
         self._residual_table = None
@@ -121,12 +141,15 @@ def _sampler_name(sampler) -> Optional[str]:
 
 
 class StepMap:
-    """Maps denoiser evaluations to plan steps: identity when the run matches the plan, nearest
-    noise level (log sigma) when remapping was allowed; evaluation 0 always maps to step 0."""
+    """Maps denoiser evaluations to plan steps: identity when the run matches the plan; when
+    remapping was allowed, the nearest noise level (log sigma) if the plan records its sigmas, else
+    the same relative position on the evaluation grid if the run's evaluation count is known
+    before it starts. Evaluation 0 always maps to step 0."""
 
-    def __init__(self, plan: Plan, remap: bool):
+    def __init__(self, plan: Plan, remap: bool, run_evaluations: Optional[int] = None):
         self.plan = plan
         self.remap = remap
+        self.run_evaluations = run_evaluations
         sigmas = plan.metadata.sigmas
         self._log_sigmas = [math.log(max(s, 1e-8)) for s in sigmas] if (remap and sigmas) else None
 
@@ -142,7 +165,11 @@ class StepMap:
         if evaluation == 0:
             return 0
         if self._log_sigmas is None or not math.isfinite(sigma):
-            return min(evaluation, self.plan.num_steps - 1)
+            runs, plans = self.run_evaluations, self.plan.num_steps
+            if runs is not None and runs > 1 and evaluation < runs:
+                # floor(x + 0.5): Python's round() sends halves to even, which would be lopsided
+                return math.floor(evaluation * (plans - 1) / (runs - 1) + 0.5)
+            return min(evaluation, plans - 1)
         target = math.log(max(sigma, 1e-8))
         return min(range(1, self.plan.num_steps), key=lambda i: (abs(self._log_sigmas[i] - target), i)) \
             if self.plan.num_steps > 1 else 0
@@ -166,6 +193,7 @@ def _check_run_against_plan(spec: PatchSpec, sampler, sigmas, cfg, latent_shape,
     differences = []
     if meta.sampler and sampler_name and meta.sampler != sampler_name:
         differences.append(f"sampler: plan calibrated with {meta.sampler!r}, this run uses {sampler_name!r}")
+    run_evaluations = expected_evaluations(sampler_name, run_schedule)
     if schedule is not None:
         if len(schedule) != len(run_schedule):
             differences.append(f"steps: plan calibrated for {len(schedule) - 1} sampling steps, "
@@ -173,13 +201,19 @@ def _check_run_against_plan(spec: PatchSpec, sampler, sigmas, cfg, latent_shape,
         elif any(not math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(schedule, run_schedule)):
             differences.append("sigma schedule: this run's noise levels differ from the plan's "
                                "(scheduler, denoise or model sampling shift changed)")
+    elif run_evaluations is not None and run_evaluations != meta.num_steps:
+        # No recorded schedule (official import, diffusers calibration, hand-written plan): the
+        # plan's step count is all there is to compare, and without this check a longer plan
+        # would silently run its first rows only.
+        differences.append(f"steps: the plan has {meta.num_steps} denoiser evaluations, this run makes "
+                           f"{run_evaluations} ({len(run_schedule) - 1} steps of {sampler_name})")
     if differences and not spec.allow_remap:
         raise PlanMismatchError(differences, [
             "calibrate a plan with the same sampler, scheduler, steps and denoise, or",
             "enable 'allow_remap' on DiTFastAttnApply to map plan steps by noise level"])
     if differences:
         log.warning("DiTFastAttn: remapping plan steps by noise level (%s)", "; ".join(differences))
-    return StepMap(plan, remap=bool(differences))
+    return StepMap(plan, remap=bool(differences), run_evaluations=run_evaluations)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,21 +247,32 @@ def _make_override(spec_holder: list):
             # SD3/MMDiT hands v over as [B, L, heads, dim]; ComfyUI's backends flatten it anyway.
             q, k, v = (t.reshape(t.shape[0], t.shape[1], -1) if t.ndim == 4 else t for t in (q, k, v))
         skip_output_reshape = kwargs.get("skip_output_reshape", False)
-        base_kwargs = {key: value for key, value in kwargs.items() if key not in ("skip_output_reshape",)}
+        # scale= and enable_gqa= shape the computation itself: the compressed path honours them
+        # (q pre-scaled, k/v heads expanded) and the backend then runs plain attention on the
+        # prepared tensors, so every method of the plan sees the same attention.
+        dropped = ("skip_output_reshape", "scale", "enable_gqa")
+        base_kwargs = {key: value for key, value in kwargs.items() if key not in dropped}
         rest = args[3:]              # heads (when positional), mask, ...
+        preferred = options.get(PREFERRED_KEY)
 
         def full_attention(qq, kk, vv):
-            # Output in the input layout; the chained override (if any) does the work.
+            # Output in the input layout. What would have run without us does the work: the
+            # chained override if any (an override takes precedence over a module's preferred
+            # attention in core's wrap_attn, which hides preferred_attention from overrides),
+            # else the module's preferred attention (ComfyAttention.function) if set, else func.
             call_kwargs = dict(base_kwargs, skip_output_reshape=(layout == "bhld"))
             if previous is not None:
                 return previous(func, qq, kk, vv, *rest, **call_kwargs)
-            return func(qq, kk, vv, *rest, **call_kwargs)
+            backend = getattr(preferred, "function", None) or func
+            return backend(qq, kk, vv, *rest, **call_kwargs)
 
         try:
+            q, k, v = _prepare_qkv(q, k, v, heads, layout, kwargs, run)
             out = run.attend(layer=layer, q=q, k=k, v=v, heads=heads, layout=layout,
                              cond_or_uncond=options.get("cond_or_uncond"),
                              full_attention=full_attention, prefix_tokens=prefix,
-                             suffix_tokens=suffix, token_grid=grid)
+                             suffix_tokens=suffix, token_grid=grid,
+                             device_key=options.get(DEVICE_KEY))
         except PlanMismatchError:
             raise
         except Exception as exc:   # never take a user's run down because of an unexpected layout
@@ -241,22 +286,58 @@ def _make_override(spec_holder: list):
             out = out.transpose(1, 2).reshape(b, length, h * d)
         return out
 
+    setattr(ditfastattn_attention_override, OVERRIDE_MARK, True)
     return ditfastattn_attention_override
+
+
+def _prepare_qkv(q, k, v, heads, layout, kwargs, run):
+    """Apply ``scale=`` to q and expand GQA k/v heads (core's repeat_kv_for_gqa: repeat_interleave
+    on the head axis), so that the runtime's kernels and the backend compute the same attention."""
+    head_axis = 1 if layout == "bhld" else None
+    if kwargs.get("enable_gqa", False):
+        if layout == "bhld":
+            q_heads, kv_heads = q.shape[1], k.shape[1]
+        else:
+            head_dim = q.shape[-1] // heads
+            q_heads, kv_heads = heads, k.shape[-1] // head_dim
+        if kv_heads != q_heads:
+            if kv_heads <= 0 or q_heads % kv_heads:
+                raise ValueError(f"GQA: {q_heads} query heads are not a multiple of {kv_heads} key/value heads")
+            repeat = q_heads // kv_heads
+            if head_axis is not None:
+                k, v = (t.repeat_interleave(repeat, dim=head_axis) for t in (k, v))
+            else:
+                b, length = k.shape[0], k.shape[1]
+                k, v = (t.reshape(b, length, kv_heads, -1).repeat_interleave(repeat, dim=2)
+                        .reshape(b, length, -1) for t in (k, v))
+            run.stacking.add("gqa_calls")
+    scale = kwargs.get("scale")
+    if scale is not None:
+        head_dim = q.shape[-1] if layout == "bhld" else q.shape[-1] // heads
+        q = q * (float(scale) * math.sqrt(head_dim))     # the kernels' own 1/sqrt(d) then gives scale
+    return q, k, v
 
 
 def _classify_call(spec: PatchSpec, options, args, kwargs):
     """Return (layer, layout, heads, prefix, suffix, grid) for a compressible self-attention
     call, or None to leave the call alone."""
     family = spec.family
+    record: Optional[ModelCallRecord] = options.get(RECORD_KEY)
     if family.tagging == "count":
         # Every attention call of the model call counts, also the ones we leave alone.
         n = options.get(COUNT_KEY)
-        if n is None:
+        if n is None or (record is not None and record.desynced):
             return None
         options[COUNT_KEY] = n + 1
         if n % family.calls_per_block != family.self_attention_call:
             return None
         layer = f"{family.block_groups[0].layer_prefix}.{n // family.calls_per_block}"
+        if len(args) >= 2 and _seq_len(args[0], kwargs) != _seq_len(args[1], kwargs):
+            # a cross-attention call where the self-attention belongs: an outer override took
+            # calls of this model call, so the count no longer says which block is running
+            if record is not None:
+                record.desynced = True
+            return None
     else:
         layer = options.get(LAYER_KEY)
         if layer is None:
@@ -269,6 +350,8 @@ def _classify_call(spec: PatchSpec, options, args, kwargs):
         return None
     if len(args) < 3:
         return None
+    if record is not None and _seq_len(args[0], kwargs) == _seq_len(args[1], kwargs):
+        record.reached.add(layer)        # this layer's self-attention arrived (stacking checks)
     q, k = args[0], args[1]
     heads = args[3] if len(args) > 3 else kwargs.get("heads")
     if heads is None or kwargs.get("mask") is not None or (len(args) > 4 and args[4] is not None):
@@ -283,16 +366,25 @@ def _classify_call(spec: PatchSpec, options, args, kwargs):
     if options.get("attn_kind", "self") != "self":
         return None                      # models that label their calls (Reducio-DiT)
     geometry = options.get(GEOMETRY_KEY)
-    grid, context_len = geometry if geometry is not None else (None, None)
+    grid, context_len, extra_prefix = geometry if geometry is not None else (None, None, None)
     seq_len = q.shape[seq_axis]
     if grid is None:
         prefix, suffix = 0, 0
     else:
-        split = family.text_split(seq_len, math.prod(grid), context_len)
+        split = family.text_split(seq_len, math.prod(grid), context_len, extra_prefix)
         if split is None:
+            run = options.get(RUN_KEY)
+            if run is not None:
+                run.stacking.warn_once(("layout", seq_len), "DiTFastAttn: %s self-attention with %d tokens "
+                                       "does not match the token grid %s: left uncompressed",
+                                       family.name, seq_len, tuple(grid))
             return None
         prefix, suffix = split
     return layer, layout, int(heads), prefix, suffix, grid
+
+
+def _seq_len(t, kwargs) -> int:
+    return t.shape[2] if kwargs.get("skip_reshape", False) else t.shape[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,15 +410,27 @@ def _make_outer_sample_wrapper(spec: PatchSpec):
                                                diffusion_model)
             method_for, needs_residual = _plan_lookup(spec, step_map)
         run = RunState(method_for=method_for, window_for=spec.window.factory(),
-                       needs_residual=needs_residual, measure_time=spec.measure_time)
+                       needs_residual=needs_residual, measure_time=spec.measure_time,
+                       stacking=StackingLog())
         run.token_grid = spec.family.token_grid(diffusion_model, noise.shape)
+        # Run start: is our override still the one in the slot? (Another one may also be put
+        # in front later, e.g. at ON_PREPARE_STATE; the APPLY_MODEL wrapper checks every call.)
+        run.stacking.note_override(options.get(OVERRIDE_KEY), spec.override)
         options[RUN_KEY] = run
         if spec.calibration is not None:
             spec.calibration.attach(run)
         try:
             result = executor(*args, **kwargs)
             from .report import build_run_report   # local import: report pulls in plotting code
+            run.stacking.finish(spec.family.name)
             report = build_run_report(spec, run, sampler_name=_sampler_name(sampler))
+            if spec.calibration is None and not step_map.remap and run.evaluation + 1 < spec.plan.num_steps:
+                # Samplers whose evaluation count is only known afterwards (adaptive, custom).
+                note = (f"this run made {run.evaluation + 1} denoiser evaluations but the plan has "
+                        f"{spec.plan.num_steps}: only its first rows were used; calibrate for this sampler "
+                        "and step count")
+                report.notes.append(note)
+                log.warning("DiTFastAttn: %s", note)
             spec.sink.add(report)
             log.info("%s", report.summary_line())
             return result
@@ -380,12 +484,29 @@ def _make_predict_noise_wrapper(spec: PatchSpec):
         set_sigma = getattr(run.method_for, "set_sigma", None)
         if set_sigma is not None:
             set_sigma(sigma)
-        run.begin_evaluation(sigma)
+        evaluation = run.begin_evaluation(sigma)
         if spec.calibration is not None:
-            return spec.calibration.evaluate(executor, args, kwargs, run)
-        return executor(*args, **kwargs)
+            result = spec.calibration.evaluate(executor, args, kwargs, run)
+        else:
+            result = executor(*args, **kwargs)
+        if evaluation == 0:
+            _check_first_evaluation(spec, run)
+        return result
 
     return ditfastattn_predict_noise
+
+
+def _check_first_evaluation(spec: PatchSpec, run: RunState) -> None:
+    """After evaluation 0: say so when not one self-attention call of a patched layer reached us."""
+    stacking = run.stacking
+    if stacking.first_evaluation_checked:
+        return
+    stacking.first_evaluation_checked = True
+    if stacking.reached_calls == 0 and stacking.bypassed_calls > 0:
+        outer = ", ".join(sorted(stacking.outer_overrides)) or "another attention override"
+        stacking.warn_once("no_calls", "DiTFastAttn (%s): no attention call reached DiTFastAttn in the first "
+                           "evaluation (%d self-attention calls went elsewhere: %s); this run is not "
+                           "compressed", spec.family.name, stacking.bypassed_calls, outer)
 
 
 def _make_apply_model_wrapper(spec: PatchSpec):
@@ -393,36 +514,55 @@ def _make_apply_model_wrapper(spec: PatchSpec):
         x = args[0]
         context = args[3] if len(args) > 3 else kwargs.get("c_crossattn")
         options = args[5] if len(args) > 5 else kwargs.get("transformer_options", {})
-        if isinstance(options, dict) and options.get(RUN_KEY) is not None:
+        run = options.get(RUN_KEY) if isinstance(options, dict) else None
+        record = None
+        if run is not None and options.get(SPEC_KEY) is spec:
             diffusion_model = executor.class_obj.diffusion_model
             grid = spec.family.token_grid(diffusion_model, x.shape)
             context_len = context.shape[1] if torch.is_tensor(context) and context.ndim == 3 else None
-            options[GEOMETRY_KEY] = (grid, context_len)
+            extra_prefix = None
+            if spec.family.extra_prefix is not None:
+                extra_prefix = spec.family.extra_prefix(diffusion_model, kwargs, grid)
+            options[GEOMETRY_KEY] = (grid, context_len, extra_prefix)
             options[COUNT_KEY] = 0
-        if spec.family.tagging != "object_patch":
-            return executor(*args, **kwargs)
-        previous = spec.model_call.enter(options if isinstance(options, dict) else None)
+            record = options[RECORD_KEY] = ModelCallRecord()
+            # the override this call's attention will go to (another one may sit in front)
+            run.stacking.note_override(options.get(OVERRIDE_KEY), spec.override)
         try:
-            return executor(*args, **kwargs)
+            if spec.family.tagging != "object_patch":
+                return executor(*args, **kwargs)
+            previous = spec.model_call.enter(options if isinstance(options, dict) else None)
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                spec.model_call.leave(previous)
         finally:
-            spec.model_call.leave(previous)
+            if record is not None:
+                if options.get(RECORD_KEY) is record:
+                    del options[RECORD_KEY]
+                run.stacking.model_call_done(record, spec.layer_names)
 
     return ditfastattn_apply_model
 
 
-def _make_layer_tag(layer: str, chained):
+def _make_layer_tag(layer: str, chained, preferred=None):
+    """Block replace entry: tags the running layer, records that its block ran (stacking checks)
+    and publishes the block's self-attention ComfyAttention (``preferred``) for the full path."""
     def ditfastattn_tag_layer(args, extra):
         options = args.get("transformer_options")
         if options is None:
             return chained(args, extra) if chained is not None else extra["original_block"](args)
-        previous = options.get(LAYER_KEY), options.get(CALL_KEY)
-        options[LAYER_KEY], options[CALL_KEY] = layer, 0
+        previous = options.get(LAYER_KEY), options.get(CALL_KEY), options.get(PREFERRED_KEY)
+        options[LAYER_KEY], options[CALL_KEY], options[PREFERRED_KEY] = layer, 0, preferred
+        record = options.get(RECORD_KEY)
+        if record is not None:
+            record.executed.add(layer)
         try:
             if chained is not None:
                 return chained(args, extra)
             return extra["original_block"](args)
         finally:
-            options[LAYER_KEY], options[CALL_KEY] = previous
+            options[LAYER_KEY], options[CALL_KEY], options[PREFERRED_KEY] = previous
 
     ditfastattn_tag_layer.ditfastattn_chained = chained
     return ditfastattn_tag_layer
@@ -437,7 +577,7 @@ def installed_spec(model_patcher) -> Optional[PatchSpec]:
 
 
 def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = WindowConfig(),
-                allow_remap: bool = False, ignore=(), measure_time: bool = True,
+                allow_remap: bool = False, ignore=(), measure_time: bool = False,
                 calibration=None, signature: Optional[RunSignature] = None):
     """Return a clone of ``model_patcher`` with DiTFastAttn installed (the input is untouched).
 
@@ -446,15 +586,19 @@ def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = W
     """
     import comfy.patcher_extension as pe
 
-    family = detect_family(model_patcher)
+    diffusion_model = getattr(getattr(model_patcher, "model", None), "diffusion_model", None)
+    family, matched = detect_family_of(diffusion_model) if diffusion_model is not None else (None, None)
     clone = model_patcher.clone()
-    if family is None or family.tagging == "unsupported":
-        name = type(getattr(model_patcher.model, "diffusion_model", None)).__name__
-        reason = f" ({family.unsupported_reason})" if family is not None else ""
+    name = type(diffusion_model).__name__
+    problem = family.structure_problem(diffusion_model) if family is not None and family.structure_problem else None
+    if family is None or family.tagging == "unsupported" or problem:
+        reason = f" ({problem or family.unsupported_reason})" if family is not None else ""
         log.warning("DiTFastAttn: architecture %s is not supported%s; the model is returned unchanged",
                     name, reason)
         return clone, None
-    diffusion_model = model_patcher.model.diffusion_model
+    if matched != name:
+        log.info("DiTFastAttn: %s is not in the family table; patched as %s (its base class %s)",
+                 name, family.name, matched)
     layer_names = family.layer_names(diffusion_model)
     if plan is not None and plan.num_layers != len(layer_names):
         raise PlanMismatchError(
@@ -470,7 +614,7 @@ def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = W
                      previous_override=previous_override, allow_remap=allow_remap, ignore=ignore,
                      measure_time=measure_time, calibration=calibration, signature=signature)
     holder = [spec]
-    options[OVERRIDE_KEY] = _make_override(holder)
+    options[OVERRIDE_KEY] = spec.override = _make_override(holder)
     options[SPEC_KEY] = spec
 
     clone.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _make_outer_sample_wrapper(spec))
@@ -483,11 +627,24 @@ def apply_patch(model_patcher, *, plan: Optional[Plan], window: WindowConfig = W
             blocks = getattr(diffusion_model, group.attribute, None) or []
             for i in range(len(blocks)):
                 key = (group.replace_kind, i)
-                dit[key] = _make_layer_tag(f"{group.layer_prefix}.{i}", dit.get(key))
+                dit[key] = _make_layer_tag(f"{group.layer_prefix}.{i}", dit.get(key),
+                                           _preferred_attention(blocks[i]))
     elif family.tagging == "object_patch":
         pixart_patch.install(clone, diffusion_model, family.block_groups[0].layer_prefix,
                              spec.model_call, LAYER_KEY, CALL_KEY)
     return clone, spec
+
+
+def _preferred_attention(block):
+    """The ComfyAttention of a block's self-attention (current core: ``comfy_attention`` on the
+    attention module, whose ``function`` a checkpoint may set, e.g. comfy-kitchen int8). Core's
+    wrap_attn pops ``preferred_attention`` before it calls an override, so the full-attention path
+    finds it here instead. The self-attention module comes first in a block's modules."""
+    for module in block.modules():
+        preferred = getattr(module, "comfy_attention", None)
+        if preferred is not None and hasattr(preferred, "function"):
+            return preferred
+    return None
 
 
 def _remove_from(clone, spec: Optional[PatchSpec]) -> None:

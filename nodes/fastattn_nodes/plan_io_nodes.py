@@ -23,16 +23,24 @@ def plans_folder_files() -> list[str]:
         return []
 
 
+def filename_prefix_problem(filename_prefix: str) -> str | None:
+    """Why ``filename_prefix`` cannot name a plan inside the plans folder, or None when it can."""
+    if not isinstance(filename_prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.\-/]+", filename_prefix) \
+            or ".." in filename_prefix or filename_prefix.startswith("/") or filename_prefix.endswith("/"):
+        return (f"filename_prefix {filename_prefix!r}: use letters, digits, '_', '-', '.' and '/' for "
+                f"sub-folders (no spaces, no '..', no absolute path, not ending in '/')")
+    return None
+
+
 def save_plan_to_folder(plan: Plan, filename_prefix: str) -> str:
     """Save under the first plans folder as ``<prefix>_00001.json`` (next free number); atomic."""
     import folder_paths
 
     from .._folders import PLANS_FOLDER
 
-    if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", filename_prefix or "") or ".." in filename_prefix \
-            or filename_prefix.startswith("/"):
-        raise ValueError(f"filename_prefix {filename_prefix!r}: use letters, digits, '_', '-', '.' "
-                         f"and '/' for sub-folders (no '..', no absolute path)")
+    problem = filename_prefix_problem(filename_prefix)
+    if problem:
+        raise ValueError(problem)
     folder = folder_paths.get_folder_paths(PLANS_FOLDER)[0]
     target_dir = os.path.join(folder, os.path.dirname(filename_prefix))
     os.makedirs(target_dir, exist_ok=True)
@@ -115,6 +123,10 @@ class DiTFastAttnSavePlan(io.ComfyNode):
             ],
             outputs=[io.String.Output(display_name="plan_json"), io.String.Output(display_name="filename")],
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        return (filename_prefix_problem(filename_prefix) or True) if filename_prefix is not None else True
 
     @classmethod
     def execute(cls, plan, filename_prefix) -> io.NodeOutput:

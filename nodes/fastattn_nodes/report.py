@@ -1,7 +1,8 @@
 """What a patched sampling run did: methods used, attention FLOPs kept, measured attention time.
 
 Built at the end of every patched run (OUTER_SAMPLE wrapper), logged as one line, and kept in the
-patch's report sink for :class:`DiTFastAttnReport`. Timing: every compressible attention call is
+patch's report sink for :class:`DiTFastAttnReport`. Timing (only with ``measure_time``, off by
+default; the report then says it was not measured): every compressible attention call is
 timed (with a CUDA synchronise when on GPU); the "full attention" estimate of a compressed call
 is the mean time of this layer's full-attention backend calls (from the full / residual-refresh
 steps of the same run). On CPU the absolute times mean little; the ratio is what to read.
@@ -37,6 +38,7 @@ class RunReport:
     full_estimate_seconds: Optional[float]   # the same calls at full-attention speed (estimate)
     compressible_calls: int
     notes: list
+    time_measured: bool = True        # False: measure_time was off, the seconds above are zero
 
     @property
     def flops_bound_speedup(self) -> Optional[float]:
@@ -55,7 +57,8 @@ class RunReport:
         return (f"DiTFastAttn ({self.family}, {self.sampler}): {self.evaluations} evaluations x "
                 f"{self.layers} layers; attention FLOPs kept {100 * self.flops_kept:.1f}%"
                 + (f" (bound {bound:.2f}x)" if bound else "")
-                + f"; attention time {self.attention_seconds * 1000:.1f} ms"
+                + (f"; attention time {self.attention_seconds * 1000:.1f} ms" if self.time_measured
+                   else "; attention time not measured (measure_time is off on DiTFastAttnApply)")
                 + (f" vs ~{self.full_estimate_seconds * 1000:.1f} ms full ({measured:.2f}x)" if measured else "")
                 + f"; calls: {methods}")
 
@@ -89,22 +92,27 @@ def build_run_report(spec, run, sampler_name: Optional[str]) -> RunReport:
                 total += full if full is not None else c.seconds
             estimate = total
     if not calls:
-        notes.append("no compressible attention call was seen (unsupported layout, or the model "
-                     "was not sampled through this patch)")
+        notes.append("no compressible attention call was seen (unsupported layout, another attention "
+                     "override in front of DiTFastAttn, or the model was not sampled through this patch)")
     if run.skipped_calls:
         notes.append(f"{run.skipped_calls} calls left uncompressed after an error")
+    stacking = getattr(run, "stacking", None)
+    if stacking is not None:
+        notes += stacking.notes()
     return RunReport(
         family=spec.family.name, sampler=sampler_name, evaluations=run.evaluation + 1,
         layers=len(spec.layer_names), method_counts=dict(counts),
         flops_kept=(kept / dense) if dense else 1.0, attention_seconds=attention_seconds,
-        full_estimate_seconds=estimate, compressible_calls=len(calls), notes=notes)
+        full_estimate_seconds=estimate, compressible_calls=len(calls), notes=notes,
+        time_measured=bool(spec.measure_time))
 
 
 def method_map_image(plan) -> torch.Tensor:
-    """The plan's method map (rows = layers, columns = evaluations) as an IMAGE ``[1, H, W, 3]``."""
-    from ...fastattn.report import method_map
+    """The plan's method map figure (rows = layers, columns = evaluations, with axes and a legend) as
+    an IMAGE ``[1, H, W, 3]``."""
+    from ...fastattn.report import method_map_figure
 
-    return torch.from_numpy(method_map(plan)).unsqueeze(0).clamp(0, 1)
+    return torch.from_numpy(method_map_figure(plan)).unsqueeze(0).clamp(0, 1)
 
 
 def plan_summary(plan) -> str:

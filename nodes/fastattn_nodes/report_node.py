@@ -8,7 +8,7 @@ import torch
 
 from .._compat import io, ui
 from .patcher import installed_spec, remove_patch
-from .sampling import sample_latent
+from .sampling import sample_latent, sampling_choice_problem
 from .sockets import CATEGORY
 
 
@@ -91,9 +91,17 @@ class DiTFastAttnCompare(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sampler_name=None, scheduler=None):
+        return sampling_choice_problem(sampler_name=sampler_name, scheduler=scheduler) or True
+
+    @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise) -> io.NodeOutput:
         import time
+
+        problem = sampling_choice_problem(sampler_name=sampler_name, scheduler=scheduler)
+        if problem:
+            raise ValueError(f"DiTFastAttnCompare: {problem}")
 
         settings = dict(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                         positive=positive, negative=negative, latent=latent_image, denoise=denoise)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import gc
 import logging
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ._layout import LatentGeometry
+from ._layout import LatentGeometry, clip_video
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,37 @@ class ReducioVAEHandle:
                 f"latent {self.geometry.channels} channels x {self.geometry.frames_per_clip} frames per clip)")
 
     # -- public -------------------------------------------------------------------------------
-    def encode(self, video: torch.Tensor, *, sample: bool, seed: int, tiling: str,
-               progress: Optional[ProgressFn] = None) -> torch.Tensor:
-        """Video [1, 3, k*16, H, W] in -1..1 -> normalised motion latent [1, C, k*t, h, w] (float32)."""
-        height, width = video.shape[-2:]
+    def encode(self, frames: torch.Tensor, spans: Sequence[tuple[int, int]], *, sample: bool, seed: int,
+               tiling: str, progress: Optional[ProgressFn] = None) -> torch.Tensor:
+        """IMAGE frames [N, H, W, 3] in 0..1 (validated) and the clips' frame ranges (see
+        ``_layout.clip_ranges``) -> normalised motion latent [1, C, k*t, h, w] (float32).
+
+        The clips are converted, padded and encoded one at a time, so besides the caller's frames
+        only one clip's worth of video exists at any moment. The estimate for one clip is checked
+        against the available memory before anything runs (on the CPU an out-of-memory error
+        cannot be caught, the operating system ends the process).
+        """
+        height, width = frames.shape[1:3]
+        clip_frames = self.geometry.clip_frames
 
         def run(tiled: Optional[bool], tile_size: Optional[int]) -> torch.Tensor:
-            # A fresh generator per attempt: a retry after out-of-memory draws the same noise.
+            # A fresh generator per attempt: a retry after out-of-memory draws the same noise. One
+            # generator for all clips draws the same noise, in clip order, as one whole-video call.
             generator = torch.Generator(device="cpu").manual_seed(seed) if sample else None
-            return self.model.encode(video, sample=sample, generator=generator, tiling=tiled,
-                                     tile_size=tile_size, progress=progress, interrupt=_comfy_interrupt)
+            latents = []
+            for index, span in enumerate(spans):
+                clip_progress = None
+                if progress is not None:
+                    def clip_progress(done: int, total: int, _index=index) -> None:
+                        progress(_index * total + done, len(spans) * total)
 
-        return self._run("encode", video.shape[2], (height, width), tiling, run)
+                latents.append(self.model.encode(clip_video(frames, span, clip_frames), sample=sample,
+                                                 generator=generator, tiling=tiled, tile_size=tile_size,
+                                                 progress=clip_progress, interrupt=_comfy_interrupt))
+            return torch.cat(latents, dim=2)
+
+        return self._run("encode", clip_frames, (height, width), tiling, run, refuse_beyond_memory=True,
+                         what=f"{len(spans) * clip_frames} frames of {width}x{height}")
 
     def decode(self, latent: torch.Tensor, content: torch.Tensor, *, tiling: str,
                progress: Optional[ProgressFn] = None) -> torch.Tensor:
@@ -110,8 +129,14 @@ class ReducioVAEHandle:
 
         mm.load_models_gpu([self.patcher], memory_required=activation_bytes, force_full_load=True)
 
-    def _first_attempt(self, kind: str, frames: int, pixel_hw: tuple[int, int], tiling: str):
-        """Load the weights and pick (tiled, tile_size): as asked, or for 'auto' what fits in memory."""
+    def _first_attempt(self, kind: str, frames: int, pixel_hw: tuple[int, int], tiling: str,
+                       refuse_beyond_memory: bool = False, what: str = ""):
+        """Load the weights and pick (tiled, tile_size): as asked, or for 'auto' what fits in memory.
+
+        ``refuse_beyond_memory``: on the CPU, raise a clear error up front when the estimate says
+        the run cannot fit (there, unlike on a GPU, running out of memory is not an exception that
+        the tile fallbacks could catch: the process is killed or the machine swaps).
+        """
         import comfy.model_management as mm
         from ...reducio.vae import choose_tile_size
 
@@ -124,6 +149,9 @@ class ReducioVAEHandle:
             tiled = self.model.tile_layout().needs_tiling(*padded)
         else:
             tiled = tiling == TILING_ON
+        refuse = refuse_beyond_memory and self.load_device.type == "cpu"
+        if refuse:
+            self._refuse_unless_it_fits(kind, frames, pixel_hw, tiled, None, tiling, what)
         self._load(self._estimate(kind, frames, pixel_hw, tiled, None))
         if tiling != TILING_AUTO:
             return tiled, None
@@ -134,10 +162,37 @@ class ReducioVAEHandle:
             tile_size = choose_tile_size(self.model, kind, frames, pixel_hw[0], pixel_hw[1], budget,
                                          dtype=self.dtype, min_tile=4 * factor)
         except ValueError:
+            if refuse:   # not even the smallest tiles fit
+                self._refuse_unless_it_fits(kind, frames, pixel_hw, True, 4 * factor, tiling, what)
             return True, None   # nothing is predicted to fit; try anyway, the fallbacks follow
         if tile_size is None or (tiled and tile_size >= self.model.tile_sample_min_size):
             return tiled, None
         return True, tile_size
+
+    def _refuse_unless_it_fits(self, kind: str, frames: int, pixel_hw: tuple[int, int], tiled: bool,
+                               tile_size: Optional[int], tiling: str, what: str) -> None:
+        """Raise MemoryError naming the fixes when the estimate exceeds the available memory."""
+        import comfy.model_management as mm
+
+        need = self._estimate(kind, frames, pixel_hw, tiled, tile_size)
+        available = mm.get_free_memory(self.load_device)
+        if need <= available:
+            return
+        smallest = 4 * self.geometry.spatial_factor
+        tiled_need = self._estimate(kind, frames, pixel_hw, True, smallest)
+        if tiling == TILING_OFF and tiled_need <= available:
+            fix = (f"set tiling to 'auto' or 'on' (with {smallest}-px tiles it needs about "
+                   f"{tiled_need / 2**30:.2f} GiB)")
+        elif tiling == TILING_OFF:
+            fix = "use smaller frames (e.g. Upscale Image By < 1) or fewer frames per node, and tiling 'auto'"
+        else:
+            fix = ("use smaller frames (e.g. Upscale Image By < 1), a smaller batch, or free memory; even "
+                   f"{smallest}-px tiles need about {tiled_need / 2**30:.2f} GiB")
+        raise MemoryError(
+            f"Reducio VAE {kind} of {what or f'{frames} frames of {pixel_hw[1]}x{pixel_hw[0]}'} would need about "
+            f"{need / 2**30:.2f} GiB of working memory per 16-frame clip (tiling "
+            f"{'on' if tiled else 'off'}{f', {tile_size}-px tiles' if tile_size else ''}), but only "
+            f"{available / 2**30:.2f} GiB are available; stopped before starting. Fix: {fix}.")
 
     def _fallbacks(self, tiled: bool, tile_size: Optional[int]):
         """Smaller footprints to try after out-of-memory: tiling on, then halved tiles down to the
@@ -150,10 +205,11 @@ class ReducioVAEHandle:
             yield True, size
             size //= 2
 
-    def _run(self, kind: str, frames: int, pixel_hw: tuple[int, int], tiling: str, run) -> torch.Tensor:
+    def _run(self, kind: str, frames: int, pixel_hw: tuple[int, int], tiling: str, run,
+             refuse_beyond_memory: bool = False, what: str = "") -> torch.Tensor:
         import comfy.model_management as mm
 
-        first = self._first_attempt(kind, frames, pixel_hw, tiling)
+        first = self._first_attempt(kind, frames, pixel_hw, tiling, refuse_beyond_memory, what)
         attempts = [first, *self._fallbacks(*first)]
         for number, (tiled, tile_size) in enumerate(attempts):
             if number > 0:

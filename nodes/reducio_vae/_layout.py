@@ -19,6 +19,7 @@ Layout decisions (documented in docs/reducio_vae_nodes.md):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,15 @@ def _ceil_div(value: int, divisor: int) -> int:
 
 def check_image(images: torch.Tensor, what: str) -> torch.Tensor:
     """Validate a ComfyUI IMAGE batch and return it as float32, clamped to 0..1."""
+    images = validate_image(images, what)
+    images = images.float()
+    return images.clamp(0.0, 1.0) if (images.min() < 0.0 or images.max() > 1.0) else images
+
+
+def validate_image(images: torch.Tensor, what: str) -> torch.Tensor:
+    """Validate a ComfyUI IMAGE batch without copying it: the same tensor (a single frame gets a
+    batch axis), still in its own dtype and with overshoot up to VALUE_TOLERANCE not yet clamped
+    (the encode path converts one clip at a time, see clip_video)."""
     if not isinstance(images, torch.Tensor):
         raise ReducioInputError(f"{what}: expected an IMAGE tensor, got {type(images).__name__}.")
     if images.ndim == 3:
@@ -69,33 +79,32 @@ def check_image(images: torch.Tensor, what: str) -> torch.Tensor:
         raise ReducioInputError(f"{what}: Reducio needs RGB frames with 3 channels, got {channels}; {fix}.")
     if min(images.shape[:3]) < 1:
         raise ReducioInputError(f"{what}: empty IMAGE of shape {list(images.shape)}.")
-    images = images.float()
-    low, high = images.min().item(), images.max().item()
-    if not (torch.isfinite(torch.tensor([low, high])).all()):
+    if not torch.is_floating_point(images):
+        raise ReducioInputError(f"{what}: expected a floating-point IMAGE in 0..1, got dtype {images.dtype}.")
+    low, high = float(images.min()), float(images.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ReducioInputError(f"{what}: the frames contain NaN or infinite values.")
     if low < -VALUE_TOLERANCE or high > 1.0 + VALUE_TOLERANCE:
         hint = (" They look like 0..255 pixel values: divide by 255." if high > 2.0
                 else " If they are in -1..1, map them with (x + 1) / 2.")
         raise ReducioInputError(
             f"{what}: IMAGE values must lie in 0..1 (ComfyUI's convention), got {low:.3g}..{high:.3g}.{hint}")
-    if low < 0.0 or high > 1.0:
-        images = images.clamp(0.0, 1.0)
     return images
 
 
-def fit_frame_count(frames: torch.Tensor, handling: str, clip_frames: int = 16) -> torch.Tensor:
-    """Make the frame count a multiple of ``clip_frames`` as ``handling`` says."""
+def clip_ranges(count: int, handling: str, clip_frames: int = 16) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` frame range of every clip, as ``handling`` says for a frame count that
+    is not a multiple of ``clip_frames``: a short last range ('pad_repeat_last': clip_video
+    completes it by repeating its last frame), the full clips only ('trim'), or an error.
+
+    Ranges, not tensors: the video is only ever read one clip at a time, never copied whole.
+    """
     if handling not in FRAME_HANDLING:
         raise ReducioInputError(f"frame_handling must be one of {list(FRAME_HANDLING)}, got {handling!r}.")
-    count = frames.shape[0]
     remainder = count % clip_frames
-    if remainder == 0:
-        return frames
-    if handling == FRAMES_PAD:
-        missing = clip_frames - remainder
-        return torch.cat([frames, frames[-1:].expand(missing, *frames.shape[1:])], dim=0)
-    if handling == FRAMES_TRIM and count >= clip_frames:
-        return frames[: count - remainder]
+    if remainder == 0 or handling == FRAMES_PAD or (handling == FRAMES_TRIM and count >= clip_frames):
+        end = count - remainder if handling == FRAMES_TRIM else count
+        return [(start, min(start + clip_frames, end)) for start in range(0, end, clip_frames)]
     padded = count + clip_frames - remainder
     fix = (f"set frame_handling to '{FRAMES_PAD}' (repeats the last frame up to {padded} frames; the decoded "
            f"video then ends with those copies)")
@@ -109,18 +118,26 @@ def fit_frame_count(frames: torch.Tensor, handling: str, clip_frames: int = 16) 
         "core ImageFromBatch node (batch_index, length).")
 
 
-def frames_to_video(frames: torch.Tensor) -> torch.Tensor:
-    """IMAGE [N, H, W, 3] in 0..1 -> one video [1, 3, N, H, W] in -1..1.
+def clip_video(frames: torch.Tensor, span: tuple[int, int], clip_frames: int = 16) -> torch.Tensor:
+    """One clip of a validated IMAGE [N, H, W, 3] in 0..1 -> video [1, 3, clip_frames, H, W] in -1..1
+    (float32, clamped), a short range completed by repeating its last frame.
 
-    One new tensor for the whole video (a long clip at full resolution is gigabytes); it keeps the
-    IMAGE's channels-last memory layout, and the model makes each 16-frame clip contiguous itself.
+    The only copy made is of this one clip (a whole video at full resolution is gigabytes).
     """
-    return (frames.permute(3, 0, 1, 2) * 2.0).sub_(1.0).unsqueeze(0)
+    start, stop = span
+    frames = frames[start:stop]
+    missing = clip_frames - frames.shape[0]
+    if missing:
+        frames = torch.cat([frames, frames[-1:].expand(missing, *frames.shape[1:])], dim=0)
+    video = frames.permute(3, 0, 1, 2).unsqueeze(0).float() * 2.0   # new float32 tensor
+    return video.sub_(1.0).clamp_(-1.0, 1.0)
 
 
-def content_frames_of(frames: torch.Tensor, geometry: LatentGeometry) -> torch.Tensor:
-    """The content frame of each clip (clip start + 7), as IMAGE [k, H, W, 3]."""
-    return frames[geometry.content_index::geometry.clip_frames].contiguous()
+def content_frames_of(frames: torch.Tensor, spans: list[tuple[int, int]], geometry: LatentGeometry) -> torch.Tensor:
+    """The content frame of each clip (clip start + 7, or the repeated last frame of a short
+    last clip), as IMAGE [k, H, W, 3] float32 in 0..1."""
+    index = [min(start + geometry.content_index, stop - 1) for start, stop in spans]
+    return frames[index].float().clamp_(0.0, 1.0)
 
 
 def video_to_frames(video: torch.Tensor) -> torch.Tensor:

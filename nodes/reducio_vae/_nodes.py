@@ -8,8 +8,8 @@ import torch
 from .._compat import io, ui
 from .._folders import REDUCIO_FOLDER, register_model_folder
 from ._handle import TILING_AUTO, TILING_MODES, ReducioVAEHandle
-from ._layout import (FRAME_HANDLING, FRAMES_ERROR, ReducioInputError, check_image, check_latent,
-                      content_for_latent, content_frames_of, fit_frame_count, frames_to_video, video_to_frames)
+from ._layout import (FRAME_HANDLING, FRAMES_ERROR, ReducioInputError, check_image, check_latent, clip_ranges,
+                      content_for_latent, content_frames_of, validate_image, video_to_frames)
 
 CATEGORY = "Reducio/VAE"
 log = logging.getLogger(__name__)
@@ -198,13 +198,17 @@ class ReducioVAEEncode(io.ComfyNode):
             raise ValueError(f"ReducioVAEEncode: mode must be '{MODE_MEAN}' or '{MODE_SAMPLE}', got {mode!r}.")
         _check_handle("ReducioVAEEncode", vae)
         try:
-            frames = check_image(frames, "frames")
-            frames = fit_frame_count(frames, frame_handling, vae.geometry.clip_frames)
+            # No copy of the whole video is made: clips are converted and padded one at a time.
+            frames = validate_image(frames, "frames")
+            spans = clip_ranges(frames.shape[0], frame_handling, vae.geometry.clip_frames)
         except ReducioInputError as error:
             raise _input_error("ReducioVAEEncode", error) from error
-        latent = vae.encode(frames_to_video(frames), sample=(mode == MODE_SAMPLE), seed=seed, tiling=tiling,
-                            progress=_progress_bar())
-        return io.NodeOutput({"samples": latent}, content_frames_of(frames, vae.geometry))
+        try:
+            latent = vae.encode(frames, spans, sample=(mode == MODE_SAMPLE), seed=seed, tiling=tiling,
+                                progress=_progress_bar())
+        except MemoryError as error:
+            raise MemoryError(f"ReducioVAEEncode: {error}") from error
+        return io.NodeOutput({"samples": latent}, content_frames_of(frames, spans, vae.geometry))
 
 
 class ReducioVAEDecode(io.ComfyNode):

@@ -88,11 +88,12 @@ class ClipEmbedder(nn.Module):
     def __init__(self, cfg: ReducioDiTConfig, operations, device=None, dtype=None):
         super().__init__()
         self.clip_tokens, self.clip_channels = cfg.clip_tokens, cfg.clip_channels
+        self.ignore_tokens = cfg.clip_condition == "null"
         self.proj = Mlp2(cfg.clip_channels, cfg.hidden_size, cfg.hidden_size, operations, device, dtype)
         self.null_embedding = nn.Parameter(torch.empty(cfg.clip_tokens, cfg.clip_channels, device=device, dtype=dtype))
 
     def forward(self, clip: torch.Tensor | None, drop: torch.Tensor | None, batch: int, dtype, device):
-        if clip is None:
+        if clip is None or self.ignore_tokens:
             tokens = self.null_embedding.to(device=device, dtype=dtype).unsqueeze(0).expand(batch, -1, -1)
         else:
             expected = (self.clip_tokens, self.clip_channels)

@@ -69,6 +69,10 @@ class ReducioDiTConfig:
     text_tokens: int = 120
     clip_channels: int = 1280
     clip_tokens: int = 256
+    # "tokens": the CLIP image tokens condition the model (the paper); "null": a reduced conditioning
+    # in which the model always uses its learned null CLIP embedding and ignores the tokens it is
+    # given (for small models trained without a real CLIP image encoder; see docs/reducio_dit.md)
+    clip_condition: str = "tokens"
     content_channels: int = 4
     content_patch: int = 2
     content_latent_scale: float = 0.18215
@@ -128,6 +132,7 @@ class ReducioDiTConfig:
         check_number("pe_base_size", self.pe_base_size, 0.0, 1e6, _FIX, low_open=True)
         check_number("pe_interpolation", self.pe_interpolation, 0.0, 1e6, _FIX, low_open=True)
         check_choice("temporal_pe", self.temporal_pe, ["sincos", "none"], _FIX)
+        check_choice("clip_condition", self.clip_condition, ["tokens", "null"], _FIX)
         for name in ("caption_channels", "clip_channels"):
             check_int(name, getattr(self, name), 1, MAX_CHANNELS, _FIX)
         for name in ("text_tokens", "clip_tokens"):

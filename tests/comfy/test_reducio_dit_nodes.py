@@ -89,3 +89,28 @@ def test_bad_inputs_are_explained(comfy, clip_vision):
         run(comfy, clip_vision, image_vae(channels=16))
     with pytest.raises(ValueError, match="content_image must be an IMAGE"):
         run(comfy, clip_vision, image_vae(), content_image=torch.rand(80, 96, 3))
+
+
+@pytest.mark.parametrize("image, words", [
+    (torch.full((1, 80, 96, 3), float("nan")), ["content_image", "NaN"]),
+    (torch.rand(1, 80, 96, 3).index_put_((torch.tensor([0]), torch.tensor([3]), torch.tensor([4])),
+                                         torch.tensor([float("inf")])), ["content_image", "NaN or infinite"]),
+    (torch.rand(1, 80, 96, 3) * 255, ["content_image", "0..1", "divide by 255"]),
+    (torch.rand(1, 80, 96, 3) * 2 - 1, ["content_image", "0..1", "(x + 1) / 2"]),
+])
+def test_content_image_values_are_checked(comfy, clip_vision, image, words):
+    """NaN or 0..255 pixels used to pass through to the CLIP and VAE encoders unnoticed."""
+    with pytest.raises(ValueError) as info:
+        run(comfy, clip_vision, image_vae(), content_image=image)
+    message = str(info.value)
+    assert message.startswith("ReducioImageToVideo:")
+    for word in words:
+        assert word in message, f"{word!r} missing from: {message}"
+
+
+def test_content_image_overshoot_is_clamped_and_alpha_dropped(comfy, clip_vision):
+    # Resampling overshoot of a few 1e-4 is clamped (as the VAE nodes do); RGBA keeps its RGB.
+    image = torch.rand(1, 80, 96, 4)
+    image[0, 0, 0, 0] = 1.0005
+    _, _, _, content = run(comfy, clip_vision, image_vae(), content_image=image)
+    assert content.max() <= 1.0 and content.shape == (1, 96, 64, 3)

@@ -343,6 +343,106 @@ def test_schema_tooltips_and_categories(comfy):
         assert all(out.tooltip for out in schema.outputs), node_id
 
 
+# ------------------------------------------------------------------------------------- memory
+class LargeAllocations:
+    """Records every tensor that an aten op creates with at least ``threshold`` bytes of new storage
+    (views and in-place results share their input's storage and are not counted). Deterministic:
+    it sees the operations themselves, not the allocator or the process's memory."""
+
+    def __init__(self, threshold: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        record = self.sizes = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                        if isinstance(t, torch.Tensor)}
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen \
+                            and t.untyped_storage().nbytes() >= threshold:
+                        record.append((str(func), t.untyped_storage().nbytes()))
+                return out
+
+        self._mode = Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("count, height, width, handling", [
+    (512, 16, 16, "error"),             # was 1 full copy (the -1..1 video)
+    (512, 12, 20, "error"),             # was 2 (+ the video padded to multiples of 8)
+    (500, 12, 20, "pad_repeat_last"),   # was 3 (+ the frames completed to whole clips)
+])
+def test_encode_never_copies_the_whole_video(comfy, vae, count, height, width, handling):
+    """32 clips: one clip's tensors (the model's largest activation included) stay well below the
+    whole video's size, so any allocation of 90 % of the video or more is a copy of the video."""
+    frames = smooth_frames(count, height, width, seed=5)
+    expected, _ = _encode(comfy, vae, frames[:16], frame_handling="error")
+    with LargeAllocations(int(0.9 * frames.numel() * frames.element_size())) as big:
+        latent, content = _encode(comfy, vae, frames, frame_handling=handling)
+    assert big.sizes == [], f"full-video copies: {big.sizes}"
+    assert latent["samples"].shape[2] == 32 * 4 and content.shape[0] == 32
+    torch.testing.assert_close(latent["samples"][:, :, :4], expected["samples"])
+    if handling == "pad_repeat_last":   # the short last clip: its 4 frames, then the last one repeated
+        last = torch.cat([frames[496:], frames[-1:].expand(12, -1, -1, -1)])
+        alone, last_content = _encode(comfy, vae, last, frame_handling="error")
+        torch.testing.assert_close(latent["samples"][:, :, -4:], alone["samples"], **TOL)
+        torch.testing.assert_close(content[-1:], last_content)
+
+
+def _activation_estimate(comfy, vae, height, width, tiled, tile_size=None):
+    """The reducio package's estimate for one 16-frame clip, as the node computes it."""
+    import importlib
+
+    reducio_vae = importlib.import_module(comfy.pack_module.__name__ + ".reducio.vae")
+    return reducio_vae.estimate_memory(vae.model, "encode", frames=16, height=height, width=width,
+                                        dtype=torch.float32, tiling=tiled, tile_size=tile_size,
+                                        include_weights=False)
+
+
+def test_encode_refuses_up_front_on_cpu_when_the_estimate_exceeds_free_memory(comfy, vae, monkeypatch):
+    # Fault injection at the device boundary: ComfyUI reports less free memory than the run needs
+    # (a real shortage here would invoke the operating system's OOM killer instead of an error).
+    import comfy.model_management as mm
+
+    frames = smooth_frames(32, 64, 96)
+    untiled = _activation_estimate(comfy, vae, 64, 96, tiled=False)
+    smallest_tiles = _activation_estimate(comfy, vae, 64, 96, tiled=True, tile_size=32)
+    assert smallest_tiles < untiled
+    calls = []
+    real_encode = vae.model.encode
+
+    def counting_encode(*args, **kwargs):
+        calls.append(kwargs.get("tiling"))
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(vae.model, "encode", counting_encode)
+    monkeypatch.setattr(mm, "get_free_memory", lambda *args, **kwargs: (untiled + smallest_tiles) // 2)
+    with pytest.raises(MemoryError) as info:
+        _encode(comfy, vae, frames, tiling="off")
+    message = str(info.value)
+    for words in ("ReducioVAEEncode:", "32 frames of 96x64", "GiB", "available", "tiling to 'auto' or 'on'"):
+        assert words in message, f"{words!r} missing from: {message}"
+    assert calls == [], "nothing may run before the refusal"
+    # 'auto' picks tiles that fit instead of refusing ...
+    latent, _ = _encode(comfy, vae, frames, tiling="auto")
+    assert calls and all(calls) and latent["samples"].shape == (1, 8, 8, 8, 12)
+    # ... and when not even the smallest tiles fit, it refuses too, naming smaller or fewer frames.
+    calls.clear()
+    monkeypatch.setattr(mm, "get_free_memory", lambda *args, **kwargs: smallest_tiles // 2)
+    with pytest.raises(MemoryError, match="smaller frames") as info:
+        _encode(comfy, vae, frames, tiling="auto")
+    assert "32-px tiles" in str(info.value) and calls == []
+
+
 # ------------------------------------------------------------------------------------- config source (issue 8)
 def _loader_summary(comfy, name):
     result = comfy.node("ReducioVAELoader").execute(checkpoint=name, dtype="fp32")

@@ -15,9 +15,9 @@ from fastattn.calibration import (OFFICIAL_CANDIDATES, CalibrationTarget, Greedy
                                   calibrate_target, layer_thresholds, official_loss)
 from fastattn.plan import AST, ASC, FULL, WARS, WARS_ASC, Plan
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+from golden import golden_path  # noqa: E402  (tests/harness)
 
-
+GOLDEN = golden_path("fastattn")
 def test_official_loss_uses_signed_elementwise_max():
     a = torch.tensor([1.0, -2.0, 0.0, 3.0])
     b = torch.tensor([1.5, -1.0, -1e-3, 3.0])

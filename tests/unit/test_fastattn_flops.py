@@ -10,7 +10,9 @@ from fastattn.flops import (AttentionShape, amdahl_speedup_bound, method_cost,
                             official_counter_macs, plan_cost, residual_steps, window_pairs)
 from fastattn.plan import AST, ASC, FULL, WA_NO_RESIDUAL, WARS, WARS_ASC, Plan
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("fastattn")
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())
 # the golden DiT: 64 tokens, 4 heads x 16, one calibration label -> CFG batch of 2
 DIT = AttentionShape(tokens=64, heads=4, head_dim=16, rows=2, cfg=True, window=(8, 8))

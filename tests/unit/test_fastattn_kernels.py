@@ -18,7 +18,9 @@ from fastattn.kernels import (
 )
 from fastattn.windows import GridWindow, Window1D
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("fastattn")
 WINDOW_CASES = {
     "full": (-1, -1),
     "win_8_8": (8, 8),
@@ -33,8 +35,6 @@ WINDOW_CASES = {
 @pytest.fixture(scope="module")
 def golden_window():
     path = GOLDEN / "window_kernel.safetensors"
-    if not path.exists():
-        pytest.skip("golden window_kernel.safetensors not present")
     from safetensors.torch import load_file
 
     return load_file(str(path))

@@ -19,8 +19,9 @@ from fastattn.methods import (
     residual_needed,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+from golden import golden_path  # noqa: E402  (tests/harness)
 
+GOLDEN = golden_path("fastattn")
 OFFICIAL = [
     "full_attn",
     "output_share",
@@ -95,7 +96,6 @@ def test_residual_lookahead_rules():
     assert residual_needed([F, F, WA]) == [False, True, False]  # only the latest full step
 
 
-@pytest.mark.skipif(not (GOLDEN / "manifest.json").exists(), reason="golden fastattn data not present")
 def test_residual_lookahead_matches_official_processor():
     scenarios = json.loads((GOLDEN / "manifest.json").read_text())["processor"]["scenarios"]
     assert len(scenarios) == 10

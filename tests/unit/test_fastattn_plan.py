@@ -11,7 +11,9 @@ from fastattn.plan import (AST, ASC, FULL, PLAN_METHODS, WA_NO_RESIDUAL, WARS, W
                            FORMAT_NAME, MAX_STEPS, Plan, PlanFormatError, PlanMetadata,
                            PlanMismatchError, RunSignature, weights_fingerprint)
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("fastattn")
 THRESHOLDS = ("0.005", "0.025", "0.075", "0.15")
 
 
@@ -369,3 +371,58 @@ def test_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
         _plan().save(target)
     assert target.read_text() == "previous content"
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_saved_plan_gets_the_umask_mode_like_other_outputs(tmp_path):
+    """Plans are ordinary output files: readable by others per the umask (not mkstemp's 0600)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = _plan().save(tmp_path / "plan.json")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        private = _plan().save(tmp_path / "private.json")
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert Plan.load(path) == _plan()
+
+
+# ---- the extra facts the ComfyUI nodes rely on --------------------------------------------
+
+@pytest.mark.parametrize("extra, words", [
+    ({"window_fraction": "wide"}, ["metadata.extra.window_fraction", "number", "str"]),
+    ({"window_fraction": 0.0}, ["metadata.extra.window_fraction", "(0, 1]"]),
+    ({"window_fraction": 3}, ["metadata.extra.window_fraction", "(0, 1]"]),
+    ({"window_shape": "star"}, ["metadata.extra.window_shape", "'star'", "'1d'", "'grid'"]),
+    ({"window_shape": 1}, ["metadata.extra.window_shape", "string"]),
+    ({"schedule": 5}, ["metadata.extra.schedule", "list"]),
+    ({"schedule": [1.0, "x"]}, ["metadata.extra.schedule[1]", "number"]),
+    ({"schedule": [1.0]}, ["metadata.extra.schedule", "at least 2"]),
+    ({"schedule": [1.0, -0.5]}, ["metadata.extra.schedule", ">= 0"]),
+    ({"sampling_steps": "ten"}, ["metadata.extra.sampling_steps", "integer"]),
+    ({"sampling_steps": 0}, ["metadata.extra.sampling_steps", "outside"]),
+    ({"schedule": [3.0, 2.0, 1.0, 0.0], "sampling_steps": 5},
+     ["metadata.extra.sampling_steps", "5", "schedule", "3 steps"]),
+])
+def test_extra_values_the_nodes_use_are_validated_at_load(extra, words):
+    with pytest.raises(PlanFormatError) as info:
+        _plan(extra=extra)
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} missing from: {message}"
+    # the same document as text fails the same way (what Load Plan and plan files see)
+    document = _plan().to_dict()
+    document["metadata"]["extra"] = extra
+    with pytest.raises(PlanFormatError, match="metadata.extra"):
+        Plan.from_dict(document)
+
+
+def test_valid_extra_values_and_unknown_extra_keys_still_load():
+    extra = {"window_fraction": 0.25, "window_shape": "grid", "schedule": [14.6, 5.0, 1.2, 0.1, 0.0],
+             "sampling_steps": 4, "scheduler": "simple", "tool_specific": {"anything": [1, "a"]}}
+    plan = _plan(extra=extra)
+    assert Plan.from_json(plan.to_json()).metadata.extra == extra
+    assert _plan(extra={"window_fraction": 1}).metadata.extra["window_fraction"] == 1

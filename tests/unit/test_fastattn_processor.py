@@ -16,18 +16,17 @@ from fastattn.integrations.diffusers_processor import (
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("fastattn")
 # The official processor's outputs and residuals: measured <= 2.4e-7 apart (SDPA vs the
 # reference's plain-math float32 attention); the spec's independent port matched to 1.5e-7.
 GOLDEN_ATOL = 1e-6
-HAVE_GOLDEN = (GOLDEN / "manifest.json").exists()
-SCENARIOS = json.loads((GOLDEN / "manifest.json").read_text())["processor"]["scenarios"] if HAVE_GOLDEN else {}
+SCENARIOS = json.loads(golden_path("fastattn", "manifest.json").read_text())["processor"]["scenarios"]
 
 
 @pytest.fixture(scope="module")
 def golden():
-    if not HAVE_GOLDEN:
-        pytest.skip("golden fastattn data not present")
     from safetensors.torch import load_file
 
     weights = load_file(str(GOLDEN / "processor_weights.safetensors"))
@@ -52,7 +51,7 @@ def run(attn, processor, inputs, steps):
     return outputs, residuals
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS) or ["none"])
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_golden_scenario(golden, name):
     weights, inputs = golden
     scenario = SCENARIOS[name]

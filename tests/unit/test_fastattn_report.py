@@ -10,9 +10,9 @@ from fastattn.flops import AttentionShape
 from fastattn.plan import AST, ASC, FULL, WARS, WARS_ASC, Plan
 from fastattn.report import METHOD_STYLE, legend, legend_text, method_map, summarize
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+from golden import golden_path  # noqa: E402  (tests/harness)
 
-
+GOLDEN = golden_path("fastattn")
 def _golden_plan(thr="0.15"):
     raw = json.loads((GOLDEN / f"calib_dit_thr{thr}_plan.json").read_text())
     return Plan.from_official(raw, {"threshold": float(thr), "window": [8, 8],
@@ -78,3 +78,44 @@ def test_summary_takes_the_shape_from_metadata():
     report = summarize(plan)
     explicit = summarize(plan, AttentionShape(64, 4, 16, rows=2, window=(8, 8)))
     assert report.cost == explicit.cost and "core (QK^T, PV)" in report.text
+
+
+def test_flops_kept_per_method_add_up_to_the_plan_cost():
+    from fastattn.flops import plan_cost
+    from fastattn.report import method_flops_share
+
+    plan = _golden_plan()
+    shape = AttentionShape(64, 4, 16, rows=2, window=(8, 8))
+    shares = method_flops_share(plan, shape)
+    assert set(shares) == set(plan.method_counts())
+    assert sum(shares.values()) == pytest.approx(plan_cost(plan, shape).core_fraction)
+    assert shares[AST] == 0.0 and shares[FULL] > shares[WARS] > 0
+    assert "attention FLOPs kept per method" in summarize(plan, shape).text
+
+
+def test_method_map_figure_is_readable_on_its_own():
+    from fastattn.report import method_map_figure
+
+    plan = _golden_plan().with_metadata(num_heads=4, head_dim=16)
+    figure = method_map_figure(plan, shape=AttentionShape(64, 4, 16, rows=2, window=(8, 8)))
+    raw = method_map(plan, cell=14)
+    assert figure.dtype == np.float32 and figure.ndim == 3 and figure.shape[2] == 3
+    # bigger than the bare cells: room for title, axes and the legend; cells at least 14 px
+    assert figure.shape[0] > raw.shape[0] + 80 and figure.shape[1] >= raw.shape[1]
+    dark = (figure.sum(-1) < 0.9)
+    assert dark[:40].any()                      # title text
+    assert dark[:, :60].any()                   # layer tick labels on the left
+    # every used method's colour appears as a legend swatch below the map
+    below = figure[-22 * 6:]
+    for method in plan.method_counts():
+        assert np.isclose(below, METHOD_STYLE[method][0], atol=2 / 255).all(-1).any(), method
+
+
+def test_method_map_figure_head_wise_and_tiny_plans():
+    from fastattn.report import method_map_figure
+
+    plan = Plan([[[FULL, FULL]], [[AST, WARS]]], {"num_heads": 2}, granularity="head")
+    figure = method_map_figure(plan)
+    assert figure.shape[0] >= 100 and figure.shape[1] >= 400
+    one = method_map_figure(Plan([[FULL]]))
+    assert one.shape[1] >= 400

@@ -11,17 +11,16 @@ from fastattn import CfgRows, FastAttnRuntime, FastAttnState, MissingCacheError,
 from fastattn.kernels import from_bhld, masked_reference_window_attention, to_bhld
 from fastattn.runtime import methods_from_table, residual_lookahead_from_table
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "fastattn"
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("fastattn")
 # The official processor's outputs and residuals: measured <= 2.4e-7 apart (SDPA vs the
 # reference's plain-math float32 attention); the spec's independent port matched to 1.5e-7.
 GOLDEN_ATOL = 1e-6
-HAVE_GOLDEN = (GOLDEN / "manifest.json").exists()
 
 
 def load_scenarios():
-    if not HAVE_GOLDEN:
-        return {}
-    return json.loads((GOLDEN / "manifest.json").read_text())["processor"]["scenarios"]
+    return json.loads(golden_path("fastattn", "manifest.json").read_text())["processor"]["scenarios"]
 
 
 SCENARIOS = load_scenarios()
@@ -29,8 +28,6 @@ SCENARIOS = load_scenarios()
 
 @pytest.fixture(scope="module")
 def golden():
-    if not HAVE_GOLDEN:
-        pytest.skip("golden fastattn data not present")
     from safetensors.torch import load_file
 
     weights = load_file(str(GOLDEN / "processor_weights.safetensors"))
@@ -69,7 +66,7 @@ def run_core_scenario(golden, name, layout, official_asc_residual=True):
 
 
 @pytest.mark.parametrize("layout", ["blc", "bhld"])
-@pytest.mark.parametrize("name", sorted(SCENARIOS) or ["none"])
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_golden_processor_scenarios_at_core_level(golden, name, layout):
     expected = golden[2][name]
     outputs, residuals = run_core_scenario(golden, name, layout)
@@ -449,8 +446,6 @@ def test_headwise_asc_heads_copy_cond_rows():
 
 @pytest.fixture(scope="module")
 def v2_golden():
-    if not (GOLDEN / "v2_sd3_layer_plan.json").exists():
-        pytest.skip("golden V2 data not present")
     from safetensors.torch import load_file
 
     return (

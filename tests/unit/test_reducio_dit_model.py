@@ -251,6 +251,18 @@ def test_null_clip_and_none_clip_use_null_embedding():
     assert close(out, run(model, dict(inputs, clip=None)))
 
 
+def test_reduced_clip_condition_ignores_the_tokens():
+    """clip_condition "null" (the reduced conditioning of models trained without a CLIP image encoder):
+    any CLIP tokens, of any shape, give the output of the learned null embedding."""
+    model = tiny_model(clip_condition="null")
+    inputs = tiny_inputs(cfg=model.config)
+    reference = run(model, dict(inputs, clip=None))
+    assert close(run(model, inputs), reference)
+    assert close(run(model, dict(inputs, clip=torch.randn(2, 7, 11))), reference)   # e.g. a ViT-L's tokens
+    with pytest.raises(ValueError, match="clip_condition"):
+        get_config("tiny", clip_condition="ignore")
+
+
 def test_null_content_broadcasts_null_latent_before_scaling():
     model, inputs = tiny_model(), tiny_inputs()
     out = run(model, inputs, drop_content=torch.tensor([True, False]))

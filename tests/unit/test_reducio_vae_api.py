@@ -12,8 +12,9 @@ from reducio import ReducioVAE
 from reducio.vae import ReducioInterrupted, choose_tile_size, estimate_memory, official_config
 from reducio.vae.blocks import FloatGroupNorm
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "reducio"
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden data not found at {GOLDEN}")
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("reducio")
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 

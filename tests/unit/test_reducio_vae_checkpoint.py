@@ -1,6 +1,5 @@
 """Safe loading, strict checks, config detection and the converter CLI, on real files."""
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -20,8 +19,9 @@ from reducio.vae import CheckpointError, official_config
 from reducio.vae.blocks import sinusoid_table
 
 REPO = Path(__file__).resolve().parents[2]
-GOLDEN = REPO / ".." / "shared" / "golden" / "reducio"
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden data not found at {GOLDEN}")
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("reducio")
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
@@ -289,14 +289,6 @@ def test_convert_rejects_non_safetensors_output(tmp_path, capsys):
     assert ".safetensors" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("reducio.dit") is not None,
-                    reason="the dit package is present; its converter is tested by its owner")
-def test_pixart_subcommand_without_dit_package(capsys):
-    assert convert_main(["pixart", "--help"]) == 2
-    assert "PixArt converter is not available" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(importlib.util.find_spec("reducio.dit") is None, reason="the dit package is not present")
 def test_pixart_subcommand_dispatches_to_dit_converter(capsys):
     with pytest.raises(SystemExit) as done:
         convert_main(["pixart", "--help"])

@@ -14,12 +14,13 @@ import torch
 
 from reducio.vae import ReducioVAE, normalize_latent, official_config
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "reducio"
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("reducio")
 LEVEL = os.environ.get("REDUCIO_FULL_SIZE", "")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not LEVEL, reason="full-size check is opt-in: set REDUCIO_FULL_SIZE=1 (or =all)"),
-    pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden data not found at {GOLDEN}"),
 ]
 TOL = dict(atol=1e-4, rtol=1e-4)
 

@@ -9,8 +9,9 @@ from reducio import ReducioVAE
 from reducio.vae import OFFICIAL_PARAM_COUNTS, official_config
 from reducio.vae.checkpoint import CheckpointError, check_keys, detect_variant
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "reducio"
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden data not found at {GOLDEN}")
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("reducio")
 
 
 def meta_model(variant):

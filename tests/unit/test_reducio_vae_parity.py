@@ -1,6 +1,6 @@
 """Parity of the pure-PyTorch Reducio VAE with the official implementation (golden data).
 
-Every entry of ../shared/golden/reducio (tiny_io, tiny_modules, tiny_trace) is reproduced within
+Every entry of tests/golden/reducio (tiny_io, tiny_modules, tiny_trace) is reproduced within
 atol/rtol 1e-4, the tolerance the golden README recommends for a float32 re-implementation.
 """
 import json
@@ -14,10 +14,11 @@ from reducio import ReducioVAE
 from reducio.vae import normalize_latent
 from reducio.vae.blocks import FusionBlock, sinusoid_table
 
-GOLDEN = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "reducio"
+from golden import golden_path  # noqa: E402  (tests/harness)
+
+GOLDEN = golden_path("reducio")
 TOL = dict(atol=1e-4, rtol=1e-4)
 
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"golden data not found at {GOLDEN}")
 
 
 def tiny_config(**ddconfig_overrides):

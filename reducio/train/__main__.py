@@ -1,0 +1,7 @@
+"""``python -m reducio.train {vae,encode,dit,lpips} ...`` (also under ``torchrun``)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""``python -m reducio.train vae``: train or fine-tune a Reducio VAE with the official objective.
+
+Scale-out: under torchrun the VAE and the discriminator are wrapped in DistributedDataParallel
+(gloo on CPU, NCCL on GPU); the adaptive GAN weight averages its two gradients over processes, so a
+step on N processes x batch b equals one on 1 process x batch N*b (with the "group" discriminator
+norm; the official BatchNorm keeps per-process statistics, as in the official DDP training).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+
+from ..data import CONTENT_INDEX, SyntheticClips, to_uint8_frames
+from ..data.transforms import parse_size
+from ..vae import ReducioVAE, normalize_latent, official_config
+from ..vae.checkpoint import CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, CheckpointError
+from .checkpoint import CheckpointStore, flatten_optimizer_state, unflatten_optimizer_state
+from .errors import TrainingError
+from .loop import Trainer, keyed_generator, keyed_randn
+from .perceptual import load_lpips
+from .vae_objective import (DiscriminatorPair, PatchDiscriminator3D, VAELossConfig, adaptive_gan_weight,
+                            generator_loss, hinge_d_loss)
+
+
+def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1) -> dict:
+    return {"ddconfig": {"ch": ch, "ch_in": ch, "f_t": 2, "out_ch": 3, "z_channels": z, "temp_res": 16,
+                         "ch_mult": ch_mult, "ch_fuse": ch_fuse, "fuse_type": "attn", "num_res_blocks": blocks,
+                         "fuse_mid": True, "window_size": 128},
+            "ddconfig_2d": {"ch": ch_2d, "ch_mult": ch_mult_2d, "num_res_blocks": blocks, "out_z": False},
+            "embed_dim": z, "use_tiling": False, "tile_overlap_factor": 0.25, "tile_sample_min_size": 256}
+
+
+# "tiny": the official latent format (16 channels, T/4, H/32, W/32) at small widths (5.2 M parameters);
+# "test": 3 levels (H/4) and 8 channels, for unit tests only.
+VAE_PRESETS = {
+    "tiny": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [-1, -1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16),
+    "test": lambda: _preset(32, [1, 1, 1], [-1, 1, -1], 32, [1, 1], 8),
+    "ft4": lambda: official_config("ft4"),
+    "ft2": lambda: official_config("ft2"),
+}
+
+
+def resolve_vae_config(model: str | None, model_config: str | None, init: str | None) -> tuple[dict, dict | None]:
+    """(constructor kwargs, initial state dict or None) from --model / --model-config / --init."""
+    state = None
+    if init:
+        try:
+            loaded = ReducioVAE.from_pretrained(init)
+        except CheckpointError as exc:
+            raise TrainingError(f"--init {init}: {exc}") from None
+        config, state = loaded.config, loaded.state_dict()
+        if model or model_config:
+            wanted = resolve_vae_config(model, model_config, None)[0]
+            if json.dumps(wanted, sort_keys=True) != json.dumps(config, sort_keys=True):
+                raise TrainingError(f"--init {init} holds a different VAE configuration than --model/--model-config; "
+                                    f"drop --model to fine-tune the checkpoint as it is")
+        return config, state
+    if model_config:
+        config = json.loads(Path(model_config).read_text())
+        return config.get("constructor_kwargs", config), None
+    name = model or "tiny"
+    if name not in VAE_PRESETS:
+        raise TrainingError(f"unknown VAE model {name!r}; choose one of {sorted(VAE_PRESETS)} or pass --model-config")
+    return VAE_PRESETS[name](), None
+
+
+class VAEForTraining(nn.Module):
+    """video + posterior noise -> (reconstruction, posterior mean, log-variance); content = frame 7."""
+
+    def __init__(self, vae: ReducioVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: torch.Tensor, noise: torch.Tensor):
+        feats = self.vae.encode_2d(video[:, :, CONTENT_INDEX])
+        posterior = self.vae.encode_3d(video)
+        latent = normalize_latent(posterior.mean + posterior.std * noise.to(posterior.mean.dtype))
+        recon = self.vae.decode_features(latent.to(video.dtype), feats)
+        return recon, posterior.mean, posterior.logvar
+
+
+def lr_factor_g(step: int, decay_steps: int, final: float) -> float:
+    """Official LambdaLinearScheduler: 1.0 -> ``final`` linearly over ``decay_steps``."""
+    return final + (1.0 - final) * max(0.0, decay_steps - step) / decay_steps
+
+
+def lr_factor_d(step: int, start: int, ramp: int, factor: float) -> float:
+    """Official WarmupLR: ``factor`` until ``start``, then linear to 1 over ``ramp`` steps."""
+    if step < start:
+        return factor
+    return min(1.0, factor + (1.0 - factor) * (step - start) / max(1, ramp))
+
+
+class VAETrainer(Trainer):
+    name = "vae"
+    IDENTITY = ("model_config", "data", "size", "clips", "fps", "seed", "batch_size", "lr", "disc_lr_scale",
+                "kl_weight", "disc_start", "disc_weight", "disc_ndf", "disc_norm", "perceptual",
+                "perceptual_weight", "penalty_weight", "grad_clip", "lr_decay_steps", "precision")
+    EXPORT = ("model",)
+
+    def __init__(self, settings: dict, dataset, dist):
+        config, init_state = resolve_vae_config(settings.get("model"), settings.get("model_config"), settings.get("init"))
+        settings = {**settings, "model_config": config,
+                    "perceptual": Path(settings["perceptual_weights"]).name if settings.get("perceptual_weights") else None}
+        super().__init__(settings, dataset, dist)
+        s = self.settings
+        self.loss_cfg = VAELossConfig(kl_weight=s["kl_weight"], disc_start=s["disc_start"], disc_weight=s["disc_weight"],
+                                      perceptual_weight=s["perceptual_weight"], penalty_weight=s["penalty_weight"])
+        torch.manual_seed(self.seed)
+        self.vae = ReducioVAE(**config).to(self.device)
+        if init_state is not None:
+            self.vae.load_state_dict(init_state, strict=True)
+        self.vae.train()
+        size = parse_size(s["size"])
+        sf, frames = self.vae.spatial_factor, self.vae.latent_frames
+        if size[0] % sf or size[1] % sf:
+            raise TrainingError(f"clip size {size[0]}x{size[1]} is not a multiple of the VAE's spatial factor {sf}; "
+                                f"use --size {max(sf, size[0] // sf * sf)}")
+        self.latent_shape = (self.vae.embed_dim, frames, size[0] // sf, size[1] // sf)
+        if s["disc_start"] < s["steps"]:
+            try:    # shapes only (meta device): fail now, not at step disc_start
+                with torch.device("meta"):
+                    PatchDiscriminator3D(s["disc_ndf"], s["disc_norm"])(torch.empty(1, 3, 16, *size))
+            except RuntimeError:
+                raise TrainingError(f"the 3-D patch discriminator needs clips of at least 32x32 px, got "
+                                    f"{size[0]}x{size[1]}; use a larger --size or a --disc-start beyond --steps") from None
+        self.discriminator = PatchDiscriminator3D(s["disc_ndf"], s["disc_norm"]).to(self.device)
+        self.discriminator.initialize(keyed_generator(self.seed, "init", 1))
+        self.perceptual = load_lpips(s["perceptual_weights"]).to(self.device) if s.get("perceptual_weights") else None
+        if self.perceptual is None and dist.is_main and not s.get("quiet"):
+            print("[vae] perceptual (LPIPS) term off: no --perceptual-weights given (see docs/training.md)",
+                  file=sys.stderr)
+        self.g_model, self.d_model = VAEForTraining(self.vae), DiscriminatorPair(self.discriminator)
+        if dist.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            # find_unused_parameters: the content encoder's mid.block_2 / norm_out are computed by the
+            # official model but their result is discarded, so they never get gradients
+            self.g_model = DDP(self.g_model, device_ids=ids, find_unused_parameters=True)
+            self.d_model = DDP(self.d_model, device_ids=ids)
+        betas = (0.5, 0.9)
+        self.opt_g = torch.optim.Adam(self.vae.parameters(), lr=s["lr"], betas=betas)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=s["lr"] * s["disc_lr_scale"], betas=betas)
+        self.precision = s.get("precision", "auto")
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+
+    def identity(self) -> dict:
+        return {k: self.settings.get(k) for k in self.IDENTITY}
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.dist.all_reduce_mean(tensor) if self.dist.active else tensor
+
+    def train_step(self, batch, numbers, step):
+        s, cfg = self.settings, self.loss_cfg
+        video = batch["video"].to(self.device)
+        noise = keyed_randn(self.seed, "latent_noise", numbers, self.latent_shape).to(self.device)
+        for group in self.opt_g.param_groups:
+            group["lr"] = s["lr"] * lr_factor_g(step, s["lr_decay_steps"], 0.01)
+        for group in self.opt_d.param_groups:
+            group["lr"] = s["lr"] * s["disc_lr_scale"] * lr_factor_d(step, 5000, 1000, 0.1)
+        disc_on = step >= cfg.disc_start
+        with self._autocast():
+            recon, mean, logvar = self.g_model(video, noise)
+        recon = recon.float()
+        nll, kl, penalty, p_mean = generator_loss(video, recon, mean.float(), logvar.float(), cfg, self.perceptual)
+        total = nll + cfg.kl_weight * kl + cfg.penalty_weight * penalty
+        metrics = {"loss": total, "nll": nll, "kl": kl, "penalty": penalty}
+        if self.perceptual is not None:
+            metrics["perceptual"] = p_mean
+        if disc_on:
+            with self._autocast():
+                g_loss = -self.discriminator(recon).float().mean()
+            if cfg.adaptive_gan:
+                last = self.vae.decoder.conv_out.weight
+                weight = adaptive_gan_weight(nll, g_loss, last, self._reduce) * cfg.disc_weight
+            else:
+                weight = torch.tensor(cfg.disc_weight, device=self.device)
+            total = total + weight * cfg.disc_factor * g_loss
+            metrics.update(loss=total, g_loss=g_loss, d_weight=weight)
+        self.check_finite(total, step)
+        self.opt_g.zero_grad(set_to_none=True)
+        total.backward()
+        if s.get("grad_clip"):
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), s["grad_clip"])
+        self.opt_g.step()
+        if disc_on:
+            self.opt_d.zero_grad(set_to_none=True)      # drop what the generator loss put there
+            with self._autocast():
+                real, fake = self.d_model(video, recon.detach())
+            d_loss = cfg.disc_factor * hinge_d_loss(real.float(), fake.float())
+            self.check_finite(d_loss, step)
+            d_loss.backward()
+            self.opt_d.step()
+            metrics["d_loss"] = d_loss
+        return metrics
+
+    # ---------------------------------------------------------------- checkpoints
+    def _optimizer_files(self):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        out = {}
+        for name, model, opt in (("optimizer_g", self.vae, self.opt_g), ("optimizer_d", self.discriminator, self.opt_d)):
+            state = get_optimizer_state_dict(model, opt, options=options)
+            if not self.dist.is_main:
+                continue
+            tensors, extra = flatten_optimizer_state(state)
+            out[name] = (tensors, {"param_groups": json.dumps(extra)})
+        return out
+
+    def checkpoint_files(self) -> dict:
+        files = self._optimizer_files()
+        if not self.dist.is_main:
+            return {}
+        meta = {CONFIG_METADATA_KEY: json.dumps(self.vae.config, sort_keys=True),
+                VARIANT_METADATA_KEY: self.vae.variant, "format": "pt", "trained_with": "reducio.train vae"}
+        files["model"] = ({k: v.detach().cpu() for k, v in self.vae.state_dict().items()}, meta)
+        files["discriminator"] = ({k: v.detach().cpu() for k, v in self.discriminator.state_dict().items()},
+                                  {"disc_ndf": str(self.settings["disc_ndf"]), "disc_norm": self.settings["disc_norm"]})
+        return files
+
+    def load_checkpoint(self, path: Path, state: dict) -> None:
+        model, _ = CheckpointStore.read_tensors(path, "model")
+        disc, _ = CheckpointStore.read_tensors(path, "discriminator")
+        self.vae.load_state_dict(model, strict=True)
+        self.discriminator.load_state_dict(disc, strict=True)
+        options = StateDictOptions(full_state_dict=True)
+        for name, module, opt in (("optimizer_g", self.vae, self.opt_g), ("optimizer_d", self.discriminator, self.opt_d)):
+            tensors, meta = CheckpointStore.read_tensors(path, name)
+            extra = json.loads(meta["param_groups"])
+            set_optimizer_state_dict(module, opt, unflatten_optimizer_state(tensors, extra), options=options)
+
+    # ---------------------------------------------------------------- previews
+    def preview_clips(self) -> torch.Tensor:
+        count = int(self.settings.get("sample_clips", 2))
+        data = self.settings["data"]
+        if data.startswith("synthetic"):
+            source = SyntheticClips("heldout", self.settings["size"], count=count, seed=self.seed)
+        else:
+            source = self.dataset
+        return torch.stack([source[i]["video"] for i in range(min(count, len(source)))])
+
+    def write_sample(self, step: int) -> None:
+        if not self.dist.is_main:
+            return
+        from ..data import write_video
+
+        video = self.preview_clips().to(self.device)
+        was_training = self.vae.training
+        self.vae.eval()
+        with torch.no_grad():
+            feats = self.vae.encode_2d(video[:, :, CONTENT_INDEX])
+            latent = normalize_latent(self.vae.encode_3d(video).mode())
+            recon = self.vae.decode_features(latent, feats).float().clamp(-1, 1)
+        self.vae.train(was_training)
+        mse = ((recon - video) / 2).pow(2).mean().item()
+        psnr = -10 * math.log10(max(mse, 1e-10))
+        rows = [torch.cat([v, r], dim=-1) for v, r in zip(video.cpu(), recon.cpu())]      # input | reconstruction
+        frames = to_uint8_frames(torch.cat(rows, dim=-2))
+        path = write_video(self.out / "samples" / f"step_{step:08d}.mp4", frames, fps=16)
+        with open(self.out / "samples" / "samples.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, "file": path.name, "psnr_db": round(psnr, 3)}) + "\n")

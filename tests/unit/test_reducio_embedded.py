@@ -1,0 +1,42 @@
+"""reducio.embedded: the stand-in condition encoders are generated deterministically, match the hashes
+recorded when the embedded models were trained, and are written atomically."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from reducio import embedded
+
+
+def test_image_vae_standin_is_deterministic_and_matches_its_hash(tmp_path):
+    tensors = embedded.standin_tensors(embedded.IMAGE_VAE)
+    assert embedded.content_hash(tensors) == embedded.IMAGE_VAE.sha256
+    assert embedded.content_hash(embedded.standin_tensors(embedded.IMAGE_VAE)) == embedded.IMAGE_VAE.sha256
+    assert float(tensors["vae_scale"]) == 1.0 and float(tensors["vae_shift"]) == 0.0
+    path = embedded.write_standin(embedded.IMAGE_VAE, tmp_path)
+    assert path == tmp_path / "vae" / embedded.IMAGE_VAE.file_name
+    assert embedded.content_hash(load_file(str(path))) == embedded.IMAGE_VAE.sha256
+    assert list(tmp_path.joinpath("vae").iterdir()) == [path]   # no temporary file left behind
+    mtime = path.stat().st_mtime_ns
+    assert embedded.write_standin(embedded.IMAGE_VAE, tmp_path) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_text_encoder_standin_matches_its_hash():
+    tensors = embedded.standin_tensors(embedded.TEXT_ENCODER)
+    assert tensors["shared.weight"].shape == (32128, 768) and tensors["shared.weight"].dtype == torch.float16
+    assert torch.equal(tensors["encoder.final_layer_norm.weight"], torch.ones(768, dtype=torch.float16))
+    assert embedded.content_hash(tensors) == embedded.TEXT_ENCODER.sha256
+
+
+def test_a_changed_file_is_replaced_and_a_changed_generator_refused(tmp_path, monkeypatch):
+    path = embedded.write_standin(embedded.IMAGE_VAE, tmp_path)
+    from safetensors.torch import save_file
+    tampered = load_file(str(path))
+    tampered["vae_scale"] = torch.tensor(2.0)
+    save_file(tampered, str(path))
+    embedded.write_standin(embedded.IMAGE_VAE, tmp_path)             # rewritten with the right content
+    assert embedded.content_hash(load_file(str(path))) == embedded.IMAGE_VAE.sha256
+    other = embedded.Standin(**{**embedded.IMAGE_VAE.__dict__, "seed": 99})
+    path.unlink()
+    with pytest.raises(embedded.StandinMismatch, match="differs from the one the embedded models were trained"):
+        embedded.write_standin(other, tmp_path)
+    assert not path.exists()

@@ -1,0 +1,182 @@
+"""Tier 1: reducio.train on tiny models -- resume follows the unstopped loss curve (Ctrl-C saves),
+resume checks, full disk during a checkpoint write, NaN loss, empty data, the objectives, exports."""
+import errno
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+pytest.importorskip("av")
+pytest.importorskip("skimage")
+
+from reducio.train import (CheckpointWriteError, ConfigMismatchError, NonFiniteLossError,  # noqa: E402
+                           TrainingError, TrainingStopped)
+from reducio.train.cli import build_parser, main, run_command  # noqa: E402
+from reducio.train.diffusion import GaussianDiffusion  # noqa: E402
+from reducio.train.testing import write_test_dit_config, write_test_vae  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    vae = write_test_vae(root / "vae.safetensors")
+    dit_config = write_test_dit_config(root / "dit.json")
+    run_command(build_parser().parse_args(
+        ["encode", "--vae", str(vae), "--dit-config", str(dit_config), "--size", "16", "--clips", "12",
+         "--shard-size", "5", "--out", str(root / "features"), "--quiet"]))
+    return {"root": root, "vae": vae, "dit_config": dit_config, "features": root / "features"}
+
+
+def dit_args(tiny, out, steps, *extra):
+    return ["dit", "--features", str(tiny["features"]), "--model-config", str(tiny["dit_config"]), "--out", str(out),
+            "--steps", str(steps), "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2", "--ema-decay", "0.9",
+            "--log-every", "1", "--ckpt-every", "2", "--quiet", *extra]
+
+
+def run(argv):
+    return run_command(build_parser().parse_args(argv))
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stopped_and_resumed_run_follows_the_unstopped_loss_curve(tiny, tmp_path, monkeypatch):
+    from reducio.dit import load_checkpoint
+    from reducio.train.dit_trainer import DiTTrainer
+
+    straight = tmp_path / "straight"
+    run(dit_args(tiny, straight, 5))
+    stopped = tmp_path / "stopped"
+    original = DiTTrainer.train_step
+
+    def ctrl_c_at_step_3(self, batch, numbers, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)      # what Ctrl-C delivers; the loop saves after this step
+        return original(self, batch, numbers, step)
+
+    monkeypatch.setattr(DiTTrainer, "train_step", ctrl_c_at_step_3)
+    with pytest.raises(TrainingStopped, match="--resume"):
+        run(dit_args(tiny, stopped, 5))
+    monkeypatch.setattr(DiTTrainer, "train_step", original)
+    assert (stopped / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert main(dit_args(tiny, stopped, 5, "--resume")) == 0
+    assert len(losses(stopped)) == 5
+    assert losses(stopped) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+    a = load_checkpoint(straight / "final" / "ema.safetensors")
+    b = load_checkpoint(stopped / "final" / "ema.safetensors")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=name)
+
+    # resume guards: a different setting, and an existing run without --resume
+    with pytest.raises(ConfigMismatchError, match=r"lr: checkpoint 0\.001 vs now 0\.002"):
+        run(dit_args(tiny, stopped, 6, "--resume", "--lr", "2e-3"))
+    with pytest.raises(TrainingError, match="already holds a run"):
+        run(dit_args(tiny, stopped, 6))
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
+    import reducio.train.checkpoint as ckpt
+
+    out = tmp_path / "disk"
+    real_write, calls = ckpt.atomic_write_safetensors, {"n": 0}
+
+    def write_until_full(tensors, metadata, path, **kwargs):
+        if "step_00000004" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:      # the second file of the second checkpoint
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(tensors, metadata, path, **kwargs)
+
+    monkeypatch.setattr(ckpt, "atomic_write_safetensors", write_until_full)
+    with pytest.raises(CheckpointWriteError, match="previous checkpoint .*step_00000002 is intact"):
+        run(dit_args(tiny, out, 4))
+    folder = out / "checkpoints"
+    assert (folder / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000002"]   # no temporary left
+    from reducio.dit import load_checkpoint
+
+    load_checkpoint(folder / "step_00000002" / "model.safetensors")
+    monkeypatch.setattr(ckpt, "atomic_write_safetensors", real_write)
+    run(dit_args(tiny, out, 4, "--resume"))
+    assert (folder / "latest").read_text() == "step_00000004"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    from reducio.train import distributed
+    from reducio.train.dit_trainer import DiTTrainer
+    from reducio.train.features import FeatureShards
+
+    class Poisoned(FeatureShards):
+        def __getitem__(self, key):
+            item = super().__getitem__(key)
+            item["z"] = torch.full_like(item["z"], float("nan"))
+            return item
+
+    out = tmp_path / "nan"
+    run(dit_args(tiny, out, 2))
+    settings = {k: v for k, v in vars(build_parser().parse_args(dit_args(tiny, out, 4, "--resume"))).items()
+                if k != "command"}
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 3.*step_00000002.*--lr"):
+        DiTTrainer(settings, Poisoned(tiny["features"]), distributed.setup("cpu")).run()
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert len(losses(out)) == 2
+
+
+def test_vae_run_writes_loadable_checkpoints_and_samples(tiny, tmp_path, capsys):
+    from reducio.vae import ReducioVAE
+
+    out = tmp_path / "vae"
+    args = ["vae", "--model", "test", "--size", "16", "--clips", "8", "--steps", "2", "--batch-size", "2",
+            "--out", str(out), "--ckpt-every", "1", "--sample-every", "2", "--sample-clips", "1", "--log-every", "1",
+            "--lr", "1e-3", "--quiet"]
+    assert main(args) == 0
+    vae = ReducioVAE.from_pretrained(out / "final" / "model.safetensors")
+    assert vae.embed_dim == 8 and vae.latent_frames == 4
+    assert (out / "samples" / "step_00000002.mp4").stat().st_size > 0
+    record = json.loads((out / "samples" / "samples.jsonl").read_text().splitlines()[0])
+    assert record["psnr_db"] > 0
+    # fine-tune start from those weights: the run takes the checkpoint's configuration
+    assert main(["vae", "--init", str(out / "final" / "model.safetensors"), "--size", "16", "--clips", "8",
+                 "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "ft"), "--quiet"]) == 0
+    # the discriminator needs 32 px: said before the run starts
+    assert main(args[:-1] + ["--out", str(tmp_path / "d"), "--disc-start", "0"]) == 2
+    assert "at least 32x32" in capsys.readouterr().err
+
+
+def test_empty_dataset_folder_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "videos"
+    empty.mkdir()
+    assert main(["vae", "--data", str(empty), "--out", str(tmp_path / "run"), "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no videos" in err and "--data synthetic" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_features_must_fit_the_dit(tiny, tmp_path, capsys):
+    assert main(["dit", "--features", str(tiny["features"]), "--model", "tiny", "--out", str(tmp_path / "r"),
+                 "--steps", "1", "--quiet"]) == 2
+    assert "do not fit this DiT config" in capsys.readouterr().err
+    assert main(["dit", "--features", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "1", "--quiet"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_iddpm_terms_vanish_for_the_true_noise_and_variance():
+    diffusion = GaussianDiffusion()
+    x0 = torch.randn(3, 4, 2, 2, 2)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([1, 500, 999])
+    x_t = diffusion.q_sample(x0, t, noise)
+    # v = -1 selects the posterior variance exactly: with the true eps the KL is 0
+    perfect = torch.cat([noise, -torch.ones_like(noise)], dim=1)
+    terms = diffusion.training_losses(perfect, x0, x_t, t, noise)
+    assert torch.allclose(terms["mse"], torch.zeros(3)) and torch.allclose(terms["vb"], torch.zeros(3), atol=1e-6)
+    wrong = diffusion.training_losses(torch.cat([noise, torch.ones_like(noise)], dim=1), x0, x_t, t, noise)
+    assert wrong["vb"][0] > 1e-2          # near t = 0 the two variance bounds differ the most
+    # x_t has the scale ComfyUI's EPS models see: x_sigma / sqrt(1 + sigma^2)
+    from reducio.dit.sampling import training_sigmas
+
+    sigma = training_sigmas()[t].reshape(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (x0 + sigma * noise) / (1 + sigma ** 2).sqrt(), rtol=1e-4, atol=1e-5)
