@@ -143,6 +143,9 @@ class ReducioDiTModel(comfy.model_base.BaseModel):
         out["c_crossattn"] = comfy.conds.CONDRegular(text)
         out["text_mask"] = comfy.conds.CONDRegular(mask)
         clip = kwargs.get(COND_CLIP, None)
+        if clip is None and cfg.clip_condition == "tokens":
+            raise ValueError("this Reducio-DiT is conditioned on CLIP image tokens: connect a CLIP vision model "
+                             "(OpenCLIP ViT-H/14, clip_vision_h) to ReducioImageToVideo's clip_vision input")
         if clip is not None:
             out["clip_tokens"] = comfy.conds.CONDRegular(clip)
         content = kwargs.get(COND_CONTENT, None)
