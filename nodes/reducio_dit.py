@@ -109,8 +109,11 @@ class ReducioImageToVideo(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="Text conditioning (T5-XXL via CLIPLoader type 'pixart')."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning; with uncond 'null text' (default) "
                                                           "the learned null text replaces it."),
-                io.ClipVision.Input("clip_vision", tooltip="OpenCLIP ViT-H/14 vision model (clip_vision_h); its patch "
-                                                           "tokens after the final LayerNorm condition the DiT."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="OpenCLIP ViT-H/14 vision model (clip_vision_h); its patch "
+                                            "tokens after the final LayerNorm condition the DiT. Leave it "
+                                            "unconnected only for a DiT with the reduced conditioning "
+                                            "clip_condition 'null' (e.g. the embedded tiny model)."),
                 io.Vae.Input("vae", tooltip="The SD image VAE (sd-vae-ft-ema / SD1.x family) that encodes the "
                                             "content image into the 4-channel content latent."),
                 io.Image.Input("content_image", tooltip="The content image (the first of a batch): frame 8 of 16 of "
@@ -139,8 +142,8 @@ class ReducioImageToVideo(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, positive, negative, clip_vision, vae, content_image, width, height, batch_size,
-                latent_frames=4, uncond="null text", latent_downscale=32) -> io.NodeOutput:
+    def execute(cls, positive, negative, vae, content_image, width, height, batch_size,
+                latent_frames=4, uncond="null text", latent_downscale=32, clip_vision=None) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import node_helpers
@@ -165,9 +168,9 @@ class ReducioImageToVideo(io.ComfyNode):
         if content_latent.ndim != 4 or content_latent.shape[1] != 4 or content_latent.shape[-1] * 8 != width:
             raise ValueError("the image VAE must be the SD image VAE (4 latent channels, 8x downscale, e.g. "
                              f"sd-vae-ft-ema); it produced a latent of shape {list(content_latent.shape)}")
-        clip_tokens = _clip_patch_tokens(clip_vision, image)
-
-        base = {"reducio_clip_tokens": clip_tokens, "reducio_content_latent": content_latent}
+        base = {"reducio_content_latent": content_latent}
+        if clip_vision is not None:
+            base["reducio_clip_tokens"] = _clip_patch_tokens(clip_vision, image)
         positive = node_helpers.conditioning_set_values(positive, {**base, "reducio_drop": torch.zeros(1, 3)})
         negative = node_helpers.conditioning_set_values(
             negative, {**base, "reducio_drop": torch.tensor([UNCOND_MODES[uncond]])})

@@ -31,7 +31,7 @@ import comfy.utils
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..reducio.dit import ReducioDiT, ReducioDiTConfig
-from ..reducio.dit.checkpoint import check_state_dict, config_from_metadata
+from ..reducio.dit.checkpoint import check_state_dict, inspect_checkpoint
 
 # Conditioning keys set by ReducioImageToVideo (custom keys travel untouched through CONDITIONING).
 COND_CLIP = "reducio_clip_tokens"
@@ -143,6 +143,9 @@ class ReducioDiTModel(comfy.model_base.BaseModel):
         out["c_crossattn"] = comfy.conds.CONDRegular(text)
         out["text_mask"] = comfy.conds.CONDRegular(mask)
         clip = kwargs.get(COND_CLIP, None)
+        if clip is None and cfg.clip_condition == "tokens":
+            raise ValueError("this Reducio-DiT is conditioned on CLIP image tokens: connect a CLIP vision model "
+                             "(OpenCLIP ViT-H/14, clip_vision_h) to ReducioImageToVideo's clip_vision input")
         if clip is not None:
             out["clip_tokens"] = comfy.conds.CONDRegular(clip)
         content = kwargs.get(COND_CONTENT, None)
@@ -181,9 +184,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_reducio_dit(path: str, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
-    """Read a Reducio-DiT safetensors file (config in its metadata), check it strictly, return a MODEL."""
+    """Read a Reducio-DiT safetensors file (config in its metadata), check it strictly, return a MODEL.
+    The config and every key and shape are checked from the header before any tensor is read or any
+    module built (a tiny file claiming depth 20000 is refused at once)."""
+    config, _ = inspect_checkpoint(path)
     state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    config = config_from_metadata(metadata, source=path, keys=state_dict.keys())
     check_state_dict(state_dict, config, metadata, source=path)
     model_config = ReducioDiTModelConfig(config)
     load_device = comfy.model_management.get_torch_device()

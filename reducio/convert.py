@@ -11,7 +11,6 @@ atomic rename. An existing output is only replaced with ``--force``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,13 +21,14 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def _run_vae(args: argparse.Namespace) -> int:
     import torch
 
+    from .validation import parse_json_object
     from .vae.checkpoint import CheckpointError, convert_to_safetensors
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     try:
-        config = json.loads(Path(args.config).read_text()) if args.config else None
+        config = parse_json_object(Path(args.config).read_text(), f"the config file {args.config}") if args.config else None
         meta = convert_to_safetensors(args.input, args.output, overwrite=args.force, dtype=dtype, config=config)
-    except (CheckpointError, FileExistsError, FileNotFoundError, json.JSONDecodeError) as exc:
+    except (CheckpointError, FileExistsError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.output} (Reducio VAE {meta['reducio_variant']}, config in metadata)")

@@ -13,6 +13,9 @@ RESULTS=build/test-results
 rm -rf "$RESULTS"; mkdir -p "$RESULTS"
 status=0
 
+echo "=== lint: ruff (rules in pyproject.toml) ==="
+if .venv/bin/ruff check .; then echo "lint: clean"; else echo "!!! lint failed: fix the findings above !!!"; status=1; fi
+
 echo "=== tier 1: pure unit tests (.venv) ==="
 .venv/bin/python -m pytest tests/unit -q -p no:cacheprovider --junitxml="$RESULTS/tier1.xml" "$@" || status=1
 

@@ -315,7 +315,7 @@ def _make_outer_sample_wrapper(spec: PatchSpec):
         options = guider.model_options.setdefault("transformer_options", {})
         if options.get(SPEC_KEY) is not spec:
             return executor(*args, **kwargs)         # a later DiTFastAttn patch replaced ours
-        noise, latent_image, sampler, sigmas = args[0], args[1], args[2], args[3]
+        noise, sampler, sigmas = args[0], args[2], args[3]
         diffusion_model = guider.model_patcher.model.diffusion_model
         cfg = getattr(guider, "cfg", None)
         if spec.calibration is not None:

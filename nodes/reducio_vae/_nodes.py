@@ -1,13 +1,11 @@
 """V3 nodes of the Reducio VAE: loader, encode (frames -> motion latent) and decode."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import torch
 
-from .._compat import io
+from .._compat import io, ui
 from .._folders import REDUCIO_FOLDER, register_model_folder
 from ._handle import TILING_AUTO, TILING_MODES, ReducioVAEHandle
 from ._layout import (FRAME_HANDLING, FRAMES_ERROR, ReducioInputError, check_image, check_latent, clip_ranges,
@@ -65,26 +63,25 @@ def _check_handle(node: str, vae) -> None:
         raise ValueError(f"{node}: 'vae' must come from Load Reducio VAE (a REDUCIO_VAE), got {type(vae).__name__}.")
 
 
-def sidecar_config_path(path: str) -> str | None:
-    """``<checkpoint name>.json`` beside the checkpoint, if present: the model configuration for
-    pickled checkpoints of non-official configurations (safetensors files carry it in metadata)."""
-    candidate = os.path.splitext(path)[0] + ".json"
-    return candidate if os.path.isfile(candidate) else None
+def tiling_policy_text(model) -> str:
+    """How the model's own ``use_tiling`` reads, for the loader's output (the nodes' tiling input
+    still chooses tiles by the memory estimate; the policy applies to direct package calls)."""
+    policy = model.use_tiling
+    if policy == "auto":
+        return "use_tiling 'auto' (tile only when the memory estimate does not fit)"
+    return f"use_tiling {policy} (as the config says)"
 
 
 def load_reducio_vae(path: str, name: str, dtype: torch.dtype) -> torch.nn.Module:
     """Load a checkpoint with the reducio package; any failure becomes one clear error and nothing
-    is kept (the module only exists once every weight has loaded strictly)."""
-    from ...reducio import ReducioVAE as ReducioVAEModel
+    is kept (the module only exists once every weight has loaded strictly). The config comes from
+    the package's one rule (reducio.vae.checkpoint.choose_config): the file's own metadata, else a
+    sidecar ``<name>.json`` (a conflicting sidecar is refused), else detected from the weights."""
     from ...reducio.vae.checkpoint import load_model
+    from ...reducio import ReducioVAE as ReducioVAEModel
 
     try:
-        config_path = sidecar_config_path(path)
-        if config_path is None:
-            return ReducioVAEModel.from_pretrained(path, device="cpu", dtype=dtype)
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        return load_model(ReducioVAEModel, path, device="cpu", dtype=dtype, config=config)
+        return load_model(ReducioVAEModel, path, device="cpu", dtype=dtype)
     except Exception as error:  # noqa: BLE001 - re-raised with the file name and the fix
         raise ValueError(
             f"ReducioVAELoader: cannot load {name!r} as a Reducio VAE: {type(error).__name__}: {error}. Expected "
@@ -143,8 +140,11 @@ class ReducioVAELoader(io.ComfyNode):
             log.warning("ReducioVAELoader: %s on the CPU is very slow (PyTorch has no fast half-precision 3-D "
                         "convolutions there; about 40x slower than fp32 in our measurement). Use fp32 or auto.",
                         dtype)
-        return io.NodeOutput(ReducioVAEHandle(load_reducio_vae(path, checkpoint, compute_dtype), compute_dtype,
-                                              checkpoint))
+        model = load_reducio_vae(path, checkpoint, compute_dtype)
+        summary = (f"{checkpoint}: Reducio VAE {model.variant}, config from {model.config_source}; "
+                   f"{tiling_policy_text(model)}")
+        log.info("ReducioVAELoader: %s", summary)
+        return io.NodeOutput(ReducioVAEHandle(model, compute_dtype, checkpoint), ui=ui.PreviewText(summary))
 
 
 class ReducioVAEEncode(io.ComfyNode):

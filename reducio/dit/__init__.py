@@ -2,11 +2,12 @@
 
 See ``docs/reducio_dit.md`` for usage and ``shared/spec/reducio_dit.md`` for the specification.
 """
-from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, ConfigError, check_state_dict, inspect_checkpoint, load_checkpoint,
+                         read_checkpoint, save_checkpoint)
 from .config import NAMED_CONFIGS, ReducioDiTConfig, get_config
 from .model import ReducioDiT
 
 __all__ = [
-    "CheckpointError", "NAMED_CONFIGS", "ReducioDiT", "ReducioDiTConfig", "check_state_dict", "get_config",
+    "CheckpointError", "ConfigError", "NAMED_CONFIGS", "ReducioDiT", "ReducioDiTConfig", "check_state_dict", "get_config", "inspect_checkpoint",
     "load_checkpoint", "read_checkpoint", "save_checkpoint",
 ]

@@ -12,17 +12,14 @@ from typing import Mapping
 
 import torch
 
-from ..files import abbreviate, atomic_write_safetensors
+from ..files import abbreviate, atomic_write_safetensors, read_safetensors_header, read_safetensors_tensors
+from ..validation import CheckpointError, ConfigError
 from .config import ReducioDiTConfig
 
 FORMAT_NAME = "reducio-dit"
 FORMAT_VERSION = "1"
 ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CONVERT_HINT = "convert it with `python -m reducio.convert pixart IN.pth OUT.safetensors`"
-
-
-class CheckpointError(ValueError):
-    """A file that is not a loadable Reducio-DiT checkpoint; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------------------- identification
@@ -57,18 +54,42 @@ def expected_shapes(config: ReducioDiTConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ReducioDiTConfig,
-                     metadata: Mapping[str, str] | None = None, source: str = "checkpoint") -> None:
-    """Raise ``CheckpointError`` listing every missing / unexpected / mis-shaped key, or a foreign format."""
+def block_count(keys) -> int:
+    """Number of transformer blocks a file holds (distinct ``blocks.{i}.`` indices)."""
+    return len({k.split(".")[1] for k in keys if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+
+
+def check_depth_matches_file(config: ReducioDiTConfig, keys, source: str = "checkpoint") -> None:
+    """The one config field that decides how many modules are built may not exceed the blocks the file
+    holds, checked before the model (even on the meta device) is built; every other size is compared
+    shape by shape afterwards against a model built on the meta device (no memory), and fewer blocks
+    than the file holds show up there as unexpected keys."""
+    blocks = block_count(keys)
+    if config.depth > max(blocks, 1):
+        raise ConfigError(f"{source}: config field depth = {config.depth} does not match the file, which holds "
+                          f"{blocks} blocks (blocks.0..{blocks - 1}); correct the config in its metadata (or the "
+                          "config you passed), or use the checkpoint it was written for")
+
+
+def check_state_dict(state_dict: Mapping, config: ReducioDiTConfig,
+                     metadata: Mapping[str, str] | None = None, source: str = "checkpoint",
+                     dtypes: Mapping[str, torch.dtype] | None = None) -> None:
+    """Raise ``CheckpointError`` listing every missing / unexpected / mis-shaped key, or a foreign format
+    (``ConfigError`` when the config does not describe the tensors). ``state_dict`` maps keys to tensors,
+    or to shapes with their ``dtypes`` given separately (a header-only check)."""
     foreign = identify_foreign_checkpoint(state_dict.keys(), metadata)
     if foreign:
         raise CheckpointError(f"{source}: {foreign}")
+    check_depth_matches_file(config, state_dict.keys(), source)
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in state_dict.items()}
+    if dtypes is None:
+        dtypes = {k: v.dtype for k, v in state_dict.items()}
     expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(f"{k}: file {list(state_dict[k].shape)} vs config {list(shape)}"
-                   for k, shape in expected.items() if k in state_dict and tuple(state_dict[k].shape) != shape)
-    bad_dtype = sorted(f"{k}: {v.dtype}" for k, v in state_dict.items() if v.dtype not in ALLOWED_DTYPES)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(f"{k}: file {list(shapes[k])} vs config {list(shape)}"
+                   for k, shape in expected.items() if k in shapes and shapes[k] != shape)
+    bad_dtype = sorted(f"{k}: {v}" for k, v in dtypes.items() if v not in ALLOWED_DTYPES)
     if not (missing or unexpected or wrong or bad_dtype):
         return
     parts = []
@@ -81,8 +102,9 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: ReducioDiTC
         parts.append(f"{len(unexpected)} unexpected key(s): {abbreviate(unexpected, 6)}")
     if bad_dtype:
         parts.append(f"unsupported tensor dtypes (float32, bfloat16, float16 only): {abbreviate(bad_dtype, 6)}")
-    raise CheckpointError(f"{source} is not a valid Reducio-DiT checkpoint for its config "
-                          f"(depth {config.depth}, hidden {config.hidden_size}): " + "; ".join(parts))
+    error = ConfigError if wrong else CheckpointError
+    raise error(f"{source} is not a valid Reducio-DiT checkpoint for its config "
+                f"(depth {config.depth}, hidden {config.hidden_size}): " + "; ".join(parts))
 
 
 def config_from_metadata(metadata: Mapping[str, str] | None, source: str = "checkpoint",
@@ -104,14 +126,15 @@ def config_from_metadata(metadata: Mapping[str, str] | None, source: str = "chec
                               f"{FORMAT_VERSION!r}")
     try:
         return ReducioDiTConfig.from_json(metadata["config"])
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{source}: the config in its metadata is invalid: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: the config in its metadata is invalid: {exc}") from None
 
 
 # ---------------------------------------------------------------------------- reading
-def read_checkpoint(path: str | os.PathLike, config: ReducioDiTConfig | None = None
-                    ) -> tuple[dict[str, torch.Tensor], ReducioDiTConfig]:
-    """Read and check a checkpoint; returns (state dict, config). ``config`` overrides the metadata."""
+def inspect_checkpoint(path: str | os.PathLike, config: ReducioDiTConfig | None = None
+                       ) -> tuple[ReducioDiTConfig, dict]:
+    """Check a checkpoint from its header only (no tensor is read): the config (types, bounds, depth
+    against the blocks present) and every key, shape and dtype. Returns (config, metadata)."""
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
@@ -124,16 +147,34 @@ def read_checkpoint(path: str | os.PathLike, config: ReducioDiTConfig | None = N
             raise CheckpointError(f"{path} is a pickled PyTorch file; Reducio-DiT checkpoints are safetensors only. "
                                   f"If it is a PixArt-alpha checkpoint, {CONVERT_HINT}")
     try:
+        shapes, metadata = read_safetensors_header(path)
         with safe_open(path, framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+            dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}). If it is a PixArt-alpha "
                               f"checkpoint, {CONVERT_HINT}") from exc
     if config is None:
-        config = config_from_metadata(metadata, source=path, keys=state_dict.keys())
-    check_state_dict(state_dict, config, metadata, source=path)
+        config = config_from_metadata(metadata, source=path, keys=shapes.keys())
+    check_state_dict(shapes, config, metadata, source=path, dtypes={k: _DTYPE_NAMES.get(v, v) for k, v in dtypes.items()})
+    return config, metadata
+
+
+def read_checkpoint(path: str | os.PathLike, config: ReducioDiTConfig | None = None
+                    ) -> tuple[dict[str, torch.Tensor], ReducioDiTConfig]:
+    """Read and check a checkpoint; returns (state dict, config). ``config`` overrides the metadata.
+    The header is checked first (:func:`inspect_checkpoint`), the tensors are read only after."""
+    from safetensors import SafetensorError
+
+    config, metadata = inspect_checkpoint(path, config)
+    try:
+        state_dict = read_safetensors_tensors(path)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} could not be read ({exc})") from exc
+    check_state_dict(state_dict, config, metadata, source=os.fspath(path))
     return state_dict, config
+
+
+_DTYPE_NAMES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu",

@@ -15,13 +15,14 @@ meaning, so it is never copied.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from typing import Mapping, Sequence
 
 import torch
 
+from ..files import check_torch_archive, same_file
+from ..validation import CheckpointError
 from .checkpoint import FORMAT_NAME, save_checkpoint
 from .config import ReducioDiTConfig
 
@@ -48,7 +49,14 @@ def read_source(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.endswith((".safetensors", ".sft")):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OS errors: one clear message
+            raise ConversionError(f"{path} is not a readable .safetensors file ({exc})") from None
+    try:
+        check_torch_archive(path)
+    except CheckpointError as exc:
+        raise ConversionError(str(exc)) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers
@@ -106,7 +114,10 @@ def diffusers_to_original(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def _count_blocks(sd, prefix: str) -> int:
-    indices = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    heads = {k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)}
+    if not all(head.isdigit() for head in heads):
+        raise ConversionError(f"keys under {prefix!r} must be numbered blocks, found {sorted(heads)[:4]}")
+    indices = {int(head) for head in heads}
     if indices != set(range(len(indices))):
         raise ConversionError(f"block indices under {prefix!r} are not contiguous: {sorted(indices)[:8]}...")
     return len(indices)
@@ -130,8 +141,16 @@ def convert_state_dict(source: Mapping[str, torch.Tensor], seed: int = 0, **conf
     from .model import ReducioDiT
 
     layout = detect_layout(source)
-    sd = diffusers_to_original(source) if layout == "diffusers" else dict(source)
-    config = config_for_source(sd, **config_overrides)
+    try:
+        sd = diffusers_to_original(source) if layout == "diffusers" else dict(source)
+        config = config_for_source(sd, **config_overrides)
+    except KeyError as exc:
+        raise ConversionError(f"the PixArt checkpoint ({layout} layout) lacks {exc.args[0]}; it is incomplete or "
+                              "not a PixArt-alpha XL/2 checkpoint") from None
+    except (IndexError, ZeroDivisionError):
+        raise ConversionError(f"the PixArt checkpoint ({layout} layout) has tensors of the wrong rank or size zero "
+                              "(t_block.1.weight, blocks.0.mlp.fc1.weight, y_embedder.y_proj.fc1.weight must be "
+                              "non-empty matrices)") from None
     generator = torch.Generator().manual_seed(seed)
     model = ReducioDiT(config, device="meta")
     model = model.to_empty(device="cpu")
@@ -165,6 +184,9 @@ def convert_file(in_path, out_path, *, overwrite: bool = False, dtype: torch.dty
     out_path = os.fspath(out_path)
     if not out_path.endswith(".safetensors"):
         raise ConversionError("the output file name must end in .safetensors")
+    if os.path.exists(out_path) and same_file(in_path, out_path):
+        raise FileExistsError(f"the output {out_path} is the input file; choose another output name (--force never "
+                              "replaces the source)")
     if os.path.exists(out_path) and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass --force to replace it")
     state_dict, config, report = convert_state_dict(read_source(in_path), seed=seed, **config_overrides)

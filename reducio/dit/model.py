@@ -257,7 +257,7 @@ class ReducioDiT(nn.Module):
         grid = self.token_grid(x)
         options = dict(options) if options is not None else {}
         options["token_grid"] = grid
-        dtype, device = x.dtype, x.device
+        device = x.device
 
         tokens = self.x_embedder.proj(x).flatten(2).transpose(1, 2)           # [B, N, D], raster (t, h, w)
         pos = sincos_3d(*grid, cfg.hidden_size, cfg.pe_base_size, cfg.pe_interpolation, cfg.temporal_pe == "sincos")

@@ -11,13 +11,17 @@ import pickle
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
-from ..files import abbreviate, atomic_write_safetensors  # noqa: F401  (re-exported)
+from ..files import (abbreviate, atomic_write_safetensors, check_torch_archive, read_safetensors_header,  # noqa: F401
+                     read_safetensors_tensors, same_file)
+from ..validation import CheckpointError, ConfigError, parse_json_object
 from .blocks import sinusoid_table
-from .config import official_config
+from .config import TILING_AUTO, official_config, validate_config
+from .decoder import decoder_level_frames
 
 PathLike = Union[str, os.PathLike]
 CONFIG_METADATA_KEY = "reducio_config"
@@ -26,8 +30,7 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 MAX_LISTED_KEYS = 8
 
 
-class CheckpointError(ValueError):
-    """A file that cannot be used as Reducio VAE weights (the message says why and what to do)."""
+SIDECAR_SUFFIX = ".json"
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -37,6 +40,7 @@ def _read_pickle(path: Path) -> object:
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise CheckpointError(f"{path.name} is not a PyTorch checkpoint (neither a torch zip archive nor a "
                               f"pickle); expected the official .ckpt or a .safetensors file")
+    check_torch_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -49,16 +53,11 @@ def _read_pickle(path: Path) -> object:
                               f"download it again") from None
 
 
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import SafetensorError, safe_open
+def _read_safetensors_header(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
 
     try:
-        tensors = {}
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
-        return tensors, metadata
+        return read_safetensors_header(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path.name} is not a readable .safetensors file (truncated or corrupt?): "
                               f"{exc}") from None
@@ -76,29 +75,54 @@ def _unwrap(obj: object, name: str) -> dict:
     return tensors
 
 
-def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """Strip a DataParallel ``module.`` prefix and drop training-only ``loss.*`` tensors."""
+def clean_state_dict(state_dict: Mapping) -> dict:
+    """Strip a DataParallel ``module.`` prefix and drop training-only ``loss.*`` entries (tensors or
+    shapes alike)."""
     keys = list(state_dict)
     if keys and all(k.startswith("module.") for k in keys):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     return {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
 
 
-def read_state_dict(path: PathLike) -> tuple[dict, dict]:
-    """(cleaned state dict, safetensors metadata or {}) of a .ckpt/.pt/.pth/.bin/.safetensors file."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path.name} is empty (0 bytes); the download or copy did not finish")
-    if path.suffix.lower() == ".safetensors":
-        tensors, metadata = _read_safetensors(path)
-    elif path.suffix.lower() in PICKLE_SUFFIXES:
-        tensors, metadata = _unwrap(_read_pickle(path), path.name), {}
-    else:
+    if path.suffix.lower() != ".safetensors" and path.suffix.lower() not in PICKLE_SUFFIXES:
         raise CheckpointError(f"unsupported file type {path.suffix!r} for {path.name}; use .ckpt, .pt, .pth "
                               f"or .safetensors")
-    return clean_state_dict(tensors), metadata
+
+
+def open_checkpoint(path: PathLike) -> tuple[dict, dict, Callable[[], dict]]:
+    """(key -> shape, safetensors metadata or {}, a function reading the cleaned state dict).
+
+    For .safetensors only the header is read here, so a config can be checked against the tensors'
+    shapes before any tensor is loaded. Pickled files are read (safely, after the archive size check)
+    because their shapes are only known from the unpickled tensors."""
+    path = Path(path)
+    _check_file(path)
+    if path.suffix.lower() == ".safetensors":
+        shapes, metadata = _read_safetensors_header(path)
+
+        def read_tensors() -> dict:
+            try:
+                return clean_state_dict(read_safetensors_tensors(path))
+            except Exception as exc:  # noqa: BLE001 - a file that changed or broke after the header read
+                raise CheckpointError(f"{path.name} could not be read: {exc}") from None
+        return clean_state_dict(shapes), metadata, read_tensors
+    tensors = clean_state_dict(_unwrap(_read_pickle(path), path.name))
+    return {k: tuple(v.shape) for k, v in tensors.items()}, {}, lambda: tensors
+
+
+def read_state_dict(path: PathLike) -> tuple[dict, dict]:
+    """(cleaned state dict, safetensors metadata or {}) of a .ckpt/.pt/.pth/.bin/.safetensors file."""
+    _, metadata, read_tensors = open_checkpoint(path)
+    return read_tensors(), metadata
+
+
+def _shapes(state_dict: Mapping) -> dict:
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------------------- detection
@@ -119,7 +143,7 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "a diffusion transformer (DiT/PixArt-style), not a VAE"
     if has("encoder.down.") and has("decoder.up."):
         conv = state_dict.get("encoder.conv_in.weight")
-        if conv is not None and conv.ndim == 5:
+        if conv is not None and len(_shapes({"conv": conv})["conv"]) == 5:
             return "a 3-D video VAE of another family (no content encoder/fusion decoder)"
         return "a 2-D image VAE (AutoencoderKL-style), not the Reducio video VAE"
     if has("encoder.") and has("decoder."):
@@ -131,19 +155,21 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
 def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
     """'ft4' or 'ft2' from the weights: the middle fusion's pos_embed frames (4 vs 8) and the kernel
     depth of ``encoder_3d.down.3.downsample`` (3 vs 1). Raises CheckpointError otherwise."""
-    pos = state_dict.get("decoder.mid.fuse.0.pos_embed")
-    down = state_dict.get("encoder_3d.down.3.downsample.conv.weight")
-    if pos is None or down is None or pos.ndim != 4 or down.ndim != 5:
+    shapes = _shapes({k: v for k, v in state_dict.items()
+                      if k in ("decoder.mid.fuse.0.pos_embed", "encoder_3d.down.3.downsample.conv.weight")})
+    pos = shapes.get("decoder.mid.fuse.0.pos_embed")
+    down = shapes.get("encoder_3d.down.3.downsample.conv.weight")
+    if pos is None or down is None or len(pos) != 4 or len(down) != 5:
         description = describe_state_dict(state_dict)
         hint = (f"; for a custom Reducio configuration pass config=... or store the constructor kwargs as "
                 f"JSON in the safetensors metadata key {CONFIG_METADATA_KEY!r}" if "Reducio" in description else "")
         raise CheckpointError(f"cannot detect the Reducio VAE configuration: this looks like {description}{hint}")
-    by_pos = {4: "ft4", 8: "ft2"}.get(pos.shape[1])
-    by_kernel = {3: "ft4", 1: "ft2"}.get(down.shape[2])
-    if by_pos is None or by_kernel is None or by_pos != by_kernel or pos.shape[-1] != 512:
+    by_pos = {4: "ft4", 8: "ft2"}.get(pos[1])
+    by_kernel = {3: "ft4", 1: "ft2"}.get(down[2])
+    if by_pos is None or by_kernel is None or by_pos != by_kernel or pos[-1] != 512:
         raise CheckpointError(
-            f"the weights do not match an official Reducio VAE (decoder.mid.fuse.0.pos_embed {tuple(pos.shape)}, "
-            f"encoder_3d.down.3.downsample kernel depth {down.shape[2]}); a custom configuration must be stored "
+            f"the weights do not match an official Reducio VAE (decoder.mid.fuse.0.pos_embed {pos}, "
+            f"encoder_3d.down.3.downsample kernel depth {down[2]}); a custom configuration must be stored "
             f"in the safetensors metadata key {CONFIG_METADATA_KEY!r}")
     return by_pos
 
@@ -152,41 +178,147 @@ def config_from_metadata(metadata: Mapping[str, str]) -> Optional[dict]:
     text = metadata.get(CONFIG_METADATA_KEY)
     if not text:
         return None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"the {CONFIG_METADATA_KEY!r} metadata is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or not {"ddconfig", "ddconfig_2d", "embed_dim"} <= set(config):
-        raise CheckpointError(f"the {CONFIG_METADATA_KEY!r} metadata must hold the constructor kwargs "
-                              f"(ddconfig, ddconfig_2d, embed_dim)")
-    return config
-
-
-def resolve_config(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-                   config: Optional[dict] = None) -> dict:
-    """The model config: ``config`` if given, else the file's metadata, else detected from the
-    weights (official ft4/ft2 models only)."""
-    if config is not None:
-        return normalize_config(config)
-    config = config_from_metadata(metadata)
-    return config if config is not None else official_config(detect_variant(state_dict))
+    return normalize_config(parse_json_object(text, f"the {CONFIG_METADATA_KEY!r} metadata"))
 
 
 def normalize_config(config: Mapping) -> dict:
-    """Accept constructor kwargs, or a dict holding them under ``constructor_kwargs`` (golden format)."""
-    if "constructor_kwargs" in config:
+    """Accept constructor kwargs, or a dict holding them under ``constructor_kwargs`` (golden format);
+    checked completely (types, bounds, supported options) by ``validate_config``."""
+    if isinstance(config, Mapping) and isinstance(config.get("constructor_kwargs"), Mapping):
         config = config["constructor_kwargs"]
-    if not {"ddconfig", "ddconfig_2d", "embed_dim"} <= set(config):
-        raise CheckpointError("a Reducio VAE config needs 'ddconfig', 'ddconfig_2d' and 'embed_dim'")
-    return dict(config)
+    return validate_config(config)
 
 
-def check_keys(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], name: str) -> None:
+def sidecar_config_path(path: PathLike) -> Optional[Path]:
+    """``<checkpoint name>.json`` beside the checkpoint, if present."""
+    candidate = Path(path).with_suffix(SIDECAR_SUFFIX)
+    return candidate if candidate.is_file() else None
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')} ({a!r} vs {b!r})"]
+
+
+@dataclass(frozen=True)
+class ConfigChoice:
+    """The config a checkpoint is built with and where it came from (for logs and the loader node)."""
+
+    config: dict
+    source: str   # "argument", "metadata", "sidecar" or "detected"
+    description: str
+
+
+def choose_config(shapes: Mapping, metadata: Mapping[str, str], path: PathLike, config: Optional[dict] = None,
+                  use_sidecar: bool = True) -> ConfigChoice:
+    """Which config builds the model, by one rule:
+
+    1. ``config`` given by the caller: used (it overrides everything; that is what passing it means);
+    2. the file's own metadata (``reducio_config``, written by the converter): used. A sidecar
+       ``<name>.json`` beside such a file is only accepted when it says the same; a different one is
+       refused, naming both, instead of silently overriding the file (or being silently ignored);
+    3. a sidecar ``<name>.json`` (for pickled .ckpt files of custom configurations, which have no
+       metadata);
+    4. detected from the weights (the official ft4/ft2 models).
+    """
+    path = Path(path)
+    if config is not None:
+        return ConfigChoice(normalize_config(config), "argument", "the config passed by the caller")
+    own = config_from_metadata(metadata)
+    sidecar = sidecar_config_path(path) if use_sidecar else None
+    side = None
+    if sidecar is not None:
+        try:
+            text = sidecar.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"the sidecar config {sidecar.name} cannot be read: {exc}") from None
+        side = normalize_config(parse_json_object(text, f"the sidecar config {sidecar.name}"))
+    if own is not None:
+        if side is not None and side != own:
+            raise ConfigError(
+                f"{path.name} carries its own config in its metadata ({CONFIG_METADATA_KEY!r}) and the sidecar "
+                f"{sidecar.name} beside it holds a different one (differs in: "
+                f"{abbreviate(_differences(own, side), 4)}). A sidecar is only for files without a config of "
+                f"their own (pickled .ckpt files): remove or rename {sidecar.name}, or re-convert the checkpoint "
+                f"with `python -m reducio.convert vae IN OUT --config {sidecar.name}`")
+        note = f" (the sidecar {sidecar.name} says the same)" if side is not None else ""
+        return ConfigChoice(own, "metadata", f"the file's own metadata ({CONFIG_METADATA_KEY}){note}")
+    if side is not None:
+        return ConfigChoice(side, "sidecar", f"the sidecar {sidecar.name}")
+    # The official 256-px and 1024-px configs build identical weights and differ only in use_tiling
+    # (False / True), so weights alone cannot say which was meant: tiling follows the memory estimate.
+    variant = detect_variant(shapes)
+    detected = {**official_config(variant), "use_tiling": TILING_AUTO}
+    return ConfigChoice(detected, "detected", f"detected from the weights: official {variant}, use_tiling "
+                                              f"'{TILING_AUTO}' (tiles only when the memory estimate does not fit)")
+
+
+def resolve_config(state_dict: Mapping, metadata: Mapping[str, str], config: Optional[dict] = None) -> dict:
+    """The model config: ``config`` if given, else the file's metadata, else detected from the
+    weights (official ft4/ft2 models only). No sidecar lookup (see :func:`choose_config`)."""
+    if config is not None:
+        return normalize_config(config)
+    config = config_from_metadata(metadata)
+    return config if config is not None else {**official_config(detect_variant(state_dict)), "use_tiling": TILING_AUTO}
+
+
+def _indices(shapes: Mapping, prefix: str) -> set[int]:
+    found = set()
+    for key in shapes:
+        if key.startswith(prefix):
+            head = key[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return found
+
+
+def check_config_matches_tensors(config: dict, shapes: Mapping, name: str) -> None:
+    """Compare the sizes a config claims with the file's own tensor shapes (from the header) before a
+    model is built from it, so a config that does not describe the file is refused with the field
+    named. Only anchors that the file has are compared; the strict key check follows the build."""
+    dd, dd2 = config["ddconfig"], config["ddconfig_2d"]
+    fix = (f"the config does not describe {name}: correct it, or use the checkpoint it was written for")
+
+    def refuse(field, value, found):
+        raise ConfigError(f"config field {field} = {value!r} does not match the tensors of {name}: {found}; {fix}")
+
+    def expect_count(prefix, count, field, value, what):
+        found = _indices(shapes, prefix)
+        if found and len(found) != count:
+            refuse(field, value, f"the file's tensors have {len(found)} {what} ({prefix}*)")
+
+    for branch, section, field in (("encoder_3d", dd, "ddconfig"), ("encoder_2d", dd2, "ddconfig_2d")):
+        conv = shapes.get(f"{branch}.conv_in.weight")
+        if conv and conv[0] != section["ch"]:
+            refuse(f"{field}.ch", section["ch"], f"{branch}.conv_in.weight has {conv[0]} output channels")
+        expect_count(f"{branch}.down.", len(section["ch_mult"]), f"{field}.ch_mult", section["ch_mult"], "levels")
+        expect_count(f"{branch}.down.0.block.", section["num_res_blocks"], f"{field}.num_res_blocks",
+                     section["num_res_blocks"], "ResNet blocks per level")
+    quant = shapes.get("quant_conv.weight")
+    if quant and quant[0] != 2 * config["embed_dim"]:
+        refuse("embed_dim", config["embed_dim"], f"quant_conv.weight has {quant[0]} = 2 x {quant[0] // 2} outputs")
+    if quant and len(quant) > 1 and quant[1] != 2 * dd["z_channels"]:
+        refuse("ddconfig.z_channels", dd["z_channels"], f"quant_conv.weight has {quant[1]} inputs")
+    n, f_t = len(dd["ch_mult"]), dd.get("f_t", 0)
+    tables = {"decoder.mid.fuse.0.pos_embed": dd["temp_res"] // 2 ** f_t}
+    tables.update({f"decoder.up.{level}.fuse.0.pos_embed": decoder_level_frames(level, n, dd["temp_res"], f_t)
+                   for level in range(n)})
+    for key, frames in tables.items():
+        shape = shapes.get(key)
+        if shape and len(shape) == 4 and shape[1] != frames:
+            refuse("ddconfig.temp_res", dd["temp_res"], f"{key} has {shape[1]} frames, the config implies {frames}")
+
+
+def check_keys(expected: Mapping, state_dict: Mapping, name: str) -> None:
     """Strict key and shape check; the error lists missing, unexpected and mis-shaped tensors."""
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
-             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    expected, found = _shapes(expected), _shapes(state_dict)
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k} {found[k]} (expected {v})" for k, v in expected.items() if k in found and found[k] != v]
     if not (missing or unexpected or wrong):
         return
     parts = [f"{name} does not match the Reducio VAE; it looks like {describe_state_dict(state_dict)}."]
@@ -224,17 +356,24 @@ def verify_pos_embed(config: dict, state_dict: Mapping[str, torch.Tensor], name:
 
 # ---------------------------------------------------------------------------------------- loading
 def load_model(cls, path: PathLike, device: Union[str, torch.device] = "cpu",
-               dtype: torch.dtype = torch.float32, config: Optional[dict] = None):
-    """Build ``cls`` (ReducioVAE) from a checkpoint: safe read, config, strict check, assign weights."""
+               dtype: torch.dtype = torch.float32, config: Optional[dict] = None, use_sidecar: bool = True):
+    """Build ``cls`` (ReducioVAE) from a checkpoint. Order: read the header (safetensors) or the safe
+    pickle, choose and check the config (types, bounds, against the tensors' shapes), build on the
+    meta device, strict key check, then read the tensors and assign them. The model records where its
+    config came from in ``config_source``."""
     path = Path(path)
-    state_dict, metadata = read_state_dict(path)
-    config = resolve_config(state_dict, metadata, config)
+    shapes, metadata, read_tensors = open_checkpoint(path)
+    choice = choose_config(shapes, metadata, path, config, use_sidecar)
+    check_config_matches_tensors(choice.config, shapes, path.name)
     with torch.device("meta"):
-        model = cls(**config)
-    check_keys(model.state_dict(), state_dict, path.name)
-    verify_pos_embed(config, state_dict, path.name)
+        model = cls(**choice.config)
+    check_keys(model.state_dict(), shapes, path.name)
+    state_dict = read_tensors()
+    check_keys(model.state_dict(), state_dict, path.name)  # the file may have changed since the header read
+    verify_pos_embed(choice.config, state_dict, path.name)
     state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
+    model.config_source = choice.description
     return model.eval()
 
 
@@ -249,12 +388,13 @@ def convert_to_safetensors(in_path: PathLike, out_path: PathLike, overwrite: boo
     Returns the metadata written.
     """
     in_path, out_path = Path(in_path), Path(out_path)
-    if out_path.exists() and out_path.resolve() == in_path.resolve():
+    if out_path.exists() and same_file(in_path, out_path):
         raise FileExistsError("the output path is the input file; choose another output name")
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} already exists; pass --force to replace it")
     state_dict, metadata = read_state_dict(in_path)
     config = resolve_config(state_dict, metadata, config)
+    check_config_matches_tensors(config, _shapes(state_dict), in_path.name)
     from .model import ReducioVAE
 
     with torch.device("meta"):

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import copy
 
+from ..validation import (ConfigError, check_bool, check_choice, check_int, check_int_list, check_known_fields,
+                          check_mapping, check_number)
+
 _CONTENT_CONFIG = {
     "ch": 128, "z_channels": 4, "out_ch": 3, "resolution": 256, "in_channels": 3,
     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
@@ -62,37 +65,155 @@ _FIXED_VIDEO_OPTIONS = {
 }
 # ddconfig keys that are inert for inference (training switches, logging, ignored by the code).
 _INERT_VIDEO_KEYS = {"resolution", "attn_resolutions", "use_checkpoint", "fp32_attention", "dropout",
-                     "init_values", "in_channels"}
+                     "init_values"}
 _VIDEO_KEYS = {"ch", "ch_in", "f_t", "f_s", "out_ch", "z_channels", "temp_res", "ch_mult", "ch_fuse",
-               "fuse_type", "num_res_blocks", "fuse_mid", "fuse_mid_type", "window_size", "tanh_out"}
+               "fuse_type", "num_res_blocks", "fuse_mid", "fuse_mid_type", "window_size", "tanh_out",
+               "in_channels"}
 _CONTENT_KEYS = {"ch", "ch_mult", "num_res_blocks", "out_z", "window_size", "f_s", "fs", "in_channels"}
 _INERT_CONTENT_KEYS = {"z_channels", "out_ch", "resolution", "attn_resolutions", "dropout",
                        "use_checkpoint", "fp32_attention", "double_z", "resamp_with_conv", "temp_res",
                        "use_3d_conv"}
+_TOP_KEYS = {"ddconfig", "ddconfig_2d", "embed_dim", "use_tiling", "tile_sample_min_size", "tile_overlap_factor",
+             "enable_2d", "mode", "ckpt_path"}
+
+# Sane bounds, far above the official models (6 / 4 levels, 2 ResNet blocks, widths <= 512, 16
+# frames): a config from a file decides how many modules are built and how large the fixed
+# sinusoid tables are, so every size it can claim is bounded before anything is built.
+MAX_LEVELS = 8
+MAX_RES_BLOCKS = 16
+MAX_WIDTH = 4096
+MAX_CLIP_FRAMES = 256
+MAX_LATENT_CHANNELS = 1024
+MAX_IO_CHANNELS = 64
+MAX_WINDOW = 4096
+MAX_TILE_SIZE = 16384
+GROUPS = 32  # GroupNorm(32, ...) needs every ResNet width to be a multiple of 32
+
+TILING_AUTO = "auto"
+TILING_POLICIES = (True, False, TILING_AUTO)
+_FIX = "correct the config (safetensors metadata 'reducio_config', the sidecar .json or config=...)"
 
 
-def check_ddconfig(ddconfig: dict) -> None:
-    """Reject video-branch options this port does not implement, with the reason."""
-    unknown = set(ddconfig) - _VIDEO_KEYS - _INERT_VIDEO_KEYS - set(_FIXED_VIDEO_OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown ddconfig keys {sorted(unknown)}")
+def _check_window(field: str, value) -> None:
+    if isinstance(value, (list, tuple)):
+        check_int_list(field, value, 1, MAX_WINDOW, 2, 2, _FIX)
+    else:
+        check_int(field, value, 1, MAX_WINDOW, _FIX)
+
+
+def _check_widths(field: str, base: int, mults: list) -> None:
+    for width in [base] + [base * m for m in mults]:
+        if width > MAX_WIDTH or width % GROUPS:
+            raise ConfigError(f"config field {field} = {base} with ch_mult {mults} gives a {width}-channel level: "
+                              f"every width must be a multiple of {GROUPS} (GroupNorm groups) and at most "
+                              f"{MAX_WIDTH}; {_FIX}")
+
+
+def check_ddconfig(ddconfig) -> None:
+    """The video-branch options (``ddconfig``): types, bounds, and only what this port implements."""
+    check_mapping("ddconfig", ddconfig)
+    check_known_fields("ddconfig", ddconfig, _VIDEO_KEYS | _INERT_VIDEO_KEYS | set(_FIXED_VIDEO_OPTIONS), _FIX)
+    for key in ("ch", "ch_mult", "ch_fuse", "num_res_blocks", "z_channels", "temp_res"):
+        if key not in ddconfig:
+            raise ConfigError(f"config field ddconfig.{key} is missing; {_FIX}")
     for key, allowed in _FIXED_VIDEO_OPTIONS.items():
-        if key in ddconfig and ddconfig[key] not in allowed:
-            raise NotImplementedError(
-                f"ddconfig.{key}={ddconfig[key]!r} is not used by the official Reducio models and is not "
-                f"implemented (supported: {sorted(map(str, allowed))})")
-    fuse_type = ddconfig.get("fuse_type")
-    types = fuse_type if isinstance(fuse_type, (list, tuple)) else [fuse_type] * len(ddconfig["ch_mult"])
-    for level, (kind, index) in enumerate(zip(types, ddconfig.get("ch_fuse", []))):
-        if index >= 0 and kind != "attn":
-            raise NotImplementedError(f"fusion type {kind!r} at decoder level {level} is not implemented; "
-                                      f"only 'attn' (cross-attention) is used by the official models")
+        if key in ddconfig and (isinstance(ddconfig[key], (list, dict)) or ddconfig[key] not in allowed):
+            raise ConfigError(
+                f"config field ddconfig.{key} = {ddconfig[key]!r} is not supported: the official Reducio models use "
+                f"{sorted(map(str, allowed))} and nothing else is implemented; {_FIX}")
+    mults = check_int_list("ddconfig.ch_mult", ddconfig["ch_mult"], 1, 64, 1, MAX_LEVELS, _FIX)
+    levels = len(mults)
+    ch = check_int("ddconfig.ch", ddconfig["ch"], 1, MAX_WIDTH, _FIX)
+    _check_widths("ddconfig.ch", ch, mults)
+    if ddconfig.get("ch_in") is not None:
+        _check_widths("ddconfig.ch_in", check_int("ddconfig.ch_in", ddconfig["ch_in"], 1, MAX_WIDTH, _FIX), mults)
+    check_int("ddconfig.num_res_blocks", ddconfig["num_res_blocks"], 1, MAX_RES_BLOCKS, _FIX)
+    check_int("ddconfig.z_channels", ddconfig["z_channels"], 1, MAX_LATENT_CHANNELS, _FIX)
+    for key in ("out_ch", "in_channels"):
+        if key in ddconfig:
+            check_int(f"ddconfig.{key}", ddconfig[key], 1, MAX_IO_CHANNELS, _FIX)
+    f_t = check_int("ddconfig.f_t", ddconfig.get("f_t", 0), 0, levels - 1,
+                    "the temporal factor needs one encoder level per halving")
+    if "f_s" in ddconfig:
+        check_int("ddconfig.f_s", ddconfig["f_s"], 0, levels - 1, "the spatial factor needs one level per halving")
+    temp_res = check_int("ddconfig.temp_res", ddconfig["temp_res"], 1, MAX_CLIP_FRAMES, _FIX)
+    if temp_res % 2 ** f_t:
+        raise ConfigError(f"config field ddconfig.temp_res = {temp_res} is not divisible by 2**f_t = {2 ** f_t}; {_FIX}")
+    fuse = check_int_list("ddconfig.ch_fuse", ddconfig["ch_fuse"], -1, MAX_LEVELS, levels, levels,
+                          f"one entry per ch_mult level ({levels}): -1 or a content level; {_FIX}")
+    fuse_type = ddconfig.get("fuse_type", "attn")
+    types = fuse_type if isinstance(fuse_type, (list, tuple)) else [fuse_type] * levels
+    if len(types) != levels:
+        raise ConfigError(f"config field ddconfig.fuse_type needs one entry per level ({levels}); {_FIX}")
+    for level, (kind, index) in enumerate(zip(types, fuse)):
+        if index >= 0 and (not isinstance(kind, str) or kind != "attn"):
+            raise ConfigError(f"config field ddconfig.fuse_type = {kind!r} at decoder level {level} is not supported: "
+                              f"only 'attn' (cross-attention) is used by the official models; {_FIX}")
+    for key in ("fuse_mid", "tanh_out"):
+        if key in ddconfig:
+            check_bool(f"ddconfig.{key}", ddconfig[key], _FIX)
+    if ddconfig.get("fuse_mid_type") is not None:
+        check_choice("ddconfig.fuse_mid_type", ddconfig["fuse_mid_type"], ["attn"], _FIX)
+    if "window_size" in ddconfig:
+        _check_window("ddconfig.window_size", ddconfig["window_size"])
 
 
-def check_content_config(ddconfig_2d: dict) -> None:
-    unknown = set(ddconfig_2d) - _CONTENT_KEYS - _INERT_CONTENT_KEYS
-    if unknown:
-        raise TypeError(f"unknown ddconfig_2d keys {sorted(unknown)}")
-    if ddconfig_2d.get("out_z", False):
-        raise NotImplementedError("ddconfig_2d.out_z=True (latent content branch) is not implemented; "
-                                  "the official models use the content feature pyramid (out_z False)")
+def check_content_config(ddconfig_2d) -> None:
+    """The content-branch options (``ddconfig_2d``)."""
+    check_mapping("ddconfig_2d", ddconfig_2d)
+    check_known_fields("ddconfig_2d", ddconfig_2d, _CONTENT_KEYS | _INERT_CONTENT_KEYS, _FIX)
+    for key in ("ch", "ch_mult", "num_res_blocks"):
+        if key not in ddconfig_2d:
+            raise ConfigError(f"config field ddconfig_2d.{key} is missing; {_FIX}")
+    if ddconfig_2d.get("out_z", False) is not False:
+        raise ConfigError("config field ddconfig_2d.out_z must be false: the latent content branch (out_z true) is "
+                          "not implemented; the official models use the content feature pyramid")
+    mults = check_int_list("ddconfig_2d.ch_mult", ddconfig_2d["ch_mult"], 1, 64, 1, MAX_LEVELS, _FIX)
+    ch = check_int("ddconfig_2d.ch", ddconfig_2d["ch"], 1, MAX_WIDTH, _FIX)
+    _check_widths("ddconfig_2d.ch", ch, mults)
+    check_int("ddconfig_2d.num_res_blocks", ddconfig_2d["num_res_blocks"], 1, MAX_RES_BLOCKS, _FIX)
+    if "f_s" in ddconfig_2d:
+        check_int("ddconfig_2d.f_s", ddconfig_2d["f_s"], 0, len(mults) - 1, _FIX)
+    if "in_channels" in ddconfig_2d:
+        check_int("ddconfig_2d.in_channels", ddconfig_2d["in_channels"], 1, MAX_IO_CHANNELS, _FIX)
+    if "window_size" in ddconfig_2d:
+        _check_window("ddconfig_2d.window_size", ddconfig_2d["window_size"])
+
+
+def validate_config(config) -> dict:
+    """Check constructor kwargs completely (types, bounds, supported options, consistency of the two
+    branches) and return them as a plain dict; raises ConfigError naming the field. Run before a
+    model is built from a config that came from a file."""
+    check_mapping("config", config)
+    check_known_fields("", config, _TOP_KEYS | TRAINING_ONLY_KWARGS, _FIX)
+    for key in ("ddconfig", "ddconfig_2d", "embed_dim"):
+        if key not in config:
+            raise ConfigError(f"config field {key} is missing: a Reducio VAE config needs ddconfig, ddconfig_2d and "
+                              f"embed_dim; {_FIX}")
+    dd, dd2 = config["ddconfig"], config["ddconfig_2d"]
+    check_ddconfig(dd)
+    check_content_config(dd2)
+    check_int("embed_dim", config["embed_dim"], 1, MAX_LATENT_CHANNELS, _FIX)
+    n2 = len(dd2["ch_mult"])
+    for level, index in enumerate(dd["ch_fuse"]):
+        if index >= n2:
+            raise ConfigError(f"config field ddconfig.ch_fuse[{level}] = {index} names content level {index}, but "
+                              f"ddconfig_2d.ch_mult has only {n2} levels (use -1..{n2 - 1}); {_FIX}")
+    if config.get("use_tiling", False) not in TILING_POLICIES or not isinstance(config.get("use_tiling", False),
+                                                                               (bool, str)):
+        raise ConfigError(f"config field use_tiling = {config['use_tiling']!r} is invalid: expected true, false or "
+                          f"'{TILING_AUTO}'; {_FIX}")
+    factor = 2 ** dd.get("f_s", len(dd["ch_mult"]) - 1)
+    check_int("tile_sample_min_size", config.get("tile_sample_min_size", 256), factor, MAX_TILE_SIZE, _FIX)
+    # (whether the tile window lines up with the latent grid is checked by TileLayout when tiling is used:
+    # the official code default overlap 0.2 does not, and only matters for tiled calls)
+    check_number("tile_overlap_factor", config.get("tile_overlap_factor", 0.2), 0.0, 1.0, _FIX, high_open=True)
+    if config.get("enable_2d", True) is not True:
+        raise ConfigError("config field enable_2d must be true: every official Reducio model decodes with a content "
+                          "frame (enable_2d false is not implemented)")
+    if config.get("mode", "full") != "full":
+        raise ConfigError(f"config field mode = {config['mode']!r} is not implemented; the official models use 'full'")
+    if config.get("ckpt_path") is not None:
+        raise ConfigError("config field ckpt_path is not supported (the official loader is not strict); load the "
+                          "weights with ReducioVAE.from_pretrained(path)")
+    return dict(config)

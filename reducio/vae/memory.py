@@ -12,6 +12,7 @@ process itself (~0.4 GiB on CPU, the CUDA context on GPU) is not included.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -98,6 +99,65 @@ def _decoder_peak_elements(dd: dict, dd2: dict, height: int, width: int) -> tupl
     return largest, scores
 
 
+def available_memory(device) -> int:
+    """Bytes free for activations on ``device`` now: CUDA's free memory, or the system's available RAM
+    (MemAvailable) on the CPU. Unknown: assume 16 GiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def plan_tiling(config_or_model, op: str, frames: int, height: int, width: int, batch: int = 1,
+                dtype: torch.dtype = torch.float32, tiling: Optional[bool] = None, tile_size: Optional[int] = None,
+                budget_bytes: Optional[int] = None, device="cpu") -> tuple[bool, Optional[int]]:
+    """(tile?, tile size or None for the model's own) of an encode/decode call; the one tiling rule.
+
+    ``tiling`` True/False forces it. ``tiling=None`` follows the config's ``use_tiling``:
+    * True (the official 1024-px configs): tile when the padded frame exceeds one tile window (the
+      tiled path is the identity for frames inside one window);
+    * False (the official 256-px configs): never tile, as the official code;
+    * "auto" (a config detected from the weights, which cannot say which official config was meant):
+      untiled when the memory estimate of the untiled run fits ``budget_bytes`` (default: the memory
+      available on ``device`` now), else the largest tiles that fit, else the smallest tiles.
+    """
+    if tiling is not None:
+        return bool(tiling), tile_size
+    config = _config_of(config_or_model)
+    policy = config.get("use_tiling", False)
+    dd = config["ddconfig"]
+    factor = 2 ** dd.get("f_s", len(dd["ch_mult"]) - 1)
+    padded_h, padded_w = math.ceil(height / factor) * factor, math.ceil(width / factor) * factor
+    if policy is True:
+        layout = TileLayout(tile=tile_size or config.get("tile_sample_min_size", 256),
+                            overlap=config.get("tile_overlap_factor", 0.25), spatial_factor=factor)
+        return layout.needs_tiling(padded_h, padded_w), tile_size
+    if policy != "auto":
+        return False, tile_size
+    budget = available_memory(device) if budget_bytes is None else budget_bytes
+    untiled = estimate_memory(config_or_model, op, frames, height, width, batch, dtype, tiling=False)
+    if untiled <= budget:
+        return False, tile_size
+    if tile_size is not None:
+        return True, tile_size
+    try:
+        chosen = choose_tile_size(config_or_model, op, frames, height, width, budget, batch, dtype,
+                                  min_tile=4 * factor)
+    except ValueError:
+        chosen = 4 * factor  # nothing is predicted to fit: the smallest tiles are the best chance
+    return True, chosen
+
+
 def _activation_bytes(op: str, elements: int, scores: int, itemsize: int) -> int:
     per_element = PEAK_ACTIVATION_FACTOR[op] * itemsize + (FP32_NORM_BYTES_PER_ELEMENT if itemsize < 4 else 0)
     return int(elements * per_element) + min(scores, MAX_ATTENTION_SCORE_ELEMENTS) * itemsize
@@ -109,7 +169,8 @@ def estimate_memory(config_or_model, op: str, frames: int = 16, height: int = 25
     """Bytes needed by ``ReducioVAE.encode`` / ``decode`` for a video of ``frames`` x ``height`` x ``width``.
 
     ``op``: "encode" or "decode". ``tiling``/``tile_size`` as in the encode/decode calls
-    (None = the automatic choice). Clips are processed one after the other, so ``frames`` only adds
+    (None = what the config's ``use_tiling`` chooses, see :func:`plan_tiling`; for "auto" with the
+    memory available on the CPU now). Clips are processed one after the other, so ``frames`` only adds
     input/output buffers; ``batch`` multiplies the activations.
     """
     if op not in ("encode", "decode"):
@@ -123,7 +184,11 @@ def estimate_memory(config_or_model, op: str, frames: int = 16, height: int = 25
     padded_h, padded_w = math.ceil(height / factor) * factor, math.ceil(width / factor) * factor
     layout = TileLayout(tile=tile_size or config.get("tile_sample_min_size", 256),
                         overlap=config.get("tile_overlap_factor", 0.25), spatial_factor=factor)
-    use_tiling = layout.needs_tiling(padded_h, padded_w) if tiling is None else tiling
+    if tiling is None:
+        tiling, tile_size = plan_tiling(config_or_model, op, frames, height, width, batch, dtype, None, tile_size)
+        layout = TileLayout(tile=tile_size or config.get("tile_sample_min_size", 256),
+                            overlap=config.get("tile_overlap_factor", 0.25), spatial_factor=factor)
+    use_tiling = tiling
     tile_h = min(padded_h, layout.pixel_window) if use_tiling else padded_h
     tile_w = min(padded_w, layout.pixel_window) if use_tiling else padded_w
 

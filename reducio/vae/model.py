@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import clips as clip_utils
-from .config import TRAINING_ONLY_KWARGS, check_content_config, check_ddconfig
+from .config import validate_config
 from .decoder import FusionDecoder
 from .encoder import Encoder
 from .hooks import InterruptFn, ProgressFn, StepHooks
@@ -35,19 +35,9 @@ class ReducioVAE(nn.Module):
                  tile_sample_min_size: int = 256, tile_overlap_factor: float = 0.2, enable_2d: bool = True,
                  mode: str = "full", ckpt_path: Optional[str] = None, **training_kwargs):
         super().__init__()
-        unknown = set(training_kwargs) - TRAINING_ONLY_KWARGS
-        if unknown:
-            raise TypeError(f"ReducioVAE got unknown arguments {sorted(unknown)}")
-        if ckpt_path is not None:
-            raise ValueError("ckpt_path is not supported (the official loader is not strict); "
-                             "use ReducioVAE.from_pretrained(path)")
-        if not enable_2d:
-            raise NotImplementedError("enable_2d=False (no content branch) is not implemented: every "
-                                      "official Reducio model decodes with a content frame")
-        if mode != "full":
-            raise NotImplementedError(f"mode={mode!r} is not implemented; the official models use 'full'")
-        check_ddconfig(ddconfig)
-        check_content_config(ddconfig_2d)
+        validate_config(dict(ddconfig=ddconfig, ddconfig_2d=ddconfig_2d, embed_dim=embed_dim, use_tiling=use_tiling,
+                             tile_sample_min_size=tile_sample_min_size, tile_overlap_factor=tile_overlap_factor,
+                             enable_2d=enable_2d, mode=mode, ckpt_path=ckpt_path, **training_kwargs))
 
         self.config = {"ddconfig": dict(ddconfig), "ddconfig_2d": dict(ddconfig_2d), "embed_dim": embed_dim,
                        "use_tiling": use_tiling, "tile_sample_min_size": tile_sample_min_size,
@@ -178,17 +168,23 @@ class ReducioVAE(nn.Module):
         Tiles when ``use_tiling`` and the height exceeds the tile window (official rule).
         Returns (reconstruction, posterior, normalised latent).
         """
-        use_tiling = self.use_tiling and video.shape[3] > self.tile_layout().pixel_window
+        if self.use_tiling == "auto":
+            use_tiling = self._plan_tiling("decode", None, video.shape[2], *video.shape[-2:], video.shape[0], None)[0]
+        else:
+            use_tiling = self.use_tiling and video.shape[3] > self.tile_layout().pixel_window
         feats = self.encode_2d(video[:, :, self.content_index], use_tiling)
         posterior = self.encode_3d(video, use_tiling)
         latent = normalize_latent(posterior.sample(generator)).to(video.dtype)
         return self.decode_features(latent, feats, use_tiling), posterior, latent
 
     # ------------------------------------------------------------------ high-level API
-    def _want_tiling(self, tiling: Optional[bool], height: int, width: int, tile_size: Optional[int]) -> bool:
-        if tiling is None:
-            return self.tile_layout(tile_size).needs_tiling(height, width)
-        return bool(tiling)
+    def _plan_tiling(self, op: str, tiling: Optional[bool], frames: int, height: int, width: int, batch: int,
+                     tile_size: Optional[int]) -> tuple[bool, Optional[int]]:
+        from . import memory
+
+        param = self._param()
+        return memory.plan_tiling(self, op, frames, height, width, batch, param.dtype, tiling, tile_size,
+                                  budget_bytes=memory.available_memory(param.device))
 
     def content_frames(self, video: torch.Tensor) -> torch.Tensor:
         """Content frame of every 16-frame clip of ``video``: [B, 3, n_clips, H, W]."""
@@ -207,8 +203,10 @@ class ReducioVAE(nn.Module):
         * ``sample=False`` uses the posterior mean (deterministic); ``sample=True`` draws
           mean + std * eps like the official pipeline, eps from ``generator`` (a CPU generator) or
           the global CPU generator, one draw per clip in clip order.
-        * ``tiling``: None = tile when H or W exceeds the tile window (320 px by default); True/False
-          force it. ``tile_size`` overrides the tile stride in pixels (a multiple of 128).
+        * ``tiling``: None = the model's ``use_tiling`` policy (False: never, as the official code; True:
+          when H or W exceeds the tile window, 320 px for the official models; "auto", the policy of a
+          config detected from the weights: only when the memory estimate does not fit the device);
+          True/False force it. ``tile_size`` overrides the tile stride in pixels (a multiple of 128).
         * ``progress(done, total)`` is called after every tile/clip, ``interrupt()`` before each;
           see :class:`reducio.vae.hooks.StepHooks`.
         """
@@ -216,7 +214,8 @@ class ReducioVAE(nn.Module):
         param = self._param()
         padded = clip_utils.pad_to_multiple(video, self.spatial_factor)
         height, width = padded.shape[-2:]
-        use_tiling = self._want_tiling(tiling, height, width, tile_size)
+        use_tiling, tile_size = self._plan_tiling("encode", tiling, video.shape[2], height, width, video.shape[0],
+                                                  tile_size)
         clips = clip_utils.split_clips(padded, self.clip_frames)
         tiles = self._tiles_per_clip(height, width, use_tiling, tile_size)
         hooks = StepHooks(total=len(clips) * tiles, progress=progress, interrupt=interrupt)
@@ -255,7 +254,8 @@ class ReducioVAE(nn.Module):
                              f"of {n_clips} clip(s)")
         height, width = content.shape[-2:]
         padded_h, padded_w = latent.shape[-2] * self.spatial_factor, latent.shape[-1] * self.spatial_factor
-        use_tiling = self._want_tiling(tiling, padded_h, padded_w, tile_size)
+        use_tiling, tile_size = self._plan_tiling("decode", tiling, n_clips * self.clip_frames, padded_h, padded_w,
+                                                  latent.shape[0], tile_size)
         tiles = self._tiles_per_clip(padded_h, padded_w, use_tiling, tile_size)
         hooks = StepHooks(total=n_clips * tiles, progress=progress, interrupt=interrupt)
         videos = []

@@ -1,5 +1,4 @@
 """Tier 2: ComfyUI's own loader imports the pack and registers well-formed V3 nodes."""
-import pytest
 
 NODE_PREFIXES = ("Reducio", "DiTFastAttn")
 

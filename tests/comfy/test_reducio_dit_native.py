@@ -186,6 +186,16 @@ def test_wrong_text_encoder_width_is_explained(comfy, model):
         sample(comfy, model, positive, negative, steps=1)
 
 
+def test_missing_clip_tokens_are_explained_for_a_clip_conditioned_dit(comfy, model):
+    """ReducioImageToVideo's clip_vision is optional (for reduced-conditioning DiTs); a DiT that reads
+    CLIP tokens says what to connect instead of silently using its null embedding."""
+    positive, negative, _ = conditionings()
+    for cond in (positive, negative):
+        cond[0][1].pop("reducio_clip_tokens")
+    with pytest.raises(ValueError, match="connect a CLIP vision model"):
+        sample(comfy, model, positive, negative, steps=1)
+
+
 def test_bf16_weights_run(comfy, dit_file):
     (patcher,) = comfy.execute("ReducioDiTLoader", dit_name=dit_file, weight_dtype="bf16")
     positive, negative, _ = conditionings()

@@ -441,3 +441,44 @@ def test_encode_refuses_up_front_on_cpu_when_the_estimate_exceeds_free_memory(co
     with pytest.raises(MemoryError, match="smaller frames") as info:
         _encode(comfy, vae, frames, tiling="auto")
     assert "32-px tiles" in str(info.value) and calls == []
+
+
+# ------------------------------------------------------------------------------------- config source (issue 8)
+def _loader_summary(comfy, name):
+    result = comfy.node("ReducioVAELoader").execute(checkpoint=name, dtype="fp32")
+    return result.result[0], result.ui.as_dict()["text"][0]
+
+
+def test_loader_says_which_config_and_tiling_policy_it_used(comfy, reducio_models):
+    handle, text = _loader_summary(comfy, MODEL_NAME)
+    assert "config from the file's own metadata (reducio_config)" in text and "use_tiling False" in text
+    handle, text = _loader_summary(comfy, CKPT_NAME)
+    assert "config from the sidecar tiny-official-layout.json" in text
+
+
+def test_loader_refuses_a_sidecar_that_contradicts_the_files_own_config(comfy, reducio_models, golden):
+    from safetensors.torch import save_file
+
+    name = "with-conflicting-sidecar.safetensors"
+    save_file(golden["weights"], str(reducio_models / name), metadata={"reducio_config": json.dumps(golden["config"])})
+    (reducio_models / name.replace(".safetensors", ".json")).write_text(
+        json.dumps({**golden["config"], "use_tiling": True}))
+    try:
+        with pytest.raises(ValueError, match=r"carries its own config.*with-conflicting-sidecar\.json.*use_tiling"):
+            comfy.execute("ReducioVAELoader", checkpoint=name, dtype="fp32")
+    finally:
+        (reducio_models / name).unlink()
+        (reducio_models / name.replace(".safetensors", ".json")).unlink()
+
+
+def test_loader_refuses_a_hostile_config_before_building(comfy, reducio_models, golden):
+    from safetensors.torch import save_file
+
+    name = "hostile-config.safetensors"
+    hostile = {**golden["config"], "ddconfig": {**golden["config"]["ddconfig"], "num_res_blocks": 3000}}
+    save_file(golden["weights"], str(reducio_models / name), metadata={"reducio_config": json.dumps(hostile)})
+    try:
+        with pytest.raises(ValueError, match=r"ddconfig\.num_res_blocks = 3000"):
+            comfy.execute("ReducioVAELoader", checkpoint=name, dtype="fp32")
+    finally:
+        (reducio_models / name).unlink()

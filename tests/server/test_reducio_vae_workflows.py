@@ -15,9 +15,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import torch
 from harness_comfyui import PACK_FOLDER_NAME
-from harness_workflows import WORKFLOWS_DIR, api_workflows, load, ui_twin
+from harness_workflows import api_workflows, load, ui_twin
 
 MODEL_NAME = "reducio-ft4-fs32-attn23.safetensors"
 VIDEO_NAME = "reducio_example.mp4"

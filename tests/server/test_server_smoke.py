@@ -5,7 +5,7 @@ tests/server/test_<feature>_*.py; these checks hold for every workflow in workfl
 """
 import pytest
 from harness_comfyui import PACK_FOLDER_NAME
-from harness_workflows import WORKFLOWS_DIR, api_workflows, load, ui_twin, ui_workflows
+from harness_workflows import api_workflows, load, ui_twin, ui_workflows
 
 
 def test_pack_nodes_served(comfy_server):

@@ -6,7 +6,6 @@ no state writes during trials) independently of any model library.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

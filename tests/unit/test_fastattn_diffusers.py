@@ -5,7 +5,6 @@ The golden DiT pipeline is built offline from the golden safetensors (configs in
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

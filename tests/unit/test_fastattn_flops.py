@@ -1,7 +1,6 @@
 """Corrected attention accounting, checked by brute force and against the official counter."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

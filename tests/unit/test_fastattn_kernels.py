@@ -1,6 +1,5 @@
 """Kernels: golden window semantics, fast paths agree with the masked reference, layouts."""
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Method vocabulary: parsing, validation, round trip, residual lookahead."""
 
 import json
-from pathlib import Path
 
 import pytest
 

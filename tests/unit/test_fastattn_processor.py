@@ -1,7 +1,6 @@
 """Diffusers FastAttnProcessor against the official processor's golden outputs (spec 1.6)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

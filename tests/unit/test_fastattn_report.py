@@ -1,7 +1,6 @@
 """Method map image, legend and text summary."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """FastAttnRuntime: golden processor scenarios at the attention-core level, and properties."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

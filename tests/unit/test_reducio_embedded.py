@@ -40,3 +40,12 @@ def test_a_changed_file_is_replaced_and_a_changed_generator_refused(tmp_path, mo
     with pytest.raises(embedded.StandinMismatch, match="differs from the one the embedded models were trained"):
         embedded.write_standin(other, tmp_path)
     assert not path.exists()
+
+
+def test_the_embedded_dit_config_fits_the_embedded_encoders_and_vae_format():
+    from reducio.dit import ReducioDiTConfig
+
+    cfg = ReducioDiTConfig.from_json((embedded.MODELS_DIR / "reducio_tiny_dit_config.json").read_text())
+    assert cfg.clip_condition == "null"                 # reduced conditioning: no CLIP image encoder
+    assert cfg.caption_channels == 768                  # the T5-base stand-in's width
+    assert (cfg.in_channels, cfg.latent_frames, cfg.vae_spatial_factor) == (16, 4, 32)  # official latent format

@@ -1,6 +1,5 @@
 """High-level API of the Reducio VAE: input checks, padding, long videos, dtypes, hooks, memory."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -157,7 +156,10 @@ def test_sampling_is_seeded_per_clip(model):
     assert (a - c).abs().max() > 1e-3
 
 
-def test_auto_tiling_follows_the_window(model, io):
+def test_auto_tiling_follows_the_window(config, io):
+    # with use_tiling True (the tiny config says False: never tile, see test_reducio_vae_config_choice)
+    model = ReducioVAE(**{**config, "use_tiling": True}).eval()
+    model.load_state_dict(load_file(GOLDEN / "tiny_weights.safetensors"), strict=True)
     # tiny tile 32 px -> window 40 px: 40x40 is one window (untiled), 64x64 is tiled
     small = smooth_video(16, 40, 40, seed=7)
     torch.testing.assert_close(model.encode(small), model.encode(small, tiling=False), atol=0, rtol=0)

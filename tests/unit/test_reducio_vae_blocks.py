@@ -49,7 +49,7 @@ def test_windowed_cross_attention_matches_loop():
     assert not attn.uses_windows((3, 3), (10, 14))
     with torch.no_grad():
         out = attn(x, context)
-        video_window = (math.ceil(4 * 5 / 10), math.ceil(4 * 7 / 14))  # (2, 2)
+        # the video-side window at this size is (ceil(4*5/10), ceil(4*7/14)) = (2, 2) latent cells
         xp = F.pad(x, (0, 1, 0, 1))                 # 6x8
         cp = F.pad(context, (0, 2, 0, 2))           # 12x16
         result = torch.zeros(1, 3, 6, 8, 64)

@@ -7,7 +7,6 @@ value. The content features take ~15 s on 2 CPU cores; the encode and decode che
 """
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch

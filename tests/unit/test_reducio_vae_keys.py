@@ -1,6 +1,5 @@
 """Full-size ft4/ft2 models (built on the meta device) have exactly the official keys and shapes."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

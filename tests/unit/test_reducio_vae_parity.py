@@ -4,7 +4,6 @@ Every entry of tests/golden/reducio (tiny_io, tiny_modules, tiny_trace) is repro
 atol/rtol 1e-4, the tolerance the golden README recommends for a float32 re-implementation.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +39,14 @@ def io():
 @pytest.fixture(scope="module")
 def model(weights):
     vae = ReducioVAE(**tiny_config()).eval()
+    vae.load_state_dict(weights, strict=True)
+    return vae
+
+
+@pytest.fixture(scope="module")
+def tiled_model(weights):
+    """The golden ``tiled_variant``: the same weights with use_tiling=True (tile 32 px, overlap 0.25)."""
+    vae = ReducioVAE(**{**tiny_config(), "use_tiling": True}).eval()
     vae.load_state_dict(weights, strict=True)
     return vae
 
@@ -153,13 +160,14 @@ def test_tiled_content_features(model, io):
                 assert_close(grid[r][c][level], io[f"tiled_content_feat_r{r}_c{c}_l{level}"])
 
 
-def test_tiled_encode(model, io):
+def test_tiled_encode(model, tiled_model, io):
     with torch.no_grad():
         posterior = model.encode_3d(io["tiled_video"], use_tiling=True)
     assert_close(posterior.mean, io["tiled_posterior_mean"])
     assert_close(posterior.logvar, io["tiled_posterior_logvar"])
     assert_close(normalize_latent(posterior.mean), io["tiled_latent_det"])
-    assert_close(model.encode(io["tiled_video"]), io["tiled_latent_det"])  # auto: 64x96 > 40-px window
+    # use_tiling True: tiling=None tiles 64x96 (> the 40-px window); the tiny config itself says False
+    assert_close(tiled_model.encode(io["tiled_video"]), io["tiled_latent_det"])
 
 
 def test_untiled_reference_on_tiled_input(model, io):
@@ -176,9 +184,9 @@ def test_tiled_decode_from_recorded_features(model, io):
     assert_close(video, io["tiled_decode_det"])
 
 
-def test_tiled_decode_api_auto_tiles(model, io):
-    # 64x96 exceeds the tiny model's 40-px tile window, so tiling=None (auto) tiles.
-    assert_close(model.decode(io["tiled_latent_det"], io["tiled_content"]), io["tiled_decode_det"])
+def test_tiled_decode_api_follows_use_tiling(tiled_model, io):
+    # with use_tiling True, 64x96 exceeds the 40-px tile window, so tiling=None tiles (the official tiled path)
+    assert_close(tiled_model.decode(io["tiled_latent_det"], io["tiled_content"]), io["tiled_decode_det"])
 
 
 def test_standalone_fusion_block():
