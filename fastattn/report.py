@@ -81,6 +81,16 @@ class PlanReport:
     text: str
 
 
+def _recorded_shape(plan: Plan) -> AttentionShape | None:
+    """The attention shape the plan's metadata records, when complete (layer-wise plans)."""
+    if plan.granularity != "layer":
+        return None
+    try:
+        return AttentionShape.from_plan(plan)
+    except ValueError:
+        return None
+
+
 def _percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -92,11 +102,7 @@ def summarize(plan: Plan, shape: AttentionShape | None = None,
     Without ``shape``, the shape recorded in the plan's metadata is used when complete
     (token grid, heads, head dim, window); otherwise the cost lines are left out.
     """
-    if shape is None and plan.granularity == "layer":
-        try:
-            shape = AttentionShape.from_plan(plan)
-        except ValueError:
-            shape = None
+    shape = shape if shape is not None else _recorded_shape(plan)
     counts = plan.method_counts()
     total = sum(counts.values())
     meta = plan.metadata
@@ -213,11 +219,7 @@ def method_map_figure(plan: Plan, shape: AttentionShape | None = None, title: st
     cell = max(2, min(cell, MAX_IMAGE_SIDE // max(steps, layers)))
     cells = method_map(plan, cell=cell, grid=1 if cell > 4 else 0)
     font, small = _font(15), _font(12)
-    if shape is None and plan.granularity == "layer":
-        try:
-            shape = AttentionShape.from_plan(plan)
-        except ValueError:
-            shape = None
+    shape = shape if shape is not None else _recorded_shape(plan)
     counts = plan.method_counts()
     total = sum(counts.values())
     flops = method_flops_share(plan, shape) if shape is not None and plan.granularity == "layer" else None
