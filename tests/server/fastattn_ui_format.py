@@ -10,6 +10,13 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 # Layout estimates in LiteGraph pixels, measured in the real frontend (1.27 and 1.35) by the browser
 # tier: a title bar above the node, one 20 px row per socket, about 25 px per widget value.
 TITLE_BAR_PX, SOCKET_ROW_PX, WIDGET_ROW_PX, NODE_GAP_PX = 30, 20, 25, 40
+# The frontend widens a node to fit its title (about 8 px per character at the default font, plus the
+# collapse dot and padding); columns are spaced by their widest node so long titles never overlap.
+NODE_WIDTH_PX, TITLE_CHAR_PX, TITLE_PADDING_PX, COLUMN_GAP_PX = 340, 8, 50, 60
+
+
+def _estimated_width(title: str) -> int:
+    return max(NODE_WIDTH_PX, TITLE_CHAR_PX * len(title) + TITLE_PADDING_PX)
 
 
 def _estimated_body_height(node: dict) -> int:
@@ -61,17 +68,19 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
             inputs.append({"name": name, "type": spec[0] if isinstance(spec[0], str) else "COMBO", "link": link_id})
         nodes.append({"id": ids[node_id], "type": node["class_type"], "inputs": inputs, "widgets_values": widgets,
                       "_info": info, "_title": node.get("_meta", {}).get("title")})
+    x, column_width = 60, 0
     for order, node in enumerate(nodes):
         info = node.pop("_info")
         title = node.pop("_title")
         node["outputs"] = [{"name": name, "type": kind, "links": outputs_links.get((node["id"], slot), []),
                             "slot_index": slot}
                            for slot, (name, kind) in enumerate(zip(info.get("output_name", info["output"]), info["output"]))]
-        column, row = divmod(order, 4)
-        if row == 0:
-            y = 60
+        if order % 4 == 0:          # a new column of four nodes, right of the widest node of the last one
+            x, y = x + column_width + (COLUMN_GAP_PX if order else 0), 60
+            column_width = 0
         height = _estimated_body_height(node)
-        node.update({"pos": [60 + 400 * column, y], "size": [340, height], "flags": {}, "order": order,
+        column_width = max(column_width, _estimated_width(title or info.get("display_name") or node["type"]))
+        node.update({"pos": [x, y], "size": [NODE_WIDTH_PX, height], "flags": {}, "order": order,
                      "mode": 0, "properties": {"Node name for S&R": node["type"]}})
         # The frontend draws a title bar above `pos` and may grow a node to fit its widgets: leave room.
         y += height + TITLE_BAR_PX + NODE_GAP_PX
