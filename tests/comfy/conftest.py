@@ -22,3 +22,14 @@ def wan():
 @pytest.fixture(scope="module")
 def flux():
     return tiny.tiny_flux(seed=0)
+
+
+@pytest.fixture
+def plans_dir(comfy, tmp_path, monkeypatch):
+    """A fresh plans folder that the nodes save into (first folder of 'ditfastattn_plans')."""
+    import folder_paths
+
+    folder = tmp_path / "ditfastattn_plans"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ditfastattn_plans", ([str(folder)], {".json"}))
+    return folder

@@ -20,17 +20,6 @@ POS, NEG = tiny.conditioning(7, seed=1), tiny.conditioning(5, seed=2)
 
 
 @pytest.fixture
-def plans_dir(comfy, tmp_path, monkeypatch):
-    """A fresh plans folder that the nodes save into (first folder of 'ditfastattn_plans')."""
-    import folder_paths
-
-    folder = tmp_path / "ditfastattn_plans"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ditfastattn_plans", ([str(folder)], {".json"}))
-    return folder
-
-
-@pytest.fixture
 def sampling_runs(fa, monkeypatch):
     """Counts the calibrate node's sampling runs (the real sampler still runs)."""
     runs = []

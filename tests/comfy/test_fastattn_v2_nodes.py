@@ -17,16 +17,6 @@ pytestmark = pytest.mark.comfyui
 V2 = "V2 head-wise"
 
 
-@pytest.fixture
-def plans_dir(comfy, tmp_path, monkeypatch):
-    import folder_paths
-
-    folder = tmp_path / "ditfastattn_plans"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "ditfastattn_plans", ([str(folder)], {".json"}))
-    return folder
-
-
 def _case(name):
     if name == "flux":
         return (tiny.tiny_flux(seed=0), tiny.conditioning(6, seed=1, pooled=8),
