@@ -33,7 +33,24 @@ from .sampling import expected_evaluations
 MAX_EVALUATIONS_PER_STEP = 4
 
 
-class CalibrationSession(Shared):
+class _SessionBase(Shared):
+    """What every calibration session holds: the layers, the candidates, the node's callbacks and
+    the run being calibrated."""
+
+    def __init__(self, layer_names: Sequence[str], candidates: Sequence[str],
+                 progress: Optional[Callable[[int, int], None]], interrupted: Optional[Callable[[], None]]):
+        self.layer_names = list(layer_names)
+        self.index = {name: i for i, name in enumerate(self.layer_names)}
+        self.candidates = tuple(candidates)
+        self.progress = progress
+        self.interrupted = interrupted
+        self.run = None
+        self.run_info: dict = {}
+        self.evaluations = 0
+        self.finished_run = None
+
+
+class CalibrationSession(_SessionBase):
     """One calibration run: owns the greedy search and answers the runtime's method queries."""
 
     version = "v1"
@@ -44,19 +61,11 @@ class CalibrationSession(Shared):
                  candidates: Sequence[str] = OFFICIAL_CANDIDATES,
                  progress: Optional[Callable[[int, int], None]] = None,
                  interrupted: Optional[Callable[[], None]] = None):
-        self.layer_names = list(layer_names)
-        self.index = {name: i for i, name in enumerate(self.layer_names)}
+        super().__init__(layer_names, candidates, progress, interrupted)
         self.threshold = float(threshold)
-        self.candidates = tuple(candidates)
-        self.progress = progress
-        self.interrupted = interrupted
         self.search: Optional[GreedyCalibration] = None
         self.current: Optional[list[str]] = None
         self.current_step = -1
-        self.run = None
-        self.run_info: dict = {}
-        self.evaluations = 0
-        self.finished_run = None
 
     # ---- called by the patcher's wrappers ---------------------------------------------
     def begin_run(self, *, sampler, sigmas, cfg, latent_shape, diffusion_model) -> None:
@@ -133,7 +142,7 @@ class CalibrationSession(Shared):
         return list(self.search.trials) if self.search is not None else []
 
 
-class HeadwiseCalibrationSession(Shared):
+class HeadwiseCalibrationSession(_SessionBase):
     """One V2 calibration run: the head-wise planner decides every (step, layer) at its call.
 
     alpha: error budget per layer and step (official delta). flops_kept: None, or the budget as
@@ -147,19 +156,11 @@ class HeadwiseCalibrationSession(Shared):
                  candidates: Sequence[str] = V2_CANDIDATES,
                  progress: Optional[Callable[[int, int], None]] = None,
                  interrupted: Optional[Callable[[], None]] = None):
-        self.layer_names = list(layer_names)
-        self.index = {name: i for i, name in enumerate(self.layer_names)}
+        super().__init__(layer_names, candidates, progress, interrupted)
         self.alpha = float(alpha)
         self.flops_kept = None if flops_kept is None else float(flops_kept)
         self.per_call_flops_kept: Optional[float] = None
-        self.candidates = tuple(candidates)
-        self.progress = progress
-        self.interrupted = interrupted
         self.planner: Optional[HeadwiseCalibration] = None
-        self.run = None
-        self.run_info: dict = {}
-        self.evaluations = 0
-        self.finished_run = None
 
     @staticmethod
     def needs_residual(step: int, layer) -> bool:
