@@ -201,6 +201,14 @@ def _int(value: Any, where: str, lo: int, hi: int) -> int:
     return value
 
 
+def _token_pair(value: Any, where: str, expected: str) -> tuple[int, int]:
+    """Two token counts, each 0..MAX_TOKENS (windows' left / right, text prefix / suffix)."""
+    pair = _list(value, where, 2)
+    if len(pair) != 2:
+        raise _fail(where, expected)
+    return _int(pair[0], f"{where}[0]", 0, MAX_TOKENS), _int(pair[1], f"{where}[1]", 0, MAX_TOKENS)
+
+
 def _float(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(where, f"expected a number, got {type(value).__name__}")
@@ -336,11 +344,7 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
             raise _fail("metadata.sigmas", "sigmas must be >= 0")
     window = m.get("window")
     if window is not None:
-        window = _list(window, "metadata.window", 2)
-        if len(window) != 2:
-            raise _fail("metadata.window", "expected [left, right]")
-        window = (_int(window[0], "metadata.window[0]", 0, MAX_TOKENS),
-                  _int(window[1], "metadata.window[1]", 0, MAX_TOKENS))
+        window = _token_pair(window, "metadata.window", "expected [left, right]")
     candidates = m.get("candidates")
     if candidates is not None:
         candidates = tuple(_method(v, f"metadata.candidates[{i}]") for i, v in
@@ -355,11 +359,7 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
         raise _fail("metadata.extra", "expected an object")
     text_tokens = m.get("text_tokens")
     if text_tokens is not None:
-        text_tokens = _list(text_tokens, "metadata.text_tokens", 2)
-        if len(text_tokens) != 2:
-            raise _fail("metadata.text_tokens", "expected [prefix, suffix] text token counts")
-        text_tokens = (_int(text_tokens[0], "metadata.text_tokens[0]", 0, MAX_TOKENS),
-                       _int(text_tokens[1], "metadata.text_tokens[1]", 0, MAX_TOKENS))
+        text_tokens = _token_pair(text_tokens, "metadata.text_tokens", "expected [prefix, suffix] text token counts")
     arrow_windows = m.get("arrow_windows")
     if arrow_windows is not None:
         if not isinstance(arrow_windows, Mapping):
@@ -372,11 +372,7 @@ def _metadata_from_dict(raw: Any, num_steps: int, num_layers: int, num_heads: in
             if not (isinstance(name, str) and is_method_string(name) and parse_method(name).arrow):
                 raise _fail(where, f"keys are V2 arrow methods ({ARROW_PREFIX}<k>)")
             _method(name, where)
-            sides = _list(sides, where, 2)
-            if len(sides) != 2:
-                raise _fail(where, "expected [left, right]")
-            parsed_windows[name] = (_int(sides[0], f"{where}[0]", 0, MAX_TOKENS),
-                                    _int(sides[1], f"{where}[1]", 0, MAX_TOKENS))
+            parsed_windows[name] = _token_pair(sides, where, "expected [left, right]")
         arrow_windows = parsed_windows
     _check_known_extra(extra)
     cfg = _optional(m.get("cfg_scale"), _float, "metadata.cfg_scale")
