@@ -14,6 +14,11 @@ Conventions (one place for them; evaluation code reads :class:`ClipSpec`, not th
   ``ClipSpec.scene_rotation`` is the on-screen content rotation in degrees per frame
   (positive = clockwise). A zoom "in" enlarges the content (``scene_zoom`` > 1 per frame).
 
+Motion is moderate (over a clip the camera travels about 7-22 % of the frame and sprites 18-37 %), in
+the range of ordinary footage at 16 fps; the photograph is mirrored and tinted per clip (a random
+left-right flip and a per-channel gain of 0.75-1.25) so that ten training photographs give many
+distinct scenes and a model must copy its content frame rather than remember the photographs.
+
 Split: held-out clips use photographs and sprite colours that training clips never contain, so an
 evaluation on ``split="heldout"`` sees content the model never saw. Item ``i`` of a dataset with a
 given seed and split is always the same clip (its random numbers are keyed by (seed, split, i)).
@@ -51,6 +56,13 @@ CAMERA_MOTIONS = ("pan", "zoom", "roll", "still")
 CAMERA_PROBABILITIES = (0.5, 0.2, 0.15, 0.15)
 SPRITE_COUNT_PROBABILITIES = (0.2, 0.5, 0.3)      # 0, 1, 2 sprites
 SPLITS = {"train": 1, "heldout": 2, "all": 3}
+# motion ranges, as fractions of the frame's short side per frame (pan, sprites), per-frame scale
+# change (zoom) and degrees per frame (roll)
+PAN_SPEED = (0.005, 0.015)
+SPRITE_SPEED = (0.012, 0.025)
+ZOOM_RATE = (0.006, 0.015)
+ROLL_RATE = (0.4, 1.0)
+TINT = (0.75, 1.25)
 
 
 @dataclass
@@ -80,6 +92,8 @@ class ClipSpec:
     scene_zoom: float = 1.0          # in-frame content scale factor per frame
     scene_rotation: float = 0.0      # in-frame content rotation, degrees per frame (clockwise > 0)
     sprites: list[SpriteSpec] = field(default_factory=list)
+    flip: bool = False               # the photograph mirrored left-right before filming
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)   # per-channel gain applied to the photograph
 
     def caption(self) -> str:
         noun = PHOTOS[self.photo]
@@ -150,17 +164,17 @@ class SyntheticClips(Dataset):
         travel = (0.0, 0.0)
         if camera == "pan":
             spec.direction = str(rng.choice(list(DIRECTIONS)))
-            speed = float(rng.uniform(0.012, 0.03)) * min(height, width)        # output pixels per frame
+            speed = float(rng.uniform(PAN_SPEED[0], PAN_SPEED[1])) * min(height, width)   # output px per frame
             sx, sy = PAN_SCENE_SHIFT[spec.direction]
             spec.scene_shift = (sx * speed, sy * speed)
             travel = (abs(sx) * speed * view * (self.frames - 1), abs(sy) * speed * view * (self.frames - 1))
         elif camera == "zoom":
             spec.direction = str(rng.choice(["in", "out"]))
-            rate = float(rng.uniform(0.01, 0.025))
+            rate = float(rng.uniform(ZOOM_RATE[0], ZOOM_RATE[1]))
             spec.scene_zoom = math.exp(rate if spec.direction == "in" else -rate)
         elif camera == "roll":
             spec.direction = str(rng.choice(["clockwise", "counterclockwise"]))
-            rate = float(rng.uniform(0.6, 1.5))
+            rate = float(rng.uniform(ROLL_RATE[0], ROLL_RATE[1]))
             spec.scene_rotation = -rate if spec.direction == "clockwise" else rate
         # centre so that the camera path stays inside the photo where possible (reflection covers the rest)
         half_w, half_h = width * view / 2 + travel[0] / 2, height * view / 2 + travel[1] / 2
@@ -172,6 +186,8 @@ class SyntheticClips(Dataset):
         n_sprites = int(rng.choice(len(SPRITE_COUNT_PROBABILITIES), p=SPRITE_COUNT_PROBABILITIES))
         for _ in range(n_sprites):
             spec.sprites.append(self._sprite(rng))
+        spec.flip = bool(rng.random() < 0.5)
+        spec.tint = tuple(float(g) for g in rng.uniform(TINT[0], TINT[1], size=3))
         return spec
 
     def _sprite(self, rng: np.random.Generator) -> SpriteSpec:
@@ -179,7 +195,7 @@ class SyntheticClips(Dataset):
         radius = float(rng.uniform(0.08, 0.13)) * min(height, width)
         direction = str(rng.choice(list(DIRECTIONS)))
         dx, dy = DIRECTIONS[direction]
-        speed = float(rng.uniform(0.02, 0.04)) * min(height, width)
+        speed = float(rng.uniform(SPRITE_SPEED[0], SPRITE_SPEED[1])) * min(height, width)
         travel = speed * (self.frames - 1)
 
         def start(extent: float, d: float) -> float:
@@ -199,6 +215,9 @@ class SyntheticClips(Dataset):
         """``[3, T, H, W]`` float32 in [-1, 1]."""
         height, width = spec.size
         photo = load_photo(spec.photo)
+        if spec.flip:
+            photo = photo.flip(-1)
+        photo = (photo * torch.tensor(spec.tint, dtype=torch.float32).reshape(3, 1, 1)).clamp(0, 1)
         # pre-shrink the photo (antialiased) so bilinear sampling does not alias: ~1.25 photo px per output px
         shrink = min(1.0, 1.25 / spec.view)
         if shrink < 1.0:

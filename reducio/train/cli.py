@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--model", default=None, help="preset: tiny (default), test, ft4, ft2")
     vae.add_argument("--model-config", default=None, help="JSON file with ReducioVAE constructor kwargs")
     vae.add_argument("--init", default=None, help="start from these VAE weights (official .ckpt or .safetensors)")
+    vae.add_argument("--init-matching", action="store_true",
+                     help="with --init: build --model / --model-config and take only the tensors that match by "
+                          "name and shape (the rest start fresh)")
     vae.add_argument("--kl-weight", type=float, default=1e-6)
     vae.add_argument("--disc-start", type=int, default=10001)
     vae.add_argument("--disc-weight", type=float, default=0.05)
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--seed", type=int, default=0)
     enc.add_argument("--previews", type=int, default=4, help="clips kept in pixels for DiT previews")
     enc.add_argument("--device", default="auto")
+    enc.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                     help="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is several times faster on CPUs with "
+                          "AMX-BF16)")
     enc.add_argument("--force", action="store_true", help="replace an existing feature folder")
     enc.add_argument("--quiet", action="store_true")
 

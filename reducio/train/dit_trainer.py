@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from ..dit.checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointError, check
 from .checkpoint import CheckpointStore, flatten_optimizer_state, unflatten_optimizer_state
 from .diffusion import GaussianDiffusion
 from .errors import TrainingError
-from .loop import Trainer, keyed_generator, keyed_randn
+from .loop import Trainer, autocast_for, keyed_generator, keyed_randn, resolve_precision
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_LOAD = StateDictOptions(full_state_dict=True)
@@ -123,15 +122,11 @@ class DiTTrainer(Trainer):
                 fully_shard(module)
         self.model, self.ema = model, ema
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], eps=1e-10)
-        self.precision = s.get("precision", "auto")
-        if self.precision == "auto":
-            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = resolve_precision(s.get("precision"), self.device)
         self._vae = None
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast_for(self.precision, self.device)
 
     def train_step(self, batch, numbers, step):
         s, device = self.settings, self.device

@@ -31,7 +31,7 @@ from ..vae.checkpoint import CheckpointError
 from .checkpoint import atomic_write_text
 from .encoders import make_encoders
 from .errors import TrainingError
-from .loop import keyed_randn
+from .loop import autocast_for, keyed_randn, resolve_precision
 
 FORMAT = "reducio-dit-features"
 FORMAT_VERSION = 1
@@ -71,6 +71,7 @@ def encode_features(settings: dict, dist) -> dict:
             f"1/{dit_cfg.vae_spatial_factor}; pass a --dit-config with in_channels, latent_frames and "
             f"vae_spatial_factor set to the VAE's")
     encoders = make_encoders(settings.get("encoders", "builtin"), dit_cfg)
+    precision = resolve_precision(settings.get("precision"), dist.device)
     dataset = open_dataset(settings["data"], size=settings["size"], seed=settings["seed"], count=settings["clips"],
                            fps=settings["fps"], random_crop=False)
     count, shard_size, batch = len(dataset), int(settings["shard_size"]), int(settings["batch_size"])
@@ -88,7 +89,7 @@ def encode_features(settings: dict, dist) -> dict:
             items = [dataset[i] for i in range(first, min(first + batch, stop))]
             video = torch.stack([item["video"] for item in items]).to(dist.device)
             content = video[:, :, CONTENT_INDEX]
-            with torch.no_grad():
+            with torch.no_grad(), autocast_for(precision, dist.device):
                 posterior = vae.encode_3d(video)
                 if settings.get("latent", "sample") == "sample":
                     noise = keyed_randn(settings["seed"], "latent_noise", [item["index"] for item in items],
@@ -96,7 +97,7 @@ def encode_features(settings: dict, dist) -> dict:
                     z = posterior.mean + posterior.std * noise
                 else:
                     z = posterior.mode()
-                rows["z"].append(normalize_latent(z).cpu())
+                rows["z"].append(normalize_latent(z.float()).cpu())
                 text, mask = encoders.encode_text([item["caption"] for item in items])
                 rows["text"].append(text.float().cpu())
                 rows["text_mask"].append(mask.float().cpu())
@@ -123,7 +124,7 @@ def encode_features(settings: dict, dist) -> dict:
         "shards": [{"file": f"shard_{k:05d}.safetensors", "start": start, "count": stop - start} for k, start, stop in shards],
         "latent_shape": [vae.embed_dim, vae.latent_frames, *(s // vae.spatial_factor for s in dataset.size)],
         "content_latent_shape": [4, *(s // 8 for s in dataset.size)],
-        "size": list(dataset.size), "latent": settings.get("latent", "sample"),
+        "size": list(dataset.size), "latent": settings.get("latent", "sample"), "precision": precision,
         "encoders": encoders.describe(), "data": dataset.describe(),
         "vae": {"file": Path(settings["vae"]).name, "sha256": file_sha256(settings["vae"]), "config": vae.config,
                 "variant": vae.variant},

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,32 +23,46 @@ from ..vae import ReducioVAE, normalize_latent, official_config
 from ..vae.checkpoint import CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, CheckpointError
 from .checkpoint import CheckpointStore, flatten_optimizer_state, unflatten_optimizer_state
 from .errors import TrainingError
-from .loop import Trainer, keyed_generator, keyed_randn
+from .loop import Trainer, autocast_for, keyed_generator, keyed_randn, resolve_precision
 from .perceptual import load_lpips
 from .vae_objective import (DiscriminatorPair, PatchDiscriminator3D, VAELossConfig, adaptive_gan_weight,
                             generator_loss, hinge_d_loss)
 
 
-def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1) -> dict:
+def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_position=None, fuse_type="attn") -> dict:
+    extra = {} if content_position is None else {"content_position": content_position}
     return {"ddconfig": {"ch": ch, "ch_in": ch, "f_t": 2, "out_ch": 3, "z_channels": z, "temp_res": 16,
-                         "ch_mult": ch_mult, "ch_fuse": ch_fuse, "fuse_type": "attn", "num_res_blocks": blocks,
-                         "fuse_mid": True, "window_size": 128},
+                         "ch_mult": ch_mult, "ch_fuse": ch_fuse, "fuse_type": fuse_type, "num_res_blocks": blocks,
+                         "fuse_mid": True, "window_size": 128, **extra},
             "ddconfig_2d": {"ch": ch_2d, "ch_mult": ch_mult_2d, "num_res_blocks": blocks, "out_z": False},
             "embed_dim": z, "use_tiling": False, "tile_overlap_factor": 0.25, "tile_sample_min_size": 256}
 
 
-# "tiny": the official latent format (16 channels, T/4, H/32, W/32) at small widths (5.2 M parameters);
+# "tiny": the official latent format (16 channels, T/4, H/32, W/32) at small widths. At 64 px the
+# latent is only 2x2, too coarse for the official attention-only fusion to find where the content
+# belongs (trained that way it stayed a grey blur at the content-repeated baseline, see
+# docs/embedded_models.md). So the content frame also enters at full and half resolution through
+# the official code's 'add' fusion (ch_fuse[0] = 0, ch_fuse[1] = 1), and the attention fusion blocks
+# get a fixed 2-D position code (content_position 'sincos2d', ours, no weights).
 # "test": 3 levels (H/4) and 8 channels, for unit tests only.
+TINY_FUSE_TYPES = ["add", "add", "attn", "attn", "attn", "attn"]
 VAE_PRESETS = {
-    "tiny": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [-1, -1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16),
+    "tiny": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
+                            content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES)),
     "test": lambda: _preset(32, [1, 1, 1], [-1, 1, -1], 32, [1, 1], 8),
     "ft4": lambda: official_config("ft4"),
     "ft2": lambda: official_config("ft2"),
 }
 
 
-def resolve_vae_config(model: str | None, model_config: str | None, init: str | None) -> tuple[dict, dict | None]:
-    """(constructor kwargs, initial state dict or None) from --model / --model-config / --init."""
+def resolve_vae_config(model: str | None, model_config: str | None, init: str | None,
+                       init_matching: bool = False) -> tuple[dict, dict | None]:
+    """(constructor kwargs, initial state dict or None) from --model / --model-config / --init.
+
+    ``init_matching``: the architecture comes from --model / --model-config and only the tensors of
+    ``init`` whose names and shapes match are taken (the rest start fresh) -- for a run that changes
+    the architecture of an earlier one. At least half of the new model's tensors must match.
+    """
     state = None
     if init:
         try:
@@ -57,6 +70,17 @@ def resolve_vae_config(model: str | None, model_config: str | None, init: str | 
         except CheckpointError as exc:
             raise TrainingError(f"--init {init}: {exc}") from None
         config, state = loaded.config, loaded.state_dict()
+        if init_matching:
+            config = resolve_vae_config(model, model_config, None)[0]
+            with torch.device("meta"):
+                shapes = {k: v.shape for k, v in ReducioVAE(**config).state_dict().items()}
+            taken = {k: v for k, v in state.items() if k in shapes and shapes[k] == v.shape}
+            if len(taken) * 2 < len(shapes):
+                raise TrainingError(f"--init {init} --init-matching: only {len(taken)} of the model's {len(shapes)} "
+                                    f"tensors match by name and shape; this is not the same family of model")
+            print(f"--init-matching: {len(taken)} tensors taken from {init}, {len(shapes) - len(taken)} start fresh",
+                  file=sys.stderr)
+            return config, taken
         if model or model_config:
             wanted = resolve_vae_config(model, model_config, None)[0]
             if json.dumps(wanted, sort_keys=True) != json.dumps(config, sort_keys=True):
@@ -107,7 +131,8 @@ class VAETrainer(Trainer):
     EXPORT = ("model",)
 
     def __init__(self, settings: dict, dataset, dist):
-        config, init_state = resolve_vae_config(settings.get("model"), settings.get("model_config"), settings.get("init"))
+        config, init_state = resolve_vae_config(settings.get("model"), settings.get("model_config"), settings.get("init"),
+                                                settings.get("init_matching", False))
         settings = {**settings, "model_config": config,
                     "perceptual": Path(settings["perceptual_weights"]).name if settings.get("perceptual_weights") else None}
         super().__init__(settings, dataset, dist)
@@ -117,7 +142,7 @@ class VAETrainer(Trainer):
         torch.manual_seed(self.seed)
         self.vae = ReducioVAE(**config).to(self.device)
         if init_state is not None:
-            self.vae.load_state_dict(init_state, strict=True)
+            self.vae.load_state_dict(init_state, strict=not self.settings.get("init_matching", False))
         self.vae.train()
         size = parse_size(s["size"])
         sf, frames = self.vae.spatial_factor, self.vae.latent_frames
@@ -150,17 +175,13 @@ class VAETrainer(Trainer):
         betas = (0.5, 0.9)
         self.opt_g = torch.optim.Adam(self.vae.parameters(), lr=s["lr"], betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=s["lr"] * s["disc_lr_scale"], betas=betas)
-        self.precision = s.get("precision", "auto")
-        if self.precision == "auto":
-            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = resolve_precision(s.get("precision"), self.device)
 
     def identity(self) -> dict:
         return {k: self.settings.get(k) for k in self.IDENTITY}
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast_for(self.precision, self.device)
 
     def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.dist.all_reduce_mean(tensor) if self.dist.active else tensor

@@ -286,6 +286,32 @@ def sinusoid_table(positions: int, dim: int) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.float32)
 
 
+def plane_position_table(height: int, width: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin/cos position code [height * width, dim] in (h, w) token order.
+
+    Positions are measured in fractions of the map ((i + 0.5) / size), so maps of different sizes
+    that show the same frame (video features and content features at another level) get the same
+    code at the same place. The first half of the channels codes y, the second x; each half holds
+    sin/cos pairs of frequencies from 0.5 to 16 cycles per frame, spaced geometrically (a shift
+    of the position is a rotation of each pair, i.e. linear, which cross-attention can learn).
+    """
+    pairs = dim // 4
+    table = torch.zeros(height * width, dim, dtype=torch.float64)
+    if pairs == 0:
+        return table.float()
+    freqs = 0.5 * torch.pow(torch.tensor(32.0, dtype=torch.float64),
+                            torch.arange(pairs, dtype=torch.float64) / max(1, pairs - 1))
+    ys = (torch.arange(height, dtype=torch.float64) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    for axis, coords in enumerate((gy.reshape(-1), gx.reshape(-1))):
+        angles = 2 * math.pi * coords[:, None] * freqs[None, :]
+        start = axis * 2 * pairs
+        table[:, start:start + 2 * pairs:2] = angles.sin()
+        table[:, start + 1:start + 2 * pairs:2] = angles.cos()
+    return table.float()
+
+
 class FusionBlock(nn.Module):
     """The fusion block (official ``BasicTransformerBlock``): y = x + pe + CrossAttn(LN(x + pe), ctx).
 
@@ -295,9 +321,10 @@ class FusionBlock(nn.Module):
     """
 
     def __init__(self, dim: int, context_dim: int, frames: int, dim_head: int = 64,
-                 window: Sequence[int] = (128, 128)):
+                 window: Sequence[int] = (128, 128), plane_position: bool = False):
         super().__init__()
         self.frames = frames
+        self.plane_position = plane_position
         heads = max(1, dim // dim_head)
         self.attn = CrossAttention(dim, context_dim, heads, dim_head, window)
         self.norm = FloatLayerNorm(dim)
@@ -314,6 +341,55 @@ class FusionBlock(nn.Module):
         pe = self.pos_embed[0, :, 0, :].t()[None, :, :, None, None].to(x.dtype)
         x = x + pe
         tokens = _tokens(x)
-        normed = self.norm(tokens).transpose(1, 2).reshape(batch, dim, frames, height, width)
-        out = self.attn(normed, context.to(x.dtype))
+        normed = self.norm(tokens)
+        context = context.to(x.dtype)
+        if self.plane_position:
+            # not in the official models (ddconfig.content_position): the same 2-D code on the
+            # queries (every frame) and on the content tokens, so a query can find "its" place
+            code = plane_position_table(height, width, dim).to(x.device, x.dtype)
+            normed = normed + code.repeat(frames, 1)[None]
+            ctx_h, ctx_w = context.shape[-2:]
+            ctx_code = plane_position_table(ctx_h, ctx_w, context.shape[1]).to(x.device, x.dtype)
+            context = context + ctx_code.t().reshape(1, -1, ctx_h, ctx_w)
+        normed = normed.transpose(1, 2).reshape(batch, dim, frames, height, width)
+        out = self.attn(normed, context)
         return x + out.transpose(1, 2).reshape(batch, dim, frames, height, width)
+
+
+class AddFusion(nn.Module):
+    """The official ``AddFusion`` (fuse_type 'add'): y = x + SiLU(GN(conv3d(x + conv2d(ctx) + e_t))).
+
+    ``conv_context`` (3x3 Conv2d) maps the content features to the video width and is broadcast over
+    time; ``temp_embed`` [1, dim, frames, 1, 1] is a learned per-frame bias; ``conv`` is a 3x3x3
+    Conv3d. The content map must have the video features' spatial size (same level).
+
+    Initialisation differs from the official code on purpose: the official ``zero_init`` zeroes both
+    convolutions *and* the norm's weight and bias, which leaves the branch unable to learn (the norm
+    sees a constant 0, so neither its weight nor the convolutions ever get a gradient; only the norm
+    bias moves). Zeroing only the norm weight would learn, but Adam opens such a gate by about one
+    learning rate per step (measured: 0.03 after 100 steps at 4e-4), so the content would reach the
+    decoder only after thousands of steps. Here the convolutions and the norm keep PyTorch's default
+    initialisation: the content frame enters from the first step. Loading official or trained
+    weights is unaffected (same keys and shapes).
+    """
+
+    def __init__(self, dim: int, context_dim: int, frames: int):
+        super().__init__()
+        self.frames = frames
+        self.conv_context = nn.Conv2d(context_dim, dim, 3, padding=1)
+        self.temp_embed = nn.Parameter(torch.zeros(1, dim, frames, 1, 1))
+        self.conv = nn.Conv3d(dim, dim, 3, padding=1)
+        self.norm = FloatGroupNorm(dim)
+        nn.init.trunc_normal_(self.temp_embed, std=0.02)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        frames = x.shape[2]
+        if frames != self.frames:
+            raise ValueError(f"add-fusion block expects {self.frames} frames at this level but got {frames}")
+        if context.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"add fusion needs content features of the video features' size {tuple(x.shape[-2:])}, "
+                             f"got {tuple(context.shape[-2:])}: set ch_fuse of this level to the content level of "
+                             f"the same resolution")
+        ctx = self.conv_context(context.to(x.dtype)).unsqueeze(2)
+        out = self.conv(x + ctx + self.temp_embed.to(x.dtype))
+        return x + F.silu(self.norm(out))

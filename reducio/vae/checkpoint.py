@@ -304,13 +304,19 @@ def check_config_matches_tensors(config: dict, shapes: Mapping, name: str) -> No
     if quant and len(quant) > 1 and quant[1] != 2 * dd["z_channels"]:
         refuse("ddconfig.z_channels", dd["z_channels"], f"quant_conv.weight has {quant[1]} inputs")
     n, f_t = len(dd["ch_mult"]), dd.get("f_t", 0)
-    tables = {"decoder.mid.fuse.0.pos_embed": dd["temp_res"] // 2 ** f_t}
-    tables.update({f"decoder.up.{level}.fuse.0.pos_embed": decoder_level_frames(level, n, dd["temp_res"], f_t)
-                   for level in range(n)})
-    for key, frames in tables.items():
+    fuse_type = dd.get("fuse_type", "attn")
+    kinds = list(fuse_type) if isinstance(fuse_type, (list, tuple)) else [fuse_type] * n
+    # per-frame tables: (key, frames the config implies, axis of the frame count in the tensor)
+    tables = [("decoder.mid.fuse.0.pos_embed", dd["temp_res"] // 2 ** f_t, 1)]
+    for level, kind in enumerate(kinds):
+        frames = decoder_level_frames(level, n, dd["temp_res"], f_t)
+        if "add" in str(kind):
+            tables.append((f"decoder.up.{level}.fuse.0.temp_embed", frames, 2))
+        tables.append((f"decoder.up.{level}.fuse.{1 if kind == 'add+attn' else 0}.pos_embed", frames, 1))
+    for key, frames, axis in tables:
         shape = shapes.get(key)
-        if shape and len(shape) == 4 and shape[1] != frames:
-            refuse("ddconfig.temp_res", dd["temp_res"], f"{key} has {shape[1]} frames, the config implies {frames}")
+        if shape and len(shape) == (4 if axis == 1 else 5) and shape[axis] != frames:
+            refuse("ddconfig.temp_res", dd["temp_res"], f"{key} has {shape[axis]} frames, the config implies {frames}")
 
 
 def check_keys(expected: Mapping, state_dict: Mapping, name: str) -> None:

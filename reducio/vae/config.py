@@ -66,9 +66,11 @@ _FIXED_VIDEO_OPTIONS = {
 # ddconfig keys that are inert for inference (training switches, logging, ignored by the code).
 _INERT_VIDEO_KEYS = {"resolution", "attn_resolutions", "use_checkpoint", "fp32_attention", "dropout",
                      "init_values"}
+# fusion kinds of the official FusionDecoder ('linear' exists there too but no model uses it)
+FUSE_TYPES = ("attn", "add", "add+attn")
 _VIDEO_KEYS = {"ch", "ch_in", "f_t", "f_s", "out_ch", "z_channels", "temp_res", "ch_mult", "ch_fuse",
                "fuse_type", "num_res_blocks", "fuse_mid", "fuse_mid_type", "window_size", "tanh_out",
-               "in_channels"}
+               "in_channels", "content_position"}
 _CONTENT_KEYS = {"ch", "ch_mult", "num_res_blocks", "out_z", "window_size", "f_s", "fs", "in_channels"}
 _INERT_CONTENT_KEYS = {"z_channels", "out_ch", "resolution", "attn_resolutions", "dropout",
                        "use_checkpoint", "fp32_attention", "double_z", "resamp_with_conv", "temp_res",
@@ -146,12 +148,18 @@ def check_ddconfig(ddconfig) -> None:
     if len(types) != levels:
         raise ConfigError(f"config field ddconfig.fuse_type needs one entry per level ({levels}); {_FIX}")
     for level, (kind, index) in enumerate(zip(types, fuse)):
-        if index >= 0 and (not isinstance(kind, str) or kind != "attn"):
+        if index >= 0 and (not isinstance(kind, str) or kind not in FUSE_TYPES):
             raise ConfigError(f"config field ddconfig.fuse_type = {kind!r} at decoder level {level} is not supported: "
-                              f"only 'attn' (cross-attention) is used by the official models; {_FIX}")
+                              f"one of {list(FUSE_TYPES)} (the official models use 'attn'); {_FIX}")
+        if index >= 0 and "add" in kind and index != level:
+            raise ConfigError(f"config field ddconfig.ch_fuse[{level}] = {index}: add fusion ({kind!r}) needs the "
+                              f"content level of the same resolution, {level}; {_FIX}")
     for key in ("fuse_mid", "tanh_out"):
         if key in ddconfig:
             check_bool(f"ddconfig.{key}", ddconfig[key], _FIX)
+    if "content_position" in ddconfig:
+        # ours (the embedded tiny model): a fixed 2-D position code in the fusion blocks
+        check_choice("ddconfig.content_position", ddconfig["content_position"], ["none", "sincos2d"], _FIX)
     if ddconfig.get("fuse_mid_type") is not None:
         check_choice("ddconfig.fuse_mid_type", ddconfig["fuse_mid_type"], ["attn"], _FIX)
     if "window_size" in ddconfig:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (FULL, SPATIAL, TEMPORAL, FloatGroupNorm, FusionBlock, ResnetBlock,
+from .blocks import (FULL, SPATIAL, TEMPORAL, AddFusion, FloatGroupNorm, FusionBlock, ResnetBlock,
                      SelfAttention, Upsample)
 from .encoder import _as_window
 
@@ -39,8 +39,13 @@ class FusionDecoder(nn.Module):
     """Official ``FusionDecoder`` (fuse_type 'attn', upsample_first, interpolate up-sampling).
 
     ``up`` is indexed by resolution level (0 = output resolution) and run from the deepest level.
-    Each level: ``block_1`` ResNet blocks -> optional ``fuse.0`` cross-attention with content
-    feature ``ch_fuse[level]`` -> ``block_2`` ResNet blocks -> optional ``upsample``.
+    Each level: ``block_1`` ResNet blocks -> optional fusion with content feature ``ch_fuse[level]``
+    -> ``block_2`` ResNet blocks -> optional ``upsample``. The fusion is chosen per level by
+    ``fuse_type`` (a string or one entry per level), as in the official code: 'attn' (cross-attention,
+    ``fuse.0``; every official model), 'add' (``AddFusion``, ``fuse.0``) or 'add+attn' (both, in
+    that order).
+    ``content_position='sincos2d'`` (ours, not in any official model) adds a fixed 2-D position code
+    to the queries and content tokens of every fusion block; it has no weights.
     A middle fusion block (content feature [-1]) exists when the content encoder is shallower than
     the video encoder (f_s != f_s_2d) or ``fuse_mid_type == 'attn'``.
     """
@@ -49,16 +54,19 @@ class FusionDecoder(nn.Module):
                  z_channels: int, temp_res: int, ch_2d: int, ch_mult_2d: Sequence[int],
                  f_t: int = 0, f_s: Optional[int] = None, f_s_2d: Optional[int] = None,
                  ch_in: Optional[int] = None, out_ch: int = 3, fuse_mid: bool = False,
-                 fuse_mid_type: Optional[str] = None, window_size=(256, 256)):
+                 fuse_mid_type: Optional[str] = None, window_size=(256, 256), content_position: str = "none",
+                 fuse_type="attn"):
         super().__init__()
         self.n_levels = len(ch_mult)
         if len(ch_fuse) != self.n_levels:
             raise ValueError(f"ch_fuse needs one entry per level ({self.n_levels}), got {list(ch_fuse)}")
         self.ch_fuse = list(ch_fuse)
+        fuse_types = list(fuse_type) if isinstance(fuse_type, (list, tuple)) else [fuse_type] * self.n_levels
         f_s = self.n_levels - 1 if f_s is None else f_s
         f_s_2d = len(ch_mult_2d) - 1 if f_s_2d is None else f_s_2d
         ch_in = ch if ch_in is None else ch_in
         window = _as_window(window_size)
+        plane = content_position == "sincos2d"
         self.f_s, self.f_t, self.temp_res = f_s, f_t, temp_res
 
         block_in_m = ch * ch_mult[-1]
@@ -71,7 +79,7 @@ class FusionDecoder(nn.Module):
         self.mid.fuse = nn.ModuleList()
         if fuse_mid and (f_s != f_s_2d or fuse_mid_type == "attn"):
             self.mid.fuse.append(FusionBlock(block_in, ch_2d * ch_mult_2d[-1], latent_frames,
-                                             window=window))
+                                             window=window, plane_position=plane))
         elif fuse_mid and fuse_mid_type is not None:
             raise NotImplementedError(f"fuse_mid_type {fuse_mid_type!r} is not used by any official "
                                       f"Reducio model and is not implemented")
@@ -90,7 +98,11 @@ class FusionDecoder(nn.Module):
             if self.ch_fuse[level] >= 0:
                 frames = decoder_level_frames(level, self.n_levels, temp_res, f_t)
                 context_dim = ch_2d * ch_mult_2d[self.ch_fuse[level]]
-                stage.fuse.append(FusionBlock(block_in, context_dim, frames, window=window))
+                kind = fuse_types[level]
+                if kind in ("add", "add+attn"):
+                    stage.fuse.append(AddFusion(block_in, context_dim, frames))
+                if kind in ("attn", "add+attn"):
+                    stage.fuse.append(FusionBlock(block_in, context_dim, frames, window=window, plane_position=plane))
             stage.block_2 = nn.ModuleList(ResnetBlock(block_in, block_in, 3) for _ in range(num_res_blocks))
             kind = decoder_upsample_kind(level, self.n_levels, f_s, f_t)
             if kind is not None:

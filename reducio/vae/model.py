@@ -70,7 +70,8 @@ class ReducioVAE(nn.Module):
             temp_res=self.clip_frames, ch_2d=ddconfig_2d["ch"], ch_mult_2d=ddconfig_2d["ch_mult"],
             f_t=self.f_t, f_s=ddconfig.get("f_s"), f_s_2d=f_s_2d, out_ch=ddconfig.get("out_ch", 3),
             fuse_mid=ddconfig.get("fuse_mid", False), fuse_mid_type=ddconfig.get("fuse_mid_type"),
-            window_size=window)
+            window_size=window, content_position=ddconfig.get("content_position", "none"),
+            fuse_type=ddconfig.get("fuse_type", "attn"))
         self.quant_conv = nn.Conv3d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv3d(embed_dim, z_channels, 1)
 

@@ -8,7 +8,7 @@ pytest.importorskip("av")
 pytest.importorskip("skimage")
 
 from reducio.data import CONTENT_INDEX, DatasetError, SyntheticClips, VideoFolder, content_frame, write_video  # noqa: E402
-from reducio.data.synthetic import HELD_OUT_COLOURS, HELD_OUT_PHOTOS, PHOTOS  # noqa: E402
+from reducio.data.synthetic import HELD_OUT_COLOURS, HELD_OUT_PHOTOS, PHOTOS, TINT  # noqa: E402
 
 
 def phase_shift(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
@@ -63,6 +63,25 @@ def test_pan_captions_match_the_measured_motion():
         if checked == 4:
             break
     assert checked == 4
+
+
+def test_photographs_are_mirrored_and_tinted_per_clip():
+    clips = SyntheticClips("train", 32, count=40, seed=1)
+    specs = [clips.spec(i) for i in range(40)]
+    assert {s.flip for s in specs} == {True, False}
+    assert all(TINT[0] <= g <= TINT[1] for s in specs for g in s.tint)
+    assert len({s.tint for s in specs}) == 40
+    # the tint scales the photograph's channels: halving the red gain halves red where nothing clips
+    spec = next(s for s in specs if s.camera == "still" and not s.sprites)
+    spec.tint = (1.0, 1.0, 1.0)
+    full = (clips.render(spec) + 1) / 2
+    spec.tint = (0.5, 1.0, 1.0)
+    half = (clips.render(spec) + 1) / 2
+    torch.testing.assert_close(half[0], full[0] * 0.5, atol=2e-3, rtol=0)
+    torch.testing.assert_close(half[1:], full[1:])
+    # the flip mirrors the photograph: frame 0 of a still clip looks at the mirrored place
+    spec.tint, spec.flip = (1.0, 1.0, 1.0), not spec.flip
+    assert not torch.allclose(clips.render(spec), full * 2 - 1)
 
 
 def _counter_frames(count: int, size: int = 32) -> np.ndarray:

@@ -29,6 +29,10 @@ def tiny(tmp_path_factory):
     return {"root": root, "vae": vae, "dit_config": dit_config, "features": root / "features"}
 
 
+# measured: bf16 autocast moves the test VAE's normalised latents by 0.4 % of their largest value (10x margin)
+BF16_LATENT_ERROR = 0.04
+
+
 def dit_args(tiny, out, steps, *extra):
     return ["dit", "--features", str(tiny["features"]), "--model-config", str(tiny["dit_config"]), "--out", str(out),
             "--steps", str(steps), "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2", "--ema-decay", "0.9",
@@ -146,6 +150,41 @@ def test_vae_run_writes_loadable_checkpoints_and_samples(tiny, tmp_path, capsys)
     assert "at least 32x32" in capsys.readouterr().err
 
 
+def test_init_matching_takes_the_tensors_that_fit_a_changed_architecture(tmp_path, capsys):
+    from reducio.train.vae_trainer import VAE_PRESETS
+    from reducio.vae import ReducioVAE
+
+    start = tmp_path / "start"
+    common = ["--size", "16", "--clips", "4", "--steps", "1", "--batch-size", "2", "--lr", "1e-3", "--quiet"]
+    assert main(["vae", "--model", "test", "--out", str(start), *common]) == 0
+    changed = VAE_PRESETS["test"]()
+    changed["ddconfig"].update(ch_fuse=[0, 1, -1], content_position="sincos2d")    # one more fusion block
+    config = tmp_path / "changed.json"
+    config.write_text(json.dumps(changed))
+    weights = str(start / "final" / "model.safetensors")
+    # plain --init refuses the other architecture; --init-matching takes what fits and says so
+    assert main(["vae", "--init", weights, "--model-config", str(config), "--out", str(tmp_path / "a"), *common]) == 2
+    assert "different VAE configuration" in capsys.readouterr().err
+    out = tmp_path / "b"
+    assert main(["vae", "--init", weights, "--init-matching", "--model-config", str(config), "--lr", "0",
+                 "--out", str(out), *common[:-3], "--quiet"]) == 0
+    assert "start fresh" in capsys.readouterr().err
+    before, after = ReducioVAE.from_pretrained(weights), ReducioVAE.from_pretrained(out / "final" / "model.safetensors")
+    assert after.config["ddconfig"]["content_position"] == "sincos2d"
+    old = before.state_dict()
+    for key, value in after.state_dict().items():
+        if key.startswith("decoder.up.0.fuse"):
+            assert key not in old
+        elif "discriminator" not in key:
+            torch.testing.assert_close(value, old[key])           # lr 0: what was taken is unchanged
+    # a file of another family is refused before anything runs
+    big = VAE_PRESETS["tiny"]()
+    config.write_text(json.dumps(big))
+    assert main(["vae", "--init", weights, "--init-matching", "--model-config", str(config),
+                 "--out", str(tmp_path / "c"), *common]) == 2
+    assert "not the same family" in capsys.readouterr().err
+
+
 def test_empty_dataset_folder_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "videos"
     empty.mkdir()
@@ -153,6 +192,20 @@ def test_empty_dataset_folder_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds no videos" in err and "--data synthetic" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_encode_in_bf16_records_it_and_stays_near_fp32(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    run(["encode", "--vae", str(tiny["vae"]), "--dit-config", str(tiny["dit_config"]), "--size", "16", "--clips", "5",
+         "--shard-size", "5", "--precision", "bf16", "--out", str(out), "--quiet"])
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "bf16"
+    assert json.loads((tiny["features"] / "manifest.json").read_text())["precision"] == "fp32"  # auto on CPU
+    low, full = load_file(out / "shard_00000.safetensors"), load_file(tiny["features"] / "shard_00000.safetensors")
+    assert low["z"].dtype == torch.float32
+    error = float((low["z"] - full["z"]).abs().max() / full["z"].abs().max())
+    assert 0 < error < BF16_LATENT_ERROR, error
 
 
 def test_features_must_fit_the_dit(tiny, tmp_path, capsys):

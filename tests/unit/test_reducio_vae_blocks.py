@@ -4,7 +4,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from reducio.vae.blocks import CrossAttention, SelfAttention, sinusoid_table
+import pytest
+
+from reducio.vae import ReducioVAE
+from reducio.vae.blocks import (AddFusion, CrossAttention, FusionBlock, SelfAttention, plane_position_table,
+                                sinusoid_table)
+from reducio.vae.config import ConfigError
 
 
 def reference_attention(q, k, v, heads):
@@ -68,3 +73,88 @@ def test_sinusoid_table_values():
     assert table[0, 0] == 0 and table[0, 1] == 1
     torch.testing.assert_close(table[3, 2], torch.tensor(math.sin(3 / 10000 ** (2 / 8))))
     torch.testing.assert_close(table[3, 3], torch.tensor(math.cos(3 / 10000 ** (2 / 8))))
+
+
+def test_plane_position_code_is_a_rotation_per_frequency_and_size_free():
+    table = plane_position_table(6, 4, 16)              # 4 sin/cos pairs per axis
+    assert table.shape == (24, 16)
+    pairs = table.reshape(24, 8, 2)
+    torch.testing.assert_close((pairs ** 2).sum(-1), torch.ones(24, 8))   # each pair is a point on a circle
+    assert len({tuple(row.tolist()) for row in table}) == 24              # every place has its own code
+    # the same place of the frame gets the same code at another map size (centre of 1x1 and of 3x3)
+    torch.testing.assert_close(plane_position_table(1, 1, 16)[0], plane_position_table(3, 3, 16)[4])
+    # y lives in the first half, x in the second: the rows of one column share their x half
+    grid = table.reshape(6, 4, 16)
+    torch.testing.assert_close(grid[:, 0, 8:], grid[:1, 0, 8:].expand(6, -1))
+    assert plane_position_table(2, 2, 3).abs().sum() == 0                 # fewer than 4 channels: no code
+
+
+def test_fusion_block_with_plane_position_adds_no_weights_and_changes_the_result():
+    torch.manual_seed(0)
+    plain, coded = FusionBlock(64, 32, 4), FusionBlock(64, 32, 4, plane_position=True)
+    coded.load_state_dict(plain.state_dict(), strict=True)
+    x, ctx = torch.randn(1, 64, 4, 3, 5), torch.randn(1, 32, 6, 10)
+    assert not torch.allclose(plain(x, ctx), coded(x, ctx), atol=1e-3)
+
+
+def test_content_position_is_validated_and_keeps_the_official_key_set():
+    from reducio.train.vae_trainer import VAE_PRESETS
+
+    config = VAE_PRESETS["test"]()
+    base = set(ReducioVAE(**config).state_dict())
+    config["ddconfig"]["content_position"] = "sincos2d"
+    assert set(ReducioVAE(**config).state_dict()) == base
+    config["ddconfig"]["content_position"] = "learned"
+    with pytest.raises(ConfigError, match="ddconfig.content_position"):
+        ReducioVAE(**config)
+
+
+def test_add_fusion_passes_content_from_the_start_and_learns_unlike_the_official_zero_init():
+    torch.manual_seed(0)
+    block = AddFusion(32, 16, 4)
+    x, ctx = torch.randn(2, 32, 4, 6, 6), torch.randn(2, 16, 6, 6)
+    assert not torch.allclose(block(x, ctx), block(x, ctx * 0))  # the content changes the output at once
+    block(x, ctx).pow(2).sum().backward()
+    assert block.norm.weight.grad.abs().sum() > 0 and block.conv_context.weight.grad.abs().sum() > 0
+    # the official zero_init (both convolutions and the norm zeroed) leaves only the norm bias learning
+    official = AddFusion(32, 16, 4)
+    for tensor in (official.conv.weight, official.conv.bias, official.conv_context.weight, official.conv_context.bias,
+                   official.norm.weight, official.norm.bias):
+        torch.nn.init.zeros_(tensor)
+    assert torch.equal(official(x, ctx), x)
+    official(x, ctx).pow(2).sum().backward()
+    assert official.norm.weight.grad.abs().sum() == 0 and official.conv.weight.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="same resolution"):
+        block(x, torch.randn(2, 16, 3, 3))
+
+
+def test_add_fusion_configs_build_load_and_are_validated(tmp_path):
+    from reducio.files import atomic_write_safetensors
+    from reducio.train.vae_trainer import VAE_PRESETS
+    from reducio.vae.checkpoint import CONFIG_METADATA_KEY
+
+    config = VAE_PRESETS["test"]()
+    config["ddconfig"].update(ch_fuse=[0, 1, -1], fuse_type=["add", "add+attn", "attn"])
+    vae = ReducioVAE(**config)
+    keys = set(vae.state_dict())
+    assert {"decoder.up.0.fuse.0.temp_embed", "decoder.up.1.fuse.0.temp_embed", "decoder.up.1.fuse.1.pos_embed"} <= keys
+    video = torch.rand(1, 3, 16, 16, 16) * 2 - 1
+    with torch.no_grad():
+        out = vae.decode(vae.encode(video, tiling=False), video[:, :, 7], tiling=False)
+    assert out.shape == video.shape and torch.isfinite(out).all()
+    path = tmp_path / "add.safetensors"
+    import json
+    atomic_write_safetensors(vae.state_dict(), {CONFIG_METADATA_KEY: json.dumps(vae.config)}, path)
+    loaded = ReducioVAE.from_pretrained(path)
+    assert loaded.config["ddconfig"]["fuse_type"] == ["add", "add+attn", "attn"]
+    # a config that claims other frame counts than the file's add-fusion tables is refused by field
+    lying = json.loads(json.dumps(vae.config))
+    lying["ddconfig"]["temp_res"] = 8
+    atomic_write_safetensors(vae.state_dict(), {CONFIG_METADATA_KEY: json.dumps(lying)}, path, overwrite=True)
+    with pytest.raises(Exception, match="temp_res"):
+        ReducioVAE.from_pretrained(path)
+    for fuse, kinds, match in (([1, 1, -1], ["add", "attn", "attn"], "same resolution"),
+                               ([0, 1, -1], ["add", "concat", "attn"], "fuse_type")):
+        config["ddconfig"].update(ch_fuse=fuse, fuse_type=kinds)
+        with pytest.raises(ConfigError, match=match):
+            ReducioVAE(**config)
