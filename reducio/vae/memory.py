@@ -77,6 +77,8 @@ def _decoder_peak_elements(dd: dict, dd2: dict, height: int, width: int) -> tupl
     f_s, f_t, temp_res = dd.get("f_s", n - 1), dd.get("f_t", 0), dd["temp_res"]
     ch_in = dd.get("ch_in") or dd["ch"]
     largest, scores = 0, 0
+    fuse_type = dd.get("fuse_type", "attn")
+    kinds = list(fuse_type) if isinstance(fuse_type, (list, tuple)) else [fuse_type] * n
     latent_h, latent_w = height // 2 ** f_s, width // 2 ** f_s
     latent_t = temp_res // 2 ** f_t
     latent_tokens = latent_t * latent_h * latent_w
@@ -88,7 +90,7 @@ def _decoder_peak_elements(dd: dict, dd2: dict, height: int, width: int) -> tupl
         width_l = ch_in * dd["ch_mult"][level]
         largest = max(largest, max(prev_width, width_l) * frames * h * w)
         fuse = dd["ch_fuse"][level]
-        if fuse >= 0:
+        if fuse >= 0 and "attn" in kinds[level]:      # 'add' fusion is a convolution, no score matrix
             ctx = (height // 2 ** fuse) * (width // 2 ** fuse)
             scores = max(scores, max(1, width_l // 64) * frames * h * w * ctx)
         kind = decoder_upsample_kind(level, n, f_s, f_t)

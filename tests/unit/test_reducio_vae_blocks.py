@@ -158,3 +158,21 @@ def test_add_fusion_configs_build_load_and_are_validated(tmp_path):
         config["ddconfig"].update(ch_fuse=fuse, fuse_type=kinds)
         with pytest.raises(ConfigError, match=match):
             ReducioVAE(**config)
+
+
+def test_memory_estimate_counts_no_score_matrix_for_add_fusion():
+    from reducio.train.vae_trainer import VAE_PRESETS
+    from reducio.vae.memory import estimate_memory
+
+    tiny = VAE_PRESETS["tiny"]()
+    as_attention = json_copy(tiny)
+    as_attention["ddconfig"]["fuse_type"] = "attn"
+    add, attn = (estimate_memory(c, "decode", 16, 64, 64, include_weights=False) for c in (tiny, as_attention))
+    # attention at full resolution would hold 16 x 4096 x 4096 scores (1 GiB in fp32, capped by the
+    # chunking bound); the add fusion is a convolution and holds none (measured 45 MB against 578 MB)
+    assert attn > 10 * add
+
+
+def json_copy(value):
+    import json
+    return json.loads(json.dumps(value))
