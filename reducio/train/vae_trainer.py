@@ -29,8 +29,11 @@ from .vae_objective import (DiscriminatorPair, PatchDiscriminator3D, VAELossConf
                             generator_loss, hinge_d_loss)
 
 
-def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_position=None, fuse_type="attn") -> dict:
+def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_position=None, fuse_type="attn",
+            norm_groups=None) -> dict:
     extra = {} if content_position is None else {"content_position": content_position}
+    if norm_groups is not None:
+        extra["norm_groups"] = norm_groups
     return {"ddconfig": {"ch": ch, "ch_in": ch, "f_t": 2, "out_ch": 3, "z_channels": z, "temp_res": 16,
                          "ch_mult": ch_mult, "ch_fuse": ch_fuse, "fuse_type": fuse_type, "num_res_blocks": blocks,
                          "fuse_mid": True, "window_size": 128, **extra},
@@ -43,12 +46,15 @@ def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_positi
 # belongs (trained that way it stayed a grey blur at the content-repeated baseline, see
 # docs/embedded_models.md). So the content frame also enters at full and half resolution through
 # the official code's 'add' fusion (ch_fuse[0] = 0, ch_fuse[1] = 1), and the attention fusion blocks
-# get a fixed 2-D position code (content_position 'sincos2d', ours, no weights).
+# get a fixed 2-D position code (content_position 'sincos2d', ours, no weights). Its GroupNorms use
+# 8 groups (norm_groups, ours): the official 32 groups on 32 channels would be one channel per group,
+# an instance norm that removes the clip's colours at every block (4-8 channels per group here, as
+# in the official model's 128-512 channels).
 # "test": 3 levels (H/4) and 8 channels, for unit tests only.
 TINY_FUSE_TYPES = ["add", "add", "attn", "attn", "attn", "attn"]
 VAE_PRESETS = {
     "tiny": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
-                            content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES)),
+                            content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8),
     "test": lambda: _preset(32, [1, 1, 1], [-1, 1, -1], 32, [1, 1], 8),
     "ft4": lambda: official_config("ft4"),
     "ft2": lambda: official_config("ft2"),

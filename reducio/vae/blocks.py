@@ -21,10 +21,13 @@ from torch import nn
 MAX_ATTENTION_SCORE_ELEMENTS = 1 << 27
 
 
+NORM_GROUPS = 32   # the official Normalize(): GroupNorm(32 groups, eps 1e-6)
+
+
 class FloatGroupNorm(nn.GroupNorm):
     """GroupNorm(32, eps 1e-6) evaluated in float32 and cast back to the input dtype."""
 
-    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-6):
+    def __init__(self, channels: int, groups: int = NORM_GROUPS, eps: float = 1e-6):
         super().__init__(num_groups=groups, num_channels=channels, eps=eps, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

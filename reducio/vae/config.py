@@ -70,7 +70,7 @@ _INERT_VIDEO_KEYS = {"resolution", "attn_resolutions", "use_checkpoint", "fp32_a
 FUSE_TYPES = ("attn", "add", "add+attn")
 _VIDEO_KEYS = {"ch", "ch_in", "f_t", "f_s", "out_ch", "z_channels", "temp_res", "ch_mult", "ch_fuse",
                "fuse_type", "num_res_blocks", "fuse_mid", "fuse_mid_type", "window_size", "tanh_out",
-               "in_channels", "content_position"}
+               "in_channels", "content_position", "norm_groups"}
 _CONTENT_KEYS = {"ch", "ch_mult", "num_res_blocks", "out_z", "window_size", "f_s", "fs", "in_channels"}
 _INERT_CONTENT_KEYS = {"z_channels", "out_ch", "resolution", "attn_resolutions", "dropout",
                        "use_checkpoint", "fp32_attention", "double_z", "resamp_with_conv", "temp_res",
@@ -211,6 +211,16 @@ def validate_config(config) -> dict:
                                                                                (bool, str)):
         raise ConfigError(f"config field use_tiling = {config['use_tiling']!r} is invalid: expected true, false or "
                           f"'{TILING_AUTO}'; {_FIX}")
+    if "norm_groups" in dd:
+        # ours (the embedded tiny model): the GroupNorm group count of all three branches (official: 32)
+        groups = check_int("ddconfig.norm_groups", dd["norm_groups"], 1, 1024, _FIX)
+        widths = {dd["ch"], dd.get("ch_in") or dd["ch"], dd2["ch"]}
+        widths |= {dd["ch"] * m for m in dd["ch_mult"]} | {(dd.get("ch_in") or dd["ch"]) * m for m in dd["ch_mult"]}
+        widths |= {dd2["ch"] * m for m in dd2["ch_mult"]}
+        uneven = sorted(w for w in widths if w % groups)
+        if uneven:
+            raise ConfigError(f"config field ddconfig.norm_groups = {groups} does not divide the channel widths "
+                              f"{uneven}; choose a divisor of every width (official: 32); {_FIX}")
     factor = 2 ** dd.get("f_s", len(dd["ch_mult"]) - 1)
     check_int("tile_sample_min_size", config.get("tile_sample_min_size", 256), factor, MAX_TILE_SIZE, _FIX)
     # (whether the tile window lines up with the latent grid is checked by TileLayout when tiling is used:

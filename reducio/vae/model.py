@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import clips as clip_utils
+from .blocks import NORM_GROUPS, FloatGroupNorm
 from .config import validate_config
 from .decoder import FusionDecoder
 from .encoder import Encoder
@@ -72,6 +73,15 @@ class ReducioVAE(nn.Module):
             fuse_mid=ddconfig.get("fuse_mid", False), fuse_mid_type=ddconfig.get("fuse_mid_type"),
             window_size=window, content_position=ddconfig.get("content_position", "none"),
             fuse_type=ddconfig.get("fuse_type", "attn"))
+        groups = ddconfig.get("norm_groups", NORM_GROUPS)
+        if groups != NORM_GROUPS:
+            # ours, not in any official model: with 32 groups on 32-channel features every group is one
+            # channel, i.e. an instance norm that removes each channel's mean over the clip -- the clip's
+            # colours -- at every block (a tiny model trained that way decodes grey). Same weights.
+            for module in (self.encoder_3d, self.encoder_2d, self.decoder):
+                for norm in module.modules():
+                    if isinstance(norm, FloatGroupNorm):
+                        norm.num_groups = groups
         self.quant_conv = nn.Conv3d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv3d(embed_dim, z_channels, 1)
 

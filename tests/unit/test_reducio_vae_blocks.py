@@ -176,3 +176,26 @@ def test_memory_estimate_counts_no_score_matrix_for_add_fusion():
 def json_copy(value):
     import json
     return json.loads(json.dumps(value))
+
+
+def test_norm_groups_sets_every_group_norm_and_keeps_the_key_set():
+    from reducio.train.vae_trainer import VAE_PRESETS
+    from reducio.vae.blocks import FloatGroupNorm
+
+    config = VAE_PRESETS["test"]()
+    official = ReducioVAE(**config)
+    config["ddconfig"]["norm_groups"] = 8
+    grouped = ReducioVAE(**config)
+    assert {n.num_groups for n in grouped.modules() if isinstance(n, FloatGroupNorm)} == {8}
+    assert {n.num_groups for n in official.modules() if isinstance(n, FloatGroupNorm)} == {32}
+    assert set(grouped.state_dict()) == set(official.state_dict())
+    # one channel per group (32 groups on 32 channels) normalises each channel over the clip: a colour
+    # shift of the whole input leaves the features unchanged; 8 groups keep it
+    x = torch.randn(1, 32, 4, 6, 6)
+    shifted = x + torch.linspace(-1, 1, 32).reshape(1, 32, 1, 1, 1)
+    per_channel, grouped_norm = FloatGroupNorm(32), FloatGroupNorm(32, groups=8)
+    torch.testing.assert_close(per_channel(x), per_channel(shifted), atol=1e-4, rtol=0)
+    assert not torch.allclose(grouped_norm(x), grouped_norm(shifted), atol=1e-2)
+    config["ddconfig"]["norm_groups"] = 12
+    with pytest.raises(ConfigError, match="ddconfig.norm_groups"):
+        ReducioVAE(**config)
