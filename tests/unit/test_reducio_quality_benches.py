@@ -1,0 +1,47 @@
+"""Tier 1: the Reducio quality benches run end to end on tiny random models (so they cannot rot) and
+write what their docs promise. The figures themselves come from trained models (docs/embedded_models.md)."""
+import json
+
+import pytest
+
+pytest.importorskip("skimage")
+
+from bench import eval_reducio_dit, eval_reducio_vae  # noqa: E402
+from reducio.dit import ReducioDiT, ReducioDiTConfig  # noqa: E402
+from reducio.dit.checkpoint import save_checkpoint  # noqa: E402
+from reducio.train.testing import write_test_dit_config, write_test_vae  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    vae = write_test_vae(root / "vae.safetensors")
+    config = ReducioDiTConfig.from_json(write_test_dit_config(root / "dit.json").read_text())
+    dit = root / "dit.safetensors"
+    save_checkpoint(ReducioDiT(config), dit, config)
+    return {"vae": vae, "dit": dit, "root": root}
+
+
+def test_vae_bench_reports_both_baselines_at_two_sizes(models):
+    out = models["root"] / "vae_quality"
+    assert eval_reducio_vae.main(["--vae", str(models["vae"]), "--size", "16", "--clips", "2", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["size"] for r in report["results"]] == [16, 32]
+    for result in report["results"]:
+        assert {"vae", "repeat_content", "untrained"} <= set(result)
+        assert result["gain_over_repeat_db"] == pytest.approx(
+            result["vae"]["psnr_mean"] - result["repeat_content"]["psnr_mean"], abs=0.02)
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_dit_bench_counts_every_caption_and_compares_with_the_untrained_model(models):
+    out = models["root"] / "dit_quality"
+    assert eval_reducio_dit.main(["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--size", "16",
+                                  "--images", "1", "--steps", "2", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    for name in ("trained", "untrained"):
+        result = report[name]
+        assert result["samples"] == 4 and sum(result["directions_seen"].values()) == 4
+        assert 0.0 <= result["direction_accuracy"] <= 1.0
+    assert "Chance is 25 %" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
