@@ -21,13 +21,13 @@ encode``). Writes bench/reducio_dit_quality.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from bench.report import write_report
 from reducio.contact_sheet import save_contact_sheet
 from reducio.data import SyntheticClips
 from reducio.data.synthetic import PHOTOS
@@ -94,7 +94,6 @@ def main(argv=None) -> int:
     report = {"dit": str(args.dit), "vae": str(args.vae), "encoders": args.encoders, "images": args.images,
               "size": args.size, "seed": args.seed, "trained": trained, "untrained": baseline,
               "seconds": round(time.time() - started, 1), "machine": platform.processor() or platform.machine()}
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     columns = [("content image", images[0][1][:, :, None].expand(-1, -1, 16, -1, -1))]
     columns += [(f"caption: pans {d}", videos[(0, d)]) for d in DIRECTIONS]
     save_contact_sheet(args.out.with_suffix(".png"), columns,
@@ -110,9 +109,7 @@ def main(argv=None) -> int:
         seen = "/".join(str(r["directions_seen"][d]) for d in DIRECTIONS + ("still",))
         lines.append(f"| {name} | {r['direction_accuracy']:.0%} | {seen} | {r['frame7_psnr_mean']} dB "
                      f"({r['frame7_psnr_min']}) |")
-    lines += ["", f"Contact sheet: [{args.out.with_suffix('.png').name}]({args.out.with_suffix('.png').name})."]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, report, lines)
     return 0
 
 

@@ -15,7 +15,6 @@ difference) of the first clips to bench/reducio_vae_quality.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import write_report
 from reducio.contact_sheet import difference, save_contact_sheet
 from reducio.data import SyntheticClips
 from reducio.metrics import psnr, ssim
@@ -87,7 +87,6 @@ def main(argv=None) -> int:
                evaluate(vae, untrained, 2 * args.size, max(4, args.clips // 4), args.seed, None)]
     report = {"vae": str(args.vae), "split": "heldout", "seed": args.seed, "results": results,
               "seconds": round(time.time() - started, 1), "machine": platform.processor() or platform.machine()}
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     lines = ["# Reducio VAE quality on held-out synthetic clips", "",
              f"`python -m bench.eval_reducio_vae --vae {args.vae} --size {args.size} --clips {args.clips}`; "
              "PSNR on [0, 1] values from the squared error pooled over all clips (a per-clip mean would be "
@@ -101,9 +100,7 @@ def main(argv=None) -> int:
                      f"{r['vae']['ssim_mean']} | {r['repeat_content']['psnr']} dB | "
                      f"{r['repeat_content']['ssim_mean']} | {r['untrained']['psnr']} dB | "
                      f"{r['gain_over_repeat_db']} dB |")
-    lines += ["", f"Contact sheet: [{args.out.with_suffix('.png').name}]({args.out.with_suffix('.png').name})."]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, report, lines)
     return 0
 
 
