@@ -20,7 +20,7 @@ from ..files import (abbreviate, atomic_write_safetensors, check_torch_archive, 
                      read_safetensors_tensors, same_file)
 from ..validation import CheckpointError, ConfigError, parse_json_object
 from .blocks import sinusoid_table
-from .config import TILING_AUTO, official_config, validate_config
+from .config import TILING_AUTO, level_fuse_types, official_config, validate_config
 from .decoder import decoder_level_frames
 
 PathLike = Union[str, os.PathLike]
@@ -304,8 +304,7 @@ def check_config_matches_tensors(config: dict, shapes: Mapping, name: str) -> No
     if quant and len(quant) > 1 and quant[1] != 2 * dd["z_channels"]:
         refuse("ddconfig.z_channels", dd["z_channels"], f"quant_conv.weight has {quant[1]} inputs")
     n, f_t = len(dd["ch_mult"]), dd.get("f_t", 0)
-    fuse_type = dd.get("fuse_type", "attn")
-    kinds = list(fuse_type) if isinstance(fuse_type, (list, tuple)) else [fuse_type] * n
+    kinds = level_fuse_types(dd.get("fuse_type", "attn"), n)
     # per-frame tables: (key, frames the config implies, axis of the frame count in the tensor)
     tables = [("decoder.mid.fuse.0.pos_embed", dd["temp_res"] // 2 ** f_t, 1)]
     for level, kind in enumerate(kinds):

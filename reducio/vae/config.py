@@ -68,6 +68,11 @@ _INERT_VIDEO_KEYS = {"resolution", "attn_resolutions", "use_checkpoint", "fp32_a
                      "init_values"}
 # fusion kinds of the official FusionDecoder ('linear' exists there too but no model uses it)
 FUSE_TYPES = ("attn", "add", "add+attn")
+
+
+def level_fuse_types(fuse_type, levels: int) -> list:
+    """``ddconfig.fuse_type`` (one string, None, or one entry per decoder level) as one entry per level."""
+    return list(fuse_type) if isinstance(fuse_type, (list, tuple)) else [fuse_type] * levels
 _VIDEO_KEYS = {"ch", "ch_in", "f_t", "f_s", "out_ch", "z_channels", "temp_res", "ch_mult", "ch_fuse",
                "fuse_type", "num_res_blocks", "fuse_mid", "fuse_mid_type", "window_size", "tanh_out",
                "in_channels", "content_position", "norm_groups"}
@@ -144,7 +149,7 @@ def check_ddconfig(ddconfig) -> None:
     fuse = check_int_list("ddconfig.ch_fuse", ddconfig["ch_fuse"], -1, MAX_LEVELS, levels, levels,
                           f"one entry per ch_mult level ({levels}): -1 or a content level; {_FIX}")
     fuse_type = ddconfig.get("fuse_type", "attn")
-    types = fuse_type if isinstance(fuse_type, (list, tuple)) else [fuse_type] * levels
+    types = level_fuse_types(fuse_type, levels)
     if len(types) != levels:
         raise ConfigError(f"config field ddconfig.fuse_type needs one entry per level ({levels}); {_FIX}")
     for level, (kind, index) in enumerate(zip(types, fuse)):

@@ -9,6 +9,7 @@ from torch import nn
 
 from .blocks import (FULL, SPATIAL, TEMPORAL, AddFusion, FloatGroupNorm, FusionBlock, ResnetBlock,
                      SelfAttention, Upsample)
+from .config import level_fuse_types
 from .encoder import _as_window
 
 
@@ -61,7 +62,7 @@ class FusionDecoder(nn.Module):
         if len(ch_fuse) != self.n_levels:
             raise ValueError(f"ch_fuse needs one entry per level ({self.n_levels}), got {list(ch_fuse)}")
         self.ch_fuse = list(ch_fuse)
-        fuse_types = list(fuse_type) if isinstance(fuse_type, (list, tuple)) else [fuse_type] * self.n_levels
+        fuse_types = level_fuse_types(fuse_type, self.n_levels)
         f_s = self.n_levels - 1 if f_s is None else f_s
         f_s_2d = len(ch_mult_2d) - 1 if f_s_2d is None else f_s_2d
         ch_in = ch if ch_in is None else ch_in

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .blocks import MAX_ATTENTION_SCORE_ELEMENTS
+from .config import level_fuse_types
 from .decoder import decoder_level_frames, decoder_upsample_kind
 from .encoder import encoder_downsample_kind
 from .tiling import TileLayout
@@ -77,8 +78,7 @@ def _decoder_peak_elements(dd: dict, dd2: dict, height: int, width: int) -> tupl
     f_s, f_t, temp_res = dd.get("f_s", n - 1), dd.get("f_t", 0), dd["temp_res"]
     ch_in = dd.get("ch_in") or dd["ch"]
     largest, scores = 0, 0
-    fuse_type = dd.get("fuse_type", "attn")
-    kinds = list(fuse_type) if isinstance(fuse_type, (list, tuple)) else [fuse_type] * n
+    kinds = level_fuse_types(dd.get("fuse_type", "attn"), n)
     latent_h, latent_w = height // 2 ** f_s, width // 2 ** f_s
     latent_t = temp_res // 2 ** f_t
     latent_tokens = latent_t * latent_h * latent_w
