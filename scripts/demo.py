@@ -104,6 +104,58 @@ class Recipes:
             self.prepare_ditfastattn()
 
 
+# ---------------------------------------------------------------------------------------------------
+# Quality: each Reducio workflow's output measured from its files, with a contact sheet beside it.
+# ---------------------------------------------------------------------------------------------------
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
+
+
+def _node(prompt: dict, class_type: str) -> dict | None:
+    return next((n for n in prompt.values() if n["class_type"] == class_type), None)
+
+
+def _output(files: list[Path], marker: str, suffixes=VIDEO_SUFFIXES) -> Path | None:
+    found = [f for f in files if marker in f.name and f.suffix.lower() in suffixes]
+    return found[-1] if found else None
+
+
+def measure(name: str, prompt: dict, files: list[Path], input_dir: Path, dest: Path) -> dict | None:
+    """The figures of one workflow's output (None for workflows that make no clip to judge)."""
+    from reducio.output_quality import generation_report, reconstruction_report
+    from test_reducio_vae_workflows import VIDEO_NAME   # the clip the VAE workflows load
+
+    if name in ("reducio_vae_roundtrip", "reducio_vae_decode_from_latent"):
+        source = input_dir / _node(prompt, "LoadVideo")["inputs"]["file"] if name == "reducio_vae_roundtrip" \
+            else input_dir / VIDEO_NAME
+        output = _output(files, "reconstruction" if name == "reducio_vae_roundtrip" else "decoded")
+        if output is None or not source.exists():
+            return None
+        return reconstruction_report(source, output, dest / "contact_sheet.png", title=name)
+    if name.startswith("reducio_dit_"):
+        node = _node(prompt, "ReducioImageToVideo")
+        caption = prompt[node["inputs"]["positive"][0]]["inputs"].get("text", "")
+        content_node = prompt[node["inputs"]["content_image"][0]]
+        content = (input_dir / content_node["inputs"]["image"] if content_node["class_type"] == "LoadImage"
+                   else _output(files, "content", (".png",)))
+        output = _output(files, "")
+        if output is None or content is None or not content.exists():
+            return None
+        return generation_report(content, output, dest / "contact_sheet.png", caption=caption, title=name)
+    return None
+
+
+def describe(figures: dict | None) -> str:
+    if not figures:
+        return ""
+    if "psnr_db" in figures:
+        return (f"PSNR {figures['psnr_db']} dB, SSIM {figures['ssim']} (content repeated "
+                f"{figures['repeat_content']['psnr_db']} dB)")
+    text = f"frame-7 PSNR {figures['frame7_psnr_db']} dB, camera moves {figures['camera_direction']}"
+    if figures["caption_direction"]:
+        text += f" (caption: {figures['caption_direction']})"
+    return text
+
+
 # Encode-to-file runs before decode-from-file; everything else in name order.
 ORDER_FIRST = ["reducio_vae_roundtrip", "reducio_vae_encode_to_latent", "reducio_vae_decode_from_latent"]
 
@@ -156,18 +208,25 @@ def main(argv=None) -> int:
             dest = args.out / name
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
-            files = []
+            copied = []
             for path in server.output_files(entry):
                 if path.is_file():
                     shutil.copy(path, dest / path.name)
-                    files.append(str((dest / path.name).relative_to(REPO)) if dest.is_relative_to(REPO)
-                                 else str(dest / path.name))
-            results.append((name, "ok", time.time() - started, files))
+                    copied.append(dest / path.name)
+            seconds = time.time() - started
+            figures = measure(name, prompt, copied, server.input_dir, dest)
+            if figures:
+                copied.append(Path(figures["sheet"]))
+                (dest / "quality.json").write_text(json.dumps(figures, indent=1) + "\n")
+            files = [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in copied]
+            results.append((name, "ok", seconds, files, describe(figures)))
     finally:
         server.stop()
     print("\nworkflow results" + (" (tiny stand-in models)" if args.models is None else ""))
-    for name, status, seconds, files in results:
+    for name, status, seconds, files, *quality in results:
         print(f"  {status:6s} {name:40s} {seconds:6.1f}s  " + ", ".join(files))
+        if quality and quality[0]:
+            print(f"         quality: {quality[0]}")
     failed = [r for r in results if r[1] != "ok"]
     print(f"demo: {len(results) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed or not results else 0

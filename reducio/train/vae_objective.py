@@ -1,6 +1,9 @@
 """The official Reducio-VAE objective (spec reducio_vae.md §8): L1 reconstruction (+ perceptual),
 KL 1e-6, a one-sided outlier penalty, and a hinge GAN with a 3-D PatchGAN discriminator switched on
-at ``disc_start`` with the adaptive weight ||grad nll|| / ||grad g|| on the decoder's last conv."""
+at ``disc_start`` with the adaptive weight ||grad nll|| / ||grad g|| on the decoder's last conv.
+
+Ours, off by default: the *motion hint* (``motion_hint_weight``) for decoders with warp levels, see
+:func:`motion_hint_targets`."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -9,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..metrics import phase_correlation
 from .perceptual import per_frame
 
 
@@ -23,6 +27,7 @@ class VAELossConfig:
     disc_weight: float = 0.05
     disc_factor: float = 1.0
     adaptive_gan: bool = True
+    motion_hint_weight: float = 0.0    # ours; 0 = the official objective
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,3 +121,33 @@ def generator_loss(video, recon, mean, logvar, cfg: VAELossConfig, perceptual=No
         p_mean = p.mean()
     nll = rec.mean() * cfg.rec_weight
     return nll, kl_loss(mean, logvar), outlier_penalty(recon, cfg.penalty_radius), p_mean
+
+
+@torch.no_grad()
+def motion_hint_targets(video: torch.Tensor, content_index: int) -> torch.Tensor:
+    """Per frame, the global shift that moves the content frame onto that frame: ``[B, 2, T]`` (dx, dy)
+    in pixels, from phase correlation of the clip's own frames (no labels: any video has it).
+
+    Why: a warp decoder (``WarpFusion`` / ``LatentFlow``) reconstructs a clip far better with the right
+    flow -- measured on a held-out pan clip, a free global flow per latent frame fitted by gradient
+    descent took the L1 error from 0.132 to 0.048 -- but trained on reconstruction alone its encoder
+    never starts to put the motion into the latent: the flow layer's gradient averages to nothing
+    while the latent holds no motion, and the latent gets no reason to hold motion while the flow
+    ignores it (300 + 150 steps, flows under 0.2 pixel and unrelated to the clip). This target pulls
+    the latent flow's spatial mean towards the clip's dominant motion and breaks that standstill;
+    everything finer (sprites, zoom, roll) is left to the reconstruction loss.
+    """
+    batch, _, frames = video.shape[:3]
+    out = torch.zeros(batch, 2, frames)
+    for b in range(batch):
+        content = video[b, :, content_index].float().cpu()
+        for t in range(frames):
+            if t != content_index:
+                dy, dx = phase_correlation(video[b, :, t].float().cpu(), content)
+                out[b, 0, t], out[b, 1, t] = dx, dy
+    return out.to(video.device)
+
+
+def motion_hint_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 in pixels between the latent flow's spatial mean ``[B, 2, T]`` and :func:`motion_hint_targets`."""
+    return (predicted.float() - target.float()).abs().mean()

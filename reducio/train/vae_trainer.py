@@ -20,13 +20,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from ..data import CONTENT_INDEX, SyntheticClips, to_uint8_frames
 from ..data.transforms import parse_size
 from ..vae import ReducioVAE, normalize_latent, official_config
+from ..vae.blocks import resize_flow
 from ..vae.checkpoint import CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, CheckpointError
 from .checkpoint import CheckpointStore, flatten_optimizer_state, unflatten_optimizer_state
 from .errors import TrainingError
 from .loop import Trainer, autocast_for, keyed_generator, keyed_randn, resolve_precision
 from .perceptual import load_lpips
 from .vae_objective import (DiscriminatorPair, PatchDiscriminator3D, VAELossConfig, adaptive_gan_weight,
-                            generator_loss, hinge_d_loss)
+                            generator_loss, hinge_d_loss, motion_hint_loss, motion_hint_targets)
 
 
 def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_position=None, fuse_type="attn",
@@ -51,7 +52,7 @@ def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_positi
 # an instance norm that removes the clip's colours at every block (4-8 channels per group here, as
 # in the official model's 128-512 channels).
 # "test": 3 levels (H/4) and 8 channels, for unit tests only.
-TINY_FUSE_TYPES = ["add", "add", "attn", "attn", "attn", "attn"]
+TINY_FUSE_TYPES = ["warp", "warp", "attn+warp", "attn+warp", "attn", "attn"]
 VAE_PRESETS = {
     "tiny": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
                             content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8),
@@ -70,12 +71,23 @@ def resolve_vae_config(model: str | None, model_config: str | None, init: str | 
     the architecture of an earlier one. At least half of the new model's tensors must match.
     """
     state = None
-    if init:
+    if init and init_matching:
+        # the tensors only: the file's own architecture need not be buildable any more (e.g. a
+        # layer was added since it was written); safetensors holds no code to run
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(init))
+        except (OSError, SafetensorError) as exc:
+            raise TrainingError(f"--init {init}: not a readable safetensors file ({exc})") from None
+    elif init:
         try:
             loaded = ReducioVAE.from_pretrained(init)
         except CheckpointError as exc:
             raise TrainingError(f"--init {init}: {exc}") from None
         config, state = loaded.config, loaded.state_dict()
+    if init:
         if init_matching:
             config = resolve_vae_config(model, model_config, None)[0]
             with torch.device("meta"):
@@ -109,12 +121,18 @@ class VAEForTraining(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, video: torch.Tensor, noise: torch.Tensor):
+    def forward(self, video: torch.Tensor, noise: torch.Tensor, motion_hint: bool = False):
+        """(reconstruction, mean, log-variance, global motion): the last is the decoder's latent flow
+        averaged over space, per frame, in output pixels ``[B, 2, T]`` when ``motion_hint``, else None."""
         feats = self.vae.encode_2d(video[:, :, CONTENT_INDEX])
         posterior = self.vae.encode_3d(video)
         latent = normalize_latent(posterior.mean + posterior.std * noise.to(posterior.mean.dtype))
         recon = self.vae.decode_features(latent.to(video.dtype), feats)
-        return recon, posterior.mean, posterior.logvar
+        motion = None
+        if motion_hint:
+            flow = self.vae.decoder.latent_flow(self.vae.post_quant_conv(latent.to(video.dtype)))
+            motion = resize_flow(flow, video.shape[2:]).mean((-2, -1))
+        return recon, posterior.mean, posterior.logvar, motion
 
 
 def lr_factor_g(step: int, decay_steps: int, final: float) -> float:
@@ -133,7 +151,7 @@ class VAETrainer(Trainer):
     name = "vae"
     IDENTITY = ("model_config", "data", "size", "clips", "fps", "seed", "batch_size", "lr", "disc_lr_scale",
                 "kl_weight", "disc_start", "disc_weight", "disc_ndf", "disc_norm", "perceptual",
-                "perceptual_weight", "penalty_weight", "grad_clip", "lr_decay_steps", "precision")
+                "perceptual_weight", "penalty_weight", "grad_clip", "lr_decay_steps", "precision", "motion_hint_weight")
     EXPORT = ("model",)
 
     def __init__(self, settings: dict, dataset, dist):
@@ -144,9 +162,13 @@ class VAETrainer(Trainer):
         super().__init__(settings, dataset, dist)
         s = self.settings
         self.loss_cfg = VAELossConfig(kl_weight=s["kl_weight"], disc_start=s["disc_start"], disc_weight=s["disc_weight"],
-                                      perceptual_weight=s["perceptual_weight"], penalty_weight=s["penalty_weight"])
+                                      perceptual_weight=s["perceptual_weight"], penalty_weight=s["penalty_weight"],
+                                      motion_hint_weight=s.get("motion_hint_weight") or 0.0)
         torch.manual_seed(self.seed)
         self.vae = ReducioVAE(**config).to(self.device)
+        if self.loss_cfg.motion_hint_weight > 0 and not hasattr(self.vae.decoder, "latent_flow"):
+            raise TrainingError("--motion-hint-weight needs a decoder with warp fusion levels (ddconfig.fuse_type "
+                                "'warp' or 'attn+warp', as in --model tiny); set it to 0 for this model")
         if init_state is not None:
             self.vae.load_state_dict(init_state, strict=not self.settings.get("init_matching", False))
         self.vae.train()
@@ -201,12 +223,17 @@ class VAETrainer(Trainer):
         for group in self.opt_d.param_groups:
             group["lr"] = s["lr"] * s["disc_lr_scale"] * lr_factor_d(step, 5000, 1000, 0.1)
         disc_on = step >= cfg.disc_start
+        hint = cfg.motion_hint_weight > 0
         with self._autocast():
-            recon, mean, logvar = self.g_model(video, noise)
+            recon, mean, logvar, motion = self.g_model(video, noise, hint)
         recon = recon.float()
         nll, kl, penalty, p_mean = generator_loss(video, recon, mean.float(), logvar.float(), cfg, self.perceptual)
         total = nll + cfg.kl_weight * kl + cfg.penalty_weight * penalty
         metrics = {"loss": total, "nll": nll, "kl": kl, "penalty": penalty}
+        if hint:
+            metrics["motion_hint"] = motion_hint_loss(motion, motion_hint_targets(video, CONTENT_INDEX))
+            total = total + cfg.motion_hint_weight * metrics["motion_hint"]
+            metrics["loss"] = total
         if self.perceptual is not None:
             metrics["perceptual"] = p_mean
         if disc_on:

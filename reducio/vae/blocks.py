@@ -385,7 +385,7 @@ class AddFusion(nn.Module):
         self.norm = FloatGroupNorm(dim)
         nn.init.trunc_normal_(self.temp_embed, std=0.02)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor, context: torch.Tensor) -> None:
         frames = x.shape[2]
         if frames != self.frames:
             raise ValueError(f"add-fusion block expects {self.frames} frames at this level but got {frames}")
@@ -393,6 +393,103 @@ class AddFusion(nn.Module):
             raise ValueError(f"add fusion needs content features of the video features' size {tuple(x.shape[-2:])}, "
                              f"got {tuple(context.shape[-2:])}: set ch_fuse of this level to the content level of "
                              f"the same resolution")
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        self._check(x, context)
         ctx = self.conv_context(context.to(x.dtype)).unsqueeze(2)
         out = self.conv(x + ctx + self.temp_embed.to(x.dtype))
         return x + F.silu(self.norm(out))
+
+
+def resize_flow(flow: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A flow [B, 2, T, H, W] in pixels resampled to ``size`` (T', H', W'), values rescaled to the new pixels."""
+    if tuple(flow.shape[2:]) == tuple(size):
+        return flow
+    scale = torch.tensor([size[2] / flow.shape[4], size[1] / flow.shape[3]], dtype=flow.dtype, device=flow.device)
+    return F.interpolate(flow, size=tuple(size), mode="trilinear", align_corners=False) * scale.reshape(1, 2, 1, 1, 1)
+
+
+def warp_frames(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """``image`` [B, C, H, W] moved once per frame: out[:, :, t, y, x] = image at (x, y) + flow[:, :, t, y, x].
+
+    Backward warping with bilinear sampling; ``flow`` [B, 2, T, H, W] is (dx, dy) in pixels. Sampling
+    outside the image repeats its border. A zero flow returns the image exactly.
+    """
+    batch, channels, height, width = image.shape
+    frames = flow.shape[2]
+    xs = (torch.arange(width, device=flow.device, dtype=flow.dtype) + 0.5) * (2 / width) - 1
+    ys = (torch.arange(height, device=flow.device, dtype=flow.dtype) + 0.5) * (2 / height) - 1
+    grid = torch.stack([xs.reshape(1, 1, 1, width) + flow[:, 0] * (2 / width),
+                        ys.reshape(1, 1, height, 1) + flow[:, 1] * (2 / height)], dim=-1)   # [B, T, H, W, 2]
+    source = image[:, None].expand(batch, frames, channels, height, width).reshape(batch * frames, channels,
+                                                                                   height, width)
+    out = F.grid_sample(source, grid.reshape(batch * frames, height, width, 2).to(source.dtype), mode="bilinear",
+                        padding_mode="border", align_corners=False)
+    return out.reshape(batch, frames, channels, height, width).transpose(1, 2)
+
+
+class WarpFusion(AddFusion):
+    """fuse_type 'warp' (ours, not in any official model): an ``AddFusion`` whose content features are
+    first moved, frame by frame, by a flow predicted from the video features.
+
+    Why: a content frame added in place (``AddFusion``) gives a decoder no easy way to move it. Trained
+    that way the tiny model learned to repeat the content frame -- every reconstruction was a still
+    picture, whatever the clip's motion (docs/embedded_models.md). A flow is the motion itself.
+
+    ``flow`` (3x3x3 Conv3d -> (dx, dy) in pixels of this level) starts small: PyTorch's default
+    initialisation scaled by ``FLOW_INIT_SCALE``, which moves the content by about 0.05 pixel -- nearly
+    the add fusion of the same weights (an add-fusion level's trained weights load into it). Not zero:
+    a zero flow layer passes no gradient back to the video features, so the encoder is never asked to
+    put the motion into the latent and the flow layer's own gradient, without motion in its input,
+    averages to nothing (measured: a zero-initialised flow stayed below 0.01 pixel for 150 steps and
+    every reconstruction stayed still). Warp levels are coarse-to-fine: each adds its flow to the
+    previous (coarser) warp level's, resampled to this level (``forward``'s ``prior_flow``), so large
+    motions are found at low resolution and refined above. Returns (features, flow).
+    """
+
+    FLOW_INIT_SCALE = 0.1
+
+    def __init__(self, dim: int, context_dim: int, frames: int):
+        super().__init__(dim, context_dim, frames)
+        self.flow = nn.Conv3d(dim, 2, 3, padding=1)
+        with torch.no_grad():
+            self.flow.weight.mul_(self.FLOW_INIT_SCALE)
+            self.flow.bias.zero_()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                prior_flow: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(x, context)
+        flow = self.flow(x).float()
+        if prior_flow is not None:
+            flow = flow + resize_flow(prior_flow.float(), flow.shape[2:])
+        batch, _, frames, height, width = x.shape
+        moved = warp_frames(context.float(), flow).to(x.dtype)                      # [B, C, T, H, W]
+        moved = moved.transpose(1, 2).reshape(batch * frames, -1, height, width)
+        ctx = self.conv_context(moved).reshape(batch, frames, -1, height, width).transpose(1, 2)
+        out = self.conv(x + ctx + self.temp_embed.to(x.dtype))
+        return x + F.silu(self.norm(out)), flow
+
+
+class LatentFlow(nn.Module):
+    """The coarsest flow of a decoder with warp levels, read straight off the latent (ours).
+
+    Why: with the flow only at the warp levels, the path from the latent to the flow runs through
+    the whole lower decoder, and a decoder that already repeats the content frame never learns to
+    put motion into the latent (measured: after 300 more steps with warp levels alone, the flows did
+    not depend on the clip's direction and no reconstruction moved). One convolution from the latent
+    makes the latent's channels the motion's first carrier. The flow is in latent pixels (one is
+    2**f_s output pixels), scaled by ``SCALE`` so that an optimizer step moves it by a fraction of an
+    output pixel; the weights start at a tenth of PyTorch's default, a flow of about 0.2 output pixel.
+    """
+
+    SCALE = 1 / 8
+
+    def __init__(self, z_channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(z_channels, 2, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.1)
+            self.conv.bias.zero_()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv(z).float() * self.SCALE

@@ -20,7 +20,8 @@ from ..files import (abbreviate, atomic_write_safetensors, check_torch_archive, 
                      read_safetensors_tensors, same_file)
 from ..validation import CheckpointError, ConfigError, parse_json_object
 from .blocks import sinusoid_table
-from .config import TILING_AUTO, level_fuse_types, official_config, validate_config
+from .config import (SAME_LEVEL_FUSIONS, TILING_AUTO, fusion_parts, level_fuse_types, official_config,
+                     validate_config)
 from .decoder import decoder_level_frames
 
 PathLike = Union[str, os.PathLike]
@@ -309,9 +310,9 @@ def check_config_matches_tensors(config: dict, shapes: Mapping, name: str) -> No
     tables = [("decoder.mid.fuse.0.pos_embed", dd["temp_res"] // 2 ** f_t, 1)]
     for level, kind in enumerate(kinds):
         frames = decoder_level_frames(level, n, dd["temp_res"], f_t)
-        if "add" in str(kind):
-            tables.append((f"decoder.up.{level}.fuse.0.temp_embed", frames, 2))
-        tables.append((f"decoder.up.{level}.fuse.{1 if kind == 'add+attn' else 0}.pos_embed", frames, 1))
+        for index, part in enumerate(fusion_parts(kind)):
+            table = "temp_embed" if part in SAME_LEVEL_FUSIONS else "pos_embed"
+            tables.append((f"decoder.up.{level}.fuse.{index}.{table}", frames, 2 if table == "temp_embed" else 1))
     for key, frames, axis in tables:
         shape = shapes.get(key)
         if shape and len(shape) == (4 if axis == 1 else 5) and shape[axis] != frames:

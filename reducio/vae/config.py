@@ -66,13 +66,22 @@ _FIXED_VIDEO_OPTIONS = {
 # ddconfig keys that are inert for inference (training switches, logging, ignored by the code).
 _INERT_VIDEO_KEYS = {"resolution", "attn_resolutions", "use_checkpoint", "fp32_attention", "dropout",
                      "init_values"}
-# fusion kinds of the official FusionDecoder ('linear' exists there too but no model uses it)
-FUSE_TYPES = ("attn", "add", "add+attn")
+# fusion kinds per decoder level: those of the official FusionDecoder ('linear' exists there too but no
+# model uses it) and ours, 'warp' (an 'add' fusion whose content features are moved by a predicted flow,
+# blocks.WarpFusion) after attention or alone. A kind names its blocks in order, joined by '+'.
+FUSE_TYPES = ("attn", "add", "add+attn", "warp", "attn+warp")
+# the parts that add content features of the same resolution (they need ch_fuse[level] == level)
+SAME_LEVEL_FUSIONS = ("add", "warp")
 
 
 def level_fuse_types(fuse_type, levels: int) -> list:
     """``ddconfig.fuse_type`` (one string, None, or one entry per decoder level) as one entry per level."""
     return list(fuse_type) if isinstance(fuse_type, (list, tuple)) else [fuse_type] * levels
+
+
+def fusion_parts(kind) -> tuple:
+    """The fusion blocks of one level's kind, in module order: 'attn+warp' -> ('attn', 'warp')."""
+    return tuple(str(kind).split("+")) if kind else ()
 _VIDEO_KEYS = {"ch", "ch_in", "f_t", "f_s", "out_ch", "z_channels", "temp_res", "ch_mult", "ch_fuse",
                "fuse_type", "num_res_blocks", "fuse_mid", "fuse_mid_type", "window_size", "tanh_out",
                "in_channels", "content_position", "norm_groups"}
@@ -156,8 +165,8 @@ def check_ddconfig(ddconfig) -> None:
         if index >= 0 and (not isinstance(kind, str) or kind not in FUSE_TYPES):
             raise ConfigError(f"config field ddconfig.fuse_type = {kind!r} at decoder level {level} is not supported: "
                               f"one of {list(FUSE_TYPES)} (the official models use 'attn'); {_FIX}")
-        if index >= 0 and "add" in kind and index != level:
-            raise ConfigError(f"config field ddconfig.ch_fuse[{level}] = {index}: add fusion ({kind!r}) needs the "
+        if index >= 0 and set(fusion_parts(kind)) & set(SAME_LEVEL_FUSIONS) and index != level:
+            raise ConfigError(f"config field ddconfig.ch_fuse[{level}] = {index}: {kind!r} fusion needs the "
                               f"content level of the same resolution, {level}; {_FIX}")
     for key in ("fuse_mid", "tanh_out"):
         if key in ddconfig:

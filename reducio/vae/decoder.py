@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import (FULL, SPATIAL, TEMPORAL, AddFusion, FloatGroupNorm, FusionBlock, ResnetBlock,
-                     SelfAttention, Upsample)
-from .config import level_fuse_types
+from .blocks import (FULL, SPATIAL, TEMPORAL, AddFusion, FloatGroupNorm, FusionBlock, LatentFlow, ResnetBlock,
+                     SelfAttention, Upsample, WarpFusion)
+from .config import fusion_parts, level_fuse_types
 from .encoder import _as_window
 
 
@@ -44,7 +44,7 @@ class FusionDecoder(nn.Module):
     -> ``block_2`` ResNet blocks -> optional ``upsample``. The fusion is chosen per level by
     ``fuse_type`` (a string or one entry per level), as in the official code: 'attn' (cross-attention,
     ``fuse.0``; every official model), 'add' (``AddFusion``, ``fuse.0``) or 'add+attn' (both, in
-    that order).
+    that order); or ours: 'warp' (``WarpFusion``) and 'attn+warp' (cross-attention, then warp).
     ``content_position='sincos2d'`` (ours, not in any official model) adds a fixed 2-D position code
     to the queries and content tokens of every fusion block; it has no weights.
     A middle fusion block (content feature [-1]) exists when the content encoder is shallower than
@@ -99,11 +99,14 @@ class FusionDecoder(nn.Module):
             if self.ch_fuse[level] >= 0:
                 frames = decoder_level_frames(level, self.n_levels, temp_res, f_t)
                 context_dim = ch_2d * ch_mult_2d[self.ch_fuse[level]]
-                kind = fuse_types[level]
-                if kind in ("add", "add+attn"):
-                    stage.fuse.append(AddFusion(block_in, context_dim, frames))
-                if kind in ("attn", "add+attn"):
-                    stage.fuse.append(FusionBlock(block_in, context_dim, frames, window=window, plane_position=plane))
+                for part in fusion_parts(fuse_types[level]):
+                    if part == "add":
+                        stage.fuse.append(AddFusion(block_in, context_dim, frames))
+                    elif part == "warp":
+                        stage.fuse.append(WarpFusion(block_in, context_dim, frames))
+                    else:
+                        stage.fuse.append(FusionBlock(block_in, context_dim, frames, window=window,
+                                                      plane_position=plane))
             stage.block_2 = nn.ModuleList(ResnetBlock(block_in, block_in, 3) for _ in range(num_res_blocks))
             kind = decoder_upsample_kind(level, self.n_levels, f_s, f_t)
             if kind is not None:
@@ -111,6 +114,9 @@ class FusionDecoder(nn.Module):
             levels[level] = stage
         self.up = nn.ModuleList(levels)
 
+        if any("warp" in fusion_parts(kind) for kind, index in zip(fuse_types, self.ch_fuse) if index >= 0):
+            # the coarsest motion straight from the latent, refined by every warp level (WarpFusion)
+            self.latent_flow = LatentFlow(z_channels)
         self.norm_out = FloatGroupNorm(block_in)
         self.conv_out = nn.Conv3d(block_in, out_ch, 3, padding=1)
 
@@ -127,12 +133,17 @@ class FusionDecoder(nn.Module):
         for block in self.mid.fuse:
             h = block(h, content[-1])
         h = self.mid.block_2(self.mid.attn_1(h))
+        # the motion so far: from the latent, then refined by each warp level in turn (coarse to fine)
+        flow = self.latent_flow(z) if hasattr(self, "latent_flow") else None
         for level in reversed(range(self.n_levels)):
             stage = self.up[level]
             for block in stage.block_1:
                 h = block(h)
             for block in stage.fuse:
-                h = block(h, content[self.ch_fuse[level]])
+                if isinstance(block, WarpFusion):
+                    h, flow = block(h, content[self.ch_fuse[level]], flow)
+                else:
+                    h = block(h, content[self.ch_fuse[level]])
             for block in stage.block_2:
                 h = block(h)
             if hasattr(stage, "upsample"):

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .blocks import MAX_ATTENTION_SCORE_ELEMENTS
-from .config import level_fuse_types
+from .config import fusion_parts, level_fuse_types
 from .decoder import decoder_level_frames, decoder_upsample_kind
 from .encoder import encoder_downsample_kind
 from .tiling import TileLayout
@@ -90,7 +90,9 @@ def _decoder_peak_elements(dd: dict, dd2: dict, height: int, width: int) -> tupl
         width_l = ch_in * dd["ch_mult"][level]
         largest = max(largest, max(prev_width, width_l) * frames * h * w)
         fuse = dd["ch_fuse"][level]
-        if fuse >= 0 and "attn" in kinds[level]:      # 'add' fusion is a convolution, no score matrix
+        if fuse >= 0 and "warp" in fusion_parts(kinds[level]):   # the content features moved, once per frame
+            largest = max(largest, dd2["ch"] * dd2["ch_mult"][fuse] * frames * h * w)
+        if fuse >= 0 and "attn" in fusion_parts(kinds[level]):   # add / warp: convolutions, no score matrix
             ctx = (height // 2 ** fuse) * (width // 2 ** fuse)
             scores = max(scores, max(1, width_l // 64) * frames * h * w * ctx)
         kind = decoder_upsample_kind(level, n, f_s, f_t)

@@ -32,6 +32,9 @@ def test_vae_bench_reports_both_baselines_at_two_sizes(models):
         assert result["gain_over_repeat_db"] == pytest.approx(
             result["vae"]["psnr"] - result["repeat_content"]["psnr"], abs=0.02)
         assert result["vae"]["psnr_min"] <= result["vae"]["psnr"] + 1e-6      # pooled error >= the best clip's
+        followed, pans = map(int, result["vae"]["pan_followed"].split("/"))
+        assert 0 <= followed <= pans <= result["clips"]
+        assert result["repeat_content"]["pan_followed"] == f"0/{pans}"     # a still video follows no pan
     assert out.with_suffix(".png").stat().st_size > 0
 
 

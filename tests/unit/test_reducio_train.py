@@ -183,6 +183,13 @@ def test_init_matching_takes_the_tensors_that_fit_a_changed_architecture(tmp_pat
     assert main(["vae", "--init", weights, "--init-matching", "--model-config", str(config),
                  "--out", str(tmp_path / "c"), *common]) == 2
     assert "not the same family" in capsys.readouterr().err
+    # --init-matching reads the tensors only (the file's own architecture need not build any more);
+    # a file that is not safetensors is refused by name
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    assert main(["vae", "--init", str(junk), "--init-matching", "--model-config", str(config),
+                 "--out", str(tmp_path / "d"), *common]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
 
 
 def test_empty_dataset_folder_is_a_clear_error(tmp_path, capsys):
@@ -233,3 +240,36 @@ def test_iddpm_terms_vanish_for_the_true_noise_and_variance():
 
     sigma = training_sigmas()[t].reshape(-1, 1, 1, 1, 1)
     torch.testing.assert_close(x_t, (x0 + sigma * noise) / (1 + sigma ** 2).sqrt(), rtol=1e-4, atol=1e-5)
+
+
+def test_motion_hint_targets_are_the_clips_own_global_motion():
+    from reducio.data import SyntheticClips
+    from reducio.train.vae_objective import motion_hint_targets
+
+    data = SyntheticClips(split="train", size=64, count=60)
+    pans = [i for i in range(60) if data.spec(i).camera == "pan" and not data.spec(i).sprites][:3]
+    assert pans
+    for index in pans:
+        spec = data.spec(index)
+        target = motion_hint_targets(data[index]["video"][None], 7)[0]       # [2, T] (dx, dy)
+        # the content frame reaches frame t by the pan's shift per frame times (7 - t): measured within
+        # 0.35 pixel (phase correlation with sub-pixel refinement; the clip edge reflects)
+        expected = torch.tensor(spec.scene_shift)[:, None] * (7 - torch.arange(16.0))[None]
+        assert (target - expected).abs().max() < 0.35, (spec.direction, target, expected)
+
+
+def test_motion_hint_trains_a_warp_decoder_and_is_refused_without_one(tmp_path, capsys):
+    from reducio.train.vae_trainer import VAE_PRESETS
+
+    common = ["--size", "16", "--clips", "4", "--steps", "2", "--batch-size", "2", "--quiet", "--log-every", "1"]
+    assert main(["vae", "--model", "test", "--motion-hint-weight", "0.02", "--out", str(tmp_path / "a"), *common]) == 2
+    assert "needs a decoder with warp fusion levels" in capsys.readouterr().err
+    config = VAE_PRESETS["test"]()
+    config["ddconfig"].update(ch_fuse=[0, 1, -1], fuse_type=["warp", "attn+warp", "attn"])
+    path = tmp_path / "warp.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "b"
+    assert main(["vae", "--model-config", str(path), "--motion-hint-weight", "0.02", "--out", str(out), *common]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["motion_hint"] >= 0 for r in rows if "loss" in r)
+    assert any("motion_hint" in r for r in rows)

@@ -128,36 +128,75 @@ def test_add_fusion_passes_content_from_the_start_and_learns_unlike_the_official
         block(x, torch.randn(2, 16, 3, 3))
 
 
-def test_add_fusion_configs_build_load_and_are_validated(tmp_path):
+@pytest.mark.parametrize("kinds, keys, refused", [
+    (["add", "add+attn", "attn"],
+     {"decoder.up.0.fuse.0.temp_embed", "decoder.up.1.fuse.0.temp_embed", "decoder.up.1.fuse.1.pos_embed"},
+     [([1, 1, -1], ["add", "attn", "attn"]), ([0, 1, -1], ["add", "concat", "attn"])]),
+    (["warp", "attn+warp", "attn"],
+     {"decoder.up.0.fuse.0.flow.weight", "decoder.up.1.fuse.0.pos_embed", "decoder.up.1.fuse.1.temp_embed",
+      "decoder.up.1.fuse.1.flow.weight"},
+     [([0, 0, -1], ["warp", "attn+warp", "attn"]), ([0, 1, -1], ["warp", "warp+attn", "attn"])]),
+])
+def test_same_level_fusion_configs_build_load_and_are_validated(tmp_path, kinds, keys, refused):
+    import json
+
     from reducio.files import atomic_write_safetensors
     from reducio.train.vae_trainer import VAE_PRESETS
     from reducio.vae.checkpoint import CONFIG_METADATA_KEY
 
     config = VAE_PRESETS["test"]()
-    config["ddconfig"].update(ch_fuse=[0, 1, -1], fuse_type=["add", "add+attn", "attn"])
+    config["ddconfig"].update(ch_fuse=[0, 1, -1], fuse_type=kinds)
     vae = ReducioVAE(**config)
-    keys = set(vae.state_dict())
-    assert {"decoder.up.0.fuse.0.temp_embed", "decoder.up.1.fuse.0.temp_embed", "decoder.up.1.fuse.1.pos_embed"} <= keys
+    assert keys <= set(vae.state_dict())
     video = torch.rand(1, 3, 16, 16, 16) * 2 - 1
     with torch.no_grad():
         out = vae.decode(vae.encode(video, tiling=False), video[:, :, 7], tiling=False)
     assert out.shape == video.shape and torch.isfinite(out).all()
-    path = tmp_path / "add.safetensors"
-    import json
+    path = tmp_path / "fusion.safetensors"
     atomic_write_safetensors(vae.state_dict(), {CONFIG_METADATA_KEY: json.dumps(vae.config)}, path)
-    loaded = ReducioVAE.from_pretrained(path)
-    assert loaded.config["ddconfig"]["fuse_type"] == ["add", "add+attn", "attn"]
-    # a config that claims other frame counts than the file's add-fusion tables is refused by field
+    assert ReducioVAE.from_pretrained(path).config["ddconfig"]["fuse_type"] == kinds
+    # a config that claims other frame counts than the file's per-frame tables is refused by field
     lying = json.loads(json.dumps(vae.config))
     lying["ddconfig"]["temp_res"] = 8
     atomic_write_safetensors(vae.state_dict(), {CONFIG_METADATA_KEY: json.dumps(lying)}, path, overwrite=True)
     with pytest.raises(Exception, match="temp_res"):
         ReducioVAE.from_pretrained(path)
-    for fuse, kinds, match in (([1, 1, -1], ["add", "attn", "attn"], "same resolution"),
-                               ([0, 1, -1], ["add", "concat", "attn"], "fuse_type")):
-        config["ddconfig"].update(ch_fuse=fuse, fuse_type=kinds)
-        with pytest.raises(ConfigError, match=match):
+    for fuse, bad in refused:       # another level's content, or a kind that does not exist
+        config["ddconfig"].update(ch_fuse=fuse, fuse_type=bad)
+        with pytest.raises(ConfigError, match="same resolution|fuse_type"):
             ReducioVAE(**config)
+
+
+def test_warp_fusion_starts_near_the_add_fusion_of_its_weights_and_moves_the_content():
+    from reducio.vae.blocks import WarpFusion, resize_flow, warp_frames
+
+    torch.manual_seed(0)
+    image = torch.randn(2, 5, 8, 8)
+    flow = torch.zeros(2, 2, 3, 8, 8)
+    assert torch.equal(warp_frames(image, flow), image[:, :, None].expand(2, 5, 3, 8, 8))
+    flow[:, 0, 1], flow[:, 1, 2] = 1.0, -2.0        # frame 1: one pixel right; frame 2: two pixels up
+    moved = warp_frames(image, flow)
+    assert torch.allclose(moved[:, :, 1, :, :-1], image[:, :, :, 1:]) and torch.allclose(moved[:, :, 2, 2:], image[:, :, :-2])
+    # a flow resized to twice the size doubles its pixel values
+    assert torch.allclose(resize_flow(flow, (3, 16, 16))[:, 0, 1], torch.full((2, 16, 16), 2.0))
+
+    block, add = WarpFusion(32, 16, 4), AddFusion(32, 16, 4)
+    add.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("flow.")})
+    x, ctx = torch.randn(2, 32, 4, 6, 6, requires_grad=True), torch.randn(2, 16, 6, 6)
+    out, out_flow = block(x, ctx)
+    # it starts near the add fusion of its weights: the content moves by a small fraction of a pixel ...
+    assert 0 < out_flow.abs().max() < 0.5 and (out - add(x, ctx)).abs().max() < 0.2
+    # ... and the flow layer passes a gradient back to the video features (a zero layer would not)
+    block.flow.weight.grad = None
+    assert torch.autograd.grad(out_flow.sum(), x, retain_graph=True)[0].abs().sum() > 0
+    out.pow(2).sum().backward()
+    assert block.flow.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        block.flow.weight.zero_()
+        assert torch.allclose(block(x, ctx)[0], add(x, ctx), atol=1e-6)    # a zero flow is the add fusion
+        # a prior (coarser) flow is carried up: resampled and added
+        prior = torch.ones(2, 2, 4, 3, 3)
+        assert torch.allclose(block(x, ctx, prior)[1], torch.full((2, 2, 4, 6, 6), 2.0))
 
 
 def test_memory_estimate_counts_no_score_matrix_for_add_fusion():
