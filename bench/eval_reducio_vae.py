@@ -44,8 +44,13 @@ def evaluate(vae: ReducioVAE, untrained: ReducioVAE, size: int, clips: int, seed
     rows = {"vae": [], "repeat_content": [], "untrained": []}
     pans = {name: 0 for name in rows}     # pan clips whose output pans the same way as the input
     pan_clips = 0
+    spread, noise = [], []                 # posterior: how the mean varies, how large the std is
     for i in range(clips):
         video = data[i]["video"][None]
+        with torch.no_grad():
+            posterior = vae.encode_3d(video)
+        spread.append(float(posterior.mean.std()))
+        noise.append(float(posterior.std.mean()))
         outputs = {"vae": reconstruct(vae, video),
                    "repeat_content": video[:, :, CONTENT_INDEX:CONTENT_INDEX + 1].expand_as(video),
                    "untrained": reconstruct(untrained, video)}
@@ -69,6 +74,9 @@ def evaluate(vae: ReducioVAE, untrained: ReducioVAE, size: int, clips: int, seed
                          "psnr_mean": round(float(p.mean()), 2), "psnr_min": round(float(p.min()), 2),
                          "ssim_mean": round(float(s.mean()), 4),
                          "pan_followed": f"{pans[name]}/{pan_clips}"}
+    # a posterior std near 1 against a mean that varies little means that a sampled latent is mostly
+    # noise: the decoder learns to ignore it (posterior collapse, docs/embedded_models.md)
+    summary["posterior"] = {"mean_spread": round(sum(spread) / clips, 4), "std_mean": round(sum(noise) / clips, 4)}
     return {"size": size, "clips": clips, **summary,
             "gain_over_repeat_db": round(summary["vae"]["psnr"] - summary["repeat_content"]["psnr"], 2)}
 
@@ -106,6 +114,9 @@ def main(argv=None) -> int:
              "| size | clips | VAE PSNR (worst clip) | VAE SSIM | pans followed | (a) PSNR | (a) SSIM | (b) PSNR "
              "| gain over (a) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    posterior = results[0]["posterior"]
+    lines[-2:-2] = [f"Posterior at {results[0]['size']} px: its mean varies by {posterior['mean_spread']} (std over "
+                    f"the latent), its std is {posterior['std_mean']} on average.", ""]
     for r in results:
         lines.append(f"| {r['size']} px | {r['clips']} | {r['vae']['psnr']} dB ({r['vae']['psnr_min']}) | "
                      f"{r['vae']['ssim_mean']} | {r['vae']['pan_followed']} | {r['repeat_content']['psnr']} dB | "

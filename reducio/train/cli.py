@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--perceptual-weight", type=float, default=0.1)
     vae.add_argument("--penalty-weight", type=float, default=1.0)
     vae.add_argument("--lr-decay-steps", type=int, default=1_000_000)
+    vae.add_argument("--posterior", choices=("sample", "mean"), default="sample",
+                     help="what the decoder sees in training: a posterior sample (official) or its mean (ours; "
+                          "the tiny preset, whose posterior collapsed when sampled)")
     vae.add_argument("--motion-hint-weight", type=float, default=0.0,
                      help="ours, off by default: pull a warp decoder's latent flow towards each clip's global "
                           "motion (phase correlation); the tiny preset was trained with 0.02")

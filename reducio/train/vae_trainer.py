@@ -115,18 +115,23 @@ def resolve_vae_config(model: str | None, model_config: str | None, init: str | 
 
 
 class VAEForTraining(nn.Module):
-    """video + posterior noise -> (reconstruction, posterior mean, log-variance); content = frame 7."""
+    """video + posterior noise -> (reconstruction, posterior mean, log-variance); content = frame 7.
 
-    def __init__(self, vae: ReducioVAE):
+    ``sample`` (the official objective): the decoder sees a posterior sample. False (``--posterior
+    mean``, ours): it sees the posterior mean; the KL term still regularises the mean.
+    """
+
+    def __init__(self, vae: ReducioVAE, sample: bool = True):
         super().__init__()
-        self.vae = vae
+        self.vae, self.sample = vae, sample
 
     def forward(self, video: torch.Tensor, noise: torch.Tensor, motion_hint: bool = False):
         """(reconstruction, mean, log-variance, global motion): the last is the decoder's latent flow
         averaged over space, per frame, in output pixels ``[B, 2, T]`` when ``motion_hint``, else None."""
         feats = self.vae.encode_2d(video[:, :, CONTENT_INDEX])
         posterior = self.vae.encode_3d(video)
-        latent = normalize_latent(posterior.mean + posterior.std * noise.to(posterior.mean.dtype))
+        latent = posterior.mean + posterior.std * noise.to(posterior.mean.dtype) if self.sample else posterior.mean
+        latent = normalize_latent(latent)
         recon = self.vae.decode_features(latent.to(video.dtype), feats)
         motion = None
         if motion_hint:
@@ -151,7 +156,8 @@ class VAETrainer(Trainer):
     name = "vae"
     IDENTITY = ("model_config", "data", "size", "clips", "fps", "seed", "batch_size", "lr", "disc_lr_scale",
                 "kl_weight", "disc_start", "disc_weight", "disc_ndf", "disc_norm", "perceptual",
-                "perceptual_weight", "penalty_weight", "grad_clip", "lr_decay_steps", "precision", "motion_hint_weight")
+                "perceptual_weight", "penalty_weight", "grad_clip", "lr_decay_steps", "precision", "motion_hint_weight",
+                "posterior")
     EXPORT = ("model",)
 
     def __init__(self, settings: dict, dataset, dist):
@@ -191,7 +197,8 @@ class VAETrainer(Trainer):
         if self.perceptual is None and dist.is_main and not s.get("quiet"):
             print("[vae] perceptual (LPIPS) term off: no --perceptual-weights given (see docs/training.md)",
                   file=sys.stderr)
-        self.g_model, self.d_model = VAEForTraining(self.vae), DiscriminatorPair(self.discriminator)
+        self.g_model = VAEForTraining(self.vae, sample=s.get("posterior", "sample") == "sample")
+        self.d_model = DiscriminatorPair(self.discriminator)
         if dist.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -471,25 +471,22 @@ class WarpFusion(AddFusion):
 
 
 class LatentFlow(nn.Module):
-    """The coarsest flow of a decoder with warp levels, read straight off the latent (ours).
+    """The coarsest flow of a decoder with warp levels, read straight off the latent (ours): the first
+    two channels of the decoder's input (after ``post_quant_conv``) times ``SCALE``, as (dx, dy) in
+    latent pixels (one is 2**f_s output pixels). No weights of its own.
 
-    Why: with the flow only at the warp levels, the path from the latent to the flow runs through
-    the whole lower decoder, and a decoder that already repeats the content frame never learns to
-    put motion into the latent (measured: after 300 more steps with warp levels alone, the flows did
-    not depend on the clip's direction and no reconstruction moved). One convolution from the latent
-    makes the latent's channels the motion's first carrier. The flow is in latent pixels (one is
-    2**f_s output pixels), scaled by ``SCALE`` so that an optimizer step moves it by a fraction of an
-    output pixel; the weights start at a tenth of PyTorch's default, a flow of about 0.2 output pixel.
+    Why: with the flow only at the warp levels, the path from the latent to the flow runs through the
+    whole lower decoder, and a decoder that already repeats the content frame never learns to put
+    motion into the latent (measured: 300 more steps with warp levels alone left the flows unrelated
+    to the clip and every reconstruction still). A learned read-out does not help either: while the
+    latent holds no motion, its best weights are zero, and Adam takes weights of a tenth of the
+    default initialisation there in about ten steps (measured), after which no gradient reaches the
+    encoder. A fixed read-out cannot close that way: the motion hint (``reducio.train``) and the
+    reconstruction ask the encoder directly for the motion in these two channels. ``SCALE`` makes one
+    unit an eighth of a latent pixel (4 output pixels at f_s = 5), the size of the motions to learn.
     """
 
     SCALE = 1 / 8
 
-    def __init__(self, z_channels: int):
-        super().__init__()
-        self.conv = nn.Conv3d(z_channels, 2, 3, padding=1)
-        with torch.no_grad():
-            self.conv.weight.mul_(0.1)
-            self.conv.bias.zero_()
-
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.conv(z).float() * self.SCALE
+        return z[:, :2].float() * self.SCALE

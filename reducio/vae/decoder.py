@@ -116,7 +116,7 @@ class FusionDecoder(nn.Module):
 
         if any("warp" in fusion_parts(kind) for kind, index in zip(fuse_types, self.ch_fuse) if index >= 0):
             # the coarsest motion straight from the latent, refined by every warp level (WarpFusion)
-            self.latent_flow = LatentFlow(z_channels)
+            self.latent_flow = LatentFlow()
         self.norm_out = FloatGroupNorm(block_in)
         self.conv_out = nn.Conv3d(block_in, out_ch, 3, padding=1)
 

@@ -273,3 +273,20 @@ def test_motion_hint_trains_a_warp_decoder_and_is_refused_without_one(tmp_path, 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["motion_hint"] >= 0 for r in rows if "loss" in r)
     assert any("motion_hint" in r for r in rows)
+
+
+def test_posterior_mean_training_shows_the_decoder_the_mean_not_a_sample():
+    from reducio.train.vae_trainer import VAE_PRESETS, VAEForTraining
+    from reducio.vae import ReducioVAE
+
+    torch.manual_seed(0)
+    vae = ReducioVAE(**VAE_PRESETS["test"]()).eval()
+    video = torch.rand(1, 3, 16, 16, 16) * 2 - 1
+    noise = [torch.randn(1, vae.embed_dim, vae.latent_frames, 4, 4, generator=torch.Generator().manual_seed(s))
+             for s in (1, 2)]
+    with torch.no_grad():
+        mean_runs = [VAEForTraining(vae, sample=False)(video, n)[0] for n in noise]
+        sampled = [VAEForTraining(vae)(video, n)[0] for n in noise]
+    torch.testing.assert_close(mean_runs[0], mean_runs[1])
+    assert not torch.allclose(sampled[0], sampled[1])
+    assert build_parser().parse_args(["vae", "--out", "x", "--steps", "1"]).posterior == "sample"   # official default

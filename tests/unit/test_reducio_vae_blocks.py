@@ -148,6 +148,12 @@ def test_same_level_fusion_configs_build_load_and_are_validated(tmp_path, kinds,
     config["ddconfig"].update(ch_fuse=[0, 1, -1], fuse_type=kinds)
     vae = ReducioVAE(**config)
     assert keys <= set(vae.state_dict())
+    # a warp decoder reads its coarsest flow off the latent's first two channels (no weights of its own)
+    assert hasattr(vae.decoder, "latent_flow") == ("warp" in kinds[0])
+    if hasattr(vae.decoder, "latent_flow"):
+        z = torch.randn(1, 8, 4, 4, 4)
+        torch.testing.assert_close(vae.decoder.latent_flow(z), z[:, :2] / 8)
+        assert not any(k.startswith("decoder.latent_flow") for k in vae.state_dict())
     video = torch.rand(1, 3, 16, 16, 16) * 2 - 1
     with torch.no_grad():
         out = vae.decode(vae.encode(video, tiling=False), video[:, :, 7], tiling=False)
