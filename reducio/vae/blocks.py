@@ -481,9 +481,11 @@ class LatentFlow(nn.Module):
     to the clip and every reconstruction still). A learned read-out does not help either: while the
     latent holds no motion, its best weights are zero, and Adam takes weights of a tenth of the
     default initialisation there in about ten steps (measured), after which no gradient reaches the
-    encoder. A fixed read-out cannot close that way: the motion hint (``reducio.train``) and the
-    reconstruction ask the encoder directly for the motion in these two channels. ``SCALE`` makes one
-    unit an eighth of a latent pixel (4 output pixels at f_s = 5), the size of the motions to learn.
+    encoder. This read-out has no weights to lose; but measured, ``post_quant_conv`` (and the
+    encoder's ``quant_conv``) can still make these two channels constant while the encoder sees no
+    motion, so on the tiny model it has not yet learned motion either (docs/embedded_models.md lists
+    what to try next). ``SCALE`` makes one unit an eighth of a latent pixel (4 output pixels at
+    f_s = 5), the size of the motions to learn.
     """
 
     SCALE = 1 / 8
