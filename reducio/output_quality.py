@@ -103,7 +103,7 @@ def generation_report(content_image: str | Path, output_video: str | Path, sheet
               "follows_caption": None if wanted is None else measured == wanted}
     verdict = "" if wanted is None else f", caption says {wanted}: {'yes' if measured == wanted else 'no'}"
     save_contact_sheet(sheet, [("content image", still), ("generated", output),
-                               ("|generated - content| x4", difference(output, still))],
+                               ("|difference| x4", difference(output, still))],
                        caption=f"{title}  frame-7 PSNR {result['frame7_psnr_db']} dB, camera moves "
                                f"{measured}{verdict}".strip())
     result["sheet"] = str(sheet)

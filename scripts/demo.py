@@ -119,7 +119,7 @@ def _output(files: list[Path], marker: str, suffixes=VIDEO_SUFFIXES) -> Path | N
     return found[-1] if found else None
 
 
-def measure(name: str, prompt: dict, files: list[Path], input_dir: Path, dest: Path) -> dict | None:
+def measure(name: str, prompt: dict, files: list[Path], input_dir: Path, dest: Path, title: str) -> dict | None:
     """The figures of one workflow's output (None for workflows that make no clip to judge)."""
     from reducio.output_quality import generation_report, reconstruction_report
     from test_reducio_vae_workflows import VIDEO_NAME   # the clip the VAE workflows load
@@ -130,7 +130,7 @@ def measure(name: str, prompt: dict, files: list[Path], input_dir: Path, dest: P
         output = _output(files, "reconstruction" if name == "reducio_vae_roundtrip" else "decoded")
         if output is None or not source.exists():
             return None
-        return reconstruction_report(source, output, dest / "contact_sheet.png", title=name)
+        return reconstruction_report(source, output, dest / "contact_sheet.png", title=title)
     if name.startswith("reducio_dit_"):
         node = _node(prompt, "ReducioImageToVideo")
         caption = prompt[node["inputs"]["positive"][0]]["inputs"].get("text", "")
@@ -140,7 +140,7 @@ def measure(name: str, prompt: dict, files: list[Path], input_dir: Path, dest: P
         output = _output(files, "")
         if output is None or content is None or not content.exists():
             return None
-        return generation_report(content, output, dest / "contact_sheet.png", caption=caption, title=name)
+        return generation_report(content, output, dest / "contact_sheet.png", caption=caption, title=title)
     return None
 
 
@@ -214,7 +214,8 @@ def main(argv=None) -> int:
                     shutil.copy(path, dest / path.name)
                     copied.append(dest / path.name)
             seconds = time.time() - started
-            figures = measure(name, prompt, copied, server.input_dir, dest)
+            title = name if args.models is not None else f"{name} (random stand-in weights)"
+            figures = measure(name, prompt, copied, server.input_dir, dest, title)
             if figures:
                 copied.append(Path(figures["sheet"]))
                 (dest / "quality.json").write_text(json.dumps(figures, indent=1) + "\n")
