@@ -44,6 +44,7 @@ def evaluate(vae: ReducioVAE, untrained: ReducioVAE, size: int, clips: int, seed
     rows = {"vae": [], "repeat_content": [], "untrained": []}
     pans = {name: 0 for name in rows}     # pan clips whose output pans the same way as the input
     pan_clips = 0
+    input_pans = 0                         # pan clips whose input itself measures as captioned (the ceiling)
     spread, noise = [], []                 # posterior: how the mean varies, how large the std is
     for i in range(clips):
         video = data[i]["video"][None]
@@ -56,6 +57,7 @@ def evaluate(vae: ReducioVAE, untrained: ReducioVAE, size: int, clips: int, seed
                    "untrained": reconstruct(untrained, video)}
         spec = data.spec(i)
         pan_clips += spec.camera == "pan"
+        input_pans += spec.camera == "pan" and pan_direction(video[0]) == spec.direction
         for name, out in outputs.items():
             rows[name].append((float(psnr(video, out)), float(ssim(video, out)), mse(video, out)))
             pans[name] += spec.camera == "pan" and pan_direction(out[0]) == spec.direction
@@ -77,6 +79,7 @@ def evaluate(vae: ReducioVAE, untrained: ReducioVAE, size: int, clips: int, seed
     # a posterior std near 1 against a mean that varies little means that a sampled latent is mostly
     # noise: the decoder learns to ignore it (posterior collapse, docs/embedded_models.md)
     summary["posterior"] = {"mean_spread": round(sum(spread) / clips, 4), "std_mean": round(sum(noise) / clips, 4)}
+    summary["input_pan_measured"] = f"{input_pans}/{pan_clips}"
     return {"size": size, "clips": clips, **summary,
             "gain_over_repeat_db": round(summary["vae"]["psnr"] - summary["repeat_content"]["psnr"], 2)}
 
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
              "beside it. SSIM per clip, averaged. (a) = the content frame repeated 16 times; "
              "(b) = the same architecture untrained. *Pans followed*: of the clips whose camera pans, those "
              "whose reconstruction pans the same way (phase correlation, `reducio.metrics.pan_direction`) -- "
-             "whether the latent carries the motion at all.", "",
+             "whether the latent carries the motion at all; in brackets, the pans measured so on the input itself "
+             "(a sprite can outweigh a slow pan, so this is the most any model can score).", "",
              "| size | clips | VAE PSNR (worst clip) | VAE SSIM | pans followed | (a) PSNR | (a) SSIM | (b) PSNR "
              "| gain over (a) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -119,7 +123,8 @@ def main(argv=None) -> int:
                     f"the latent), its std is {posterior['std_mean']} on average.", ""]
     for r in results:
         lines.append(f"| {r['size']} px | {r['clips']} | {r['vae']['psnr']} dB ({r['vae']['psnr_min']}) | "
-                     f"{r['vae']['ssim_mean']} | {r['vae']['pan_followed']} | {r['repeat_content']['psnr']} dB | "
+                     f"{r['vae']['ssim_mean']} | {r['vae']['pan_followed']} ({r['input_pan_measured']}) | "
+                     f"{r['repeat_content']['psnr']} dB | "
                      f"{r['repeat_content']['ssim_mean']} | {r['untrained']['psnr']} dB | "
                      f"{r['gain_over_repeat_db']} dB |")
     write_report(args.out, report, lines)

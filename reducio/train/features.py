@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ..data import CONTENT_INDEX, open_dataset
 from ..dit import ReducioDiTConfig, get_config
 from ..files import atomic_write_safetensors
-from ..vae import ReducioVAE, normalize_latent
+from ..vae import ReducioVAE
 from ..vae.checkpoint import CheckpointError
 from .checkpoint import atomic_write_text
 from .encoders import make_encoders
@@ -97,7 +97,7 @@ def encode_features(settings: dict, dist) -> dict:
                     z = posterior.mean + posterior.std * noise
                 else:
                     z = posterior.mode()
-                rows["z"].append(normalize_latent(z.float()).cpu())
+                rows["z"].append(vae.latent_of(z.float(), video).cpu())
                 text, mask = encoders.encode_text([item["caption"] for item in items])
                 rows["text"].append(text.float().cpu())
                 rows["text_mask"].append(mask.float().cpu())

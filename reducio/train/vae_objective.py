@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import phase_correlation
+from ..vae.motion import frame_shifts
 from .perceptual import per_frame
 
 
@@ -137,15 +137,7 @@ def motion_hint_targets(video: torch.Tensor, content_index: int) -> torch.Tensor
     the latent flow's spatial mean towards the clip's dominant motion and breaks that standstill;
     everything finer (sprites, zoom, roll) is left to the reconstruction loss.
     """
-    batch, _, frames = video.shape[:3]
-    out = torch.zeros(batch, 2, frames)
-    for b in range(batch):
-        content = video[b, :, content_index].float().cpu()
-        for t in range(frames):
-            if t != content_index:
-                dy, dx = phase_correlation(video[b, :, t].float().cpu(), content)
-                out[b, 0, t], out[b, 1, t] = dx, dy
-    return out.to(video.device)
+    return frame_shifts(video, content_index).float()
 
 
 def motion_hint_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 
 from ..data import CONTENT_INDEX, SyntheticClips, to_uint8_frames
 from ..data.transforms import parse_size
-from ..vae import ReducioVAE, normalize_latent, official_config
+from ..vae import ReducioVAE, official_config
 from ..vae.blocks import resize_flow
 from ..vae.checkpoint import CONFIG_METADATA_KEY, VARIANT_METADATA_KEY, CheckpointError
 from .checkpoint import CheckpointStore, flatten_optimizer_state, unflatten_optimizer_state
@@ -31,10 +31,12 @@ from .vae_objective import (DiscriminatorPair, PatchDiscriminator3D, VAELossConf
 
 
 def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_position=None, fuse_type="attn",
-            norm_groups=None) -> dict:
+            norm_groups=None, latent_motion=None) -> dict:
     extra = {} if content_position is None else {"content_position": content_position}
     if norm_groups is not None:
         extra["norm_groups"] = norm_groups
+    if latent_motion is not None:
+        extra["latent_motion"] = latent_motion
     return {"ddconfig": {"ch": ch, "ch_in": ch, "f_t": 2, "out_ch": 3, "z_channels": z, "temp_res": 16,
                          "ch_mult": ch_mult, "ch_fuse": ch_fuse, "fuse_type": fuse_type, "num_res_blocks": blocks,
                          "fuse_mid": True, "window_size": 128, **extra},
@@ -50,12 +52,16 @@ def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_positi
 # get a fixed 2-D position code (content_position 'sincos2d', ours, no weights). Its GroupNorms use
 # 8 groups (norm_groups, ours): the official 32 groups on 32 channels would be one channel per group,
 # an instance norm that removes the clip's colours at every block (4-8 channels per group here, as
-# in the official model's 128-512 channels).
+# in the official model's 128-512 channels). Its decoder moves the content frame by a flow (warp
+# fusion, ours) whose coarsest part is the clip's measured global motion, held in latent channels 0-1
+# (latent_motion 'measured', ours, reducio/vae/motion.py): trained on reconstruction alone the latent
+# never learned to carry motion.
 # "test": 3 levels (H/4) and 8 channels, for unit tests only.
 TINY_FUSE_TYPES = ["warp", "warp", "attn+warp", "attn+warp", "attn", "attn"]
 VAE_PRESETS = {
     "tiny": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
-                            content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8),
+                            content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
+                            latent_motion="measured"),
     "test": lambda: _preset(32, [1, 1, 1], [-1, 1, -1], 32, [1, 1], 8),
     "ft4": lambda: official_config("ft4"),
     "ft2": lambda: official_config("ft2"),
@@ -131,7 +137,7 @@ class VAEForTraining(nn.Module):
         feats = self.vae.encode_2d(video[:, :, CONTENT_INDEX])
         posterior = self.vae.encode_3d(video)
         latent = posterior.mean + posterior.std * noise.to(posterior.mean.dtype) if self.sample else posterior.mean
-        latent = normalize_latent(latent)
+        latent = self.vae.latent_of(latent, video)
         recon = self.vae.decode_features(latent.to(video.dtype), feats)
         motion = None
         if motion_hint:
@@ -175,6 +181,9 @@ class VAETrainer(Trainer):
         if self.loss_cfg.motion_hint_weight > 0 and not hasattr(self.vae.decoder, "latent_flow"):
             raise TrainingError("--motion-hint-weight needs a decoder with warp fusion levels (ddconfig.fuse_type "
                                 "'warp' or 'attn+warp', as in --model tiny); set it to 0 for this model")
+        if self.loss_cfg.motion_hint_weight > 0 and self.vae.measured_motion:
+            raise TrainingError("--motion-hint-weight trains a learned latent motion, but this model measures it "
+                                "(ddconfig.latent_motion = 'measured'); set it to 0")
         if init_state is not None:
             self.vae.load_state_dict(init_state, strict=not self.settings.get("init_matching", False))
         self.vae.train()
@@ -298,7 +307,11 @@ class VAETrainer(Trainer):
         disc, _ = CheckpointStore.read_tensors(path, "discriminator")
         self.vae.load_state_dict(model, strict=True)
         self.discriminator.load_state_dict(disc, strict=True)
-        options = StateDictOptions(full_state_dict=True)
+        # strict=False: a parameter that never gets a gradient has no Adam state to save (the content
+        # encoder's last mid block and norm_out, whose output no decoder reads -- as in the official
+        # model); it must start without one again, as in a run that was never stopped. The model
+        # itself was loaded strictly above, so a file of another architecture is still refused.
+        options = StateDictOptions(full_state_dict=True, strict=False)
         for name, module, opt in (("optimizer_g", self.vae, self.opt_g), ("optimizer_d", self.discriminator, self.opt_d)):
             tensors, meta = CheckpointStore.read_tensors(path, name)
             extra = json.loads(meta["param_groups"])
@@ -324,7 +337,7 @@ class VAETrainer(Trainer):
         self.vae.eval()
         with torch.no_grad():
             feats = self.vae.encode_2d(video[:, :, CONTENT_INDEX])
-            latent = normalize_latent(self.vae.encode_3d(video).mode())
+            latent = self.vae.latent_of(self.vae.encode_3d(video).mode(), video)
             recon = self.vae.decode_features(latent, feats).float().clamp(-1, 1)
         self.vae.train(was_training)
         mse = ((recon - video) / 2).pow(2).mean().item()

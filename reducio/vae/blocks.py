@@ -483,9 +483,10 @@ class LatentFlow(nn.Module):
     default initialisation there in about ten steps (measured), after which no gradient reaches the
     encoder. This read-out has no weights to lose; but measured, ``post_quant_conv`` (and the
     encoder's ``quant_conv``) can still make these two channels constant while the encoder sees no
-    motion, so on the tiny model it has not yet learned motion either (docs/embedded_models.md lists
-    what to try next). ``SCALE`` makes one unit an eighth of a latent pixel (4 output pixels at
-    f_s = 5), the size of the motions to learn.
+    motion, so on the tiny model it did not learn motion either; the tiny preset therefore measures
+    the motion into the latent instead (``latent_motion: "measured"``, motion.py: the decoder then gets
+    its coarsest flow from :func:`motion.read_motion_flow` and this read-out is not used). ``SCALE``
+    makes one unit an eighth of a latent pixel (4 output pixels at f_s = 5), the size of the motions.
     """
 
     SCALE = 1 / 8

@@ -72,6 +72,11 @@ _INERT_VIDEO_KEYS = {"resolution", "attn_resolutions", "use_checkpoint", "fp32_a
 FUSE_TYPES = ("attn", "add", "add+attn", "warp", "attn+warp")
 # the parts that add content features of the same resolution (they need ch_fuse[level] == level)
 SAME_LEVEL_FUSIONS = ("add", "warp")
+# where the latent's motion comes from: 'learned' (the official encoder) or 'measured' (ours: channels 0-1
+# hold the clip's measured global motion, motion.py); 'measured' needs a warp level and this many channels
+# (motion.MAX_UNITS keeps the two motion channels' share of the latent's variance below 1 at 16)
+LATENT_MOTION_KINDS = ("learned", "measured")
+MIN_MEASURED_MOTION_CHANNELS = 16
 
 
 def level_fuse_types(fuse_type, levels: int) -> list:
@@ -84,7 +89,7 @@ def fusion_parts(kind) -> tuple:
     return tuple(str(kind).split("+")) if kind else ()
 _VIDEO_KEYS = {"ch", "ch_in", "f_t", "f_s", "out_ch", "z_channels", "temp_res", "ch_mult", "ch_fuse",
                "fuse_type", "num_res_blocks", "fuse_mid", "fuse_mid_type", "window_size", "tanh_out",
-               "in_channels", "content_position", "norm_groups"}
+               "in_channels", "content_position", "norm_groups", "latent_motion"}
 _CONTENT_KEYS = {"ch", "ch_mult", "num_res_blocks", "out_z", "window_size", "f_s", "fs", "in_channels"}
 _INERT_CONTENT_KEYS = {"z_channels", "out_ch", "resolution", "attn_resolutions", "dropout",
                        "use_checkpoint", "fp32_attention", "double_z", "resamp_with_conv", "temp_res",
@@ -225,6 +230,17 @@ def validate_config(config) -> dict:
                                                                                (bool, str)):
         raise ConfigError(f"config field use_tiling = {config['use_tiling']!r} is invalid: expected true, false or "
                           f"'{TILING_AUTO}'; {_FIX}")
+    if dd.get("latent_motion", "learned") != "learned":
+        # ours (the embedded tiny model): measured motion channels, see motion.py
+        check_choice("ddconfig.latent_motion", dd["latent_motion"], list(LATENT_MOTION_KINDS), _FIX)
+        kinds = level_fuse_types(dd.get("fuse_type", "attn"), len(dd["ch_mult"]))
+        if not any("warp" in fusion_parts(kind) for kind, index in zip(kinds, dd["ch_fuse"]) if index >= 0):
+            raise ConfigError("config field ddconfig.latent_motion = 'measured' needs a decoder level with 'warp' "
+                              f"fusion (ddconfig.fuse_type) to read the motion; {_FIX}")
+        if config["embed_dim"] < MIN_MEASURED_MOTION_CHANNELS:
+            raise ConfigError(f"config field embed_dim = {config['embed_dim']} is too small for "
+                              f"ddconfig.latent_motion = 'measured': it needs at least "
+                              f"{MIN_MEASURED_MOTION_CHANNELS} latent channels; {_FIX}")
     if "norm_groups" in dd:
         # ours (the embedded tiny model): the GroupNorm group count of all three branches (official: 32)
         groups = check_int("ddconfig.norm_groups", dd["norm_groups"], 1, 1024, _FIX)

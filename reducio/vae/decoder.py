@@ -127,14 +127,18 @@ class FusionDecoder(nn.Module):
             used.append(-1)
         return used
 
-    def forward(self, z: torch.Tensor, content: Sequence[torch.Tensor]) -> torch.Tensor:
-        """z [B, z_channels, T', h, w] (after post_quant_conv), content = content-feature list."""
+    def forward(self, z: torch.Tensor, content: Sequence[torch.Tensor],
+                flow: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, z_channels, T', h, w] (after post_quant_conv), content = content-feature list; ``flow``
+        [B, 2, T', h, w] in latent pixels: the coarsest flow when the caller reads it elsewhere (a
+        measured-motion latent, see motion.py), else it is read off ``z`` (``LatentFlow``)."""
         h = self.mid.block_1(self.conv_in(z))
         for block in self.mid.fuse:
             h = block(h, content[-1])
         h = self.mid.block_2(self.mid.attn_1(h))
         # the motion so far: from the latent, then refined by each warp level in turn (coarse to fine)
-        flow = self.latent_flow(z) if hasattr(self, "latent_flow") else None
+        if flow is None and hasattr(self, "latent_flow"):
+            flow = self.latent_flow(z)
         for level in reversed(range(self.n_levels)):
             stage = self.up[level]
             for block in stage.block_1:

@@ -1,6 +1,7 @@
 """ReducioVAE: the image-conditioned video VAE (inference modules only)."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Union
 
@@ -13,6 +14,7 @@ from .config import validate_config
 from .decoder import FusionDecoder
 from .encoder import Encoder
 from .hooks import InterruptFn, ProgressFn, StepHooks
+from .motion import embed_motion, measure_latent_motion, read_motion_flow
 from .posterior import DiagonalGaussian, normalize_latent
 from .tiling import ContentGrid, TileLayout, tiled_content_features, tiled_decode, tiled_moments
 
@@ -52,6 +54,7 @@ class ReducioVAE(nn.Module):
         self.tile_sample_min_size = tile_sample_min_size
         self.tile_overlap_factor = tile_overlap_factor
         self.tanh_out = bool(ddconfig.get("tanh_out", False))
+        self.measured_motion = ddconfig.get("latent_motion", "learned") == "measured"
         window = ddconfig.get("window_size", (256, 256))
         z_channels = ddconfig["z_channels"]
 
@@ -153,8 +156,19 @@ class ReducioVAE(nn.Module):
                 hooks.advance()
         return DiagonalGaussian(moments)
 
-    def _decode_tile(self, latent: torch.Tensor, content_features: list) -> torch.Tensor:
-        video = self.decoder(self.post_quant_conv(latent), content_features)
+    def latent_of(self, z: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """The normalised latent (float32) the decoder reads, from a posterior draw (or mean) ``z`` of the
+        clip ``video``; with measured motion its channels 0-1 are set from the clip first (motion.py)."""
+        if self.measured_motion:
+            z = embed_motion(z, measure_latent_motion(video, self.content_index, z.shape[2]))
+        return normalize_latent(z)
+
+    def _decode_tile(self, latent: torch.Tensor, content_features: list,
+                     frame_size: Optional[tuple] = None) -> torch.Tensor:
+        # measured motion: the coarsest flow comes from the latent as given (before post_quant_conv);
+        # ``frame_size`` is the whole latent's (h, w) when this is one tile of it
+        flow = read_motion_flow(latent, frame_size) if self.measured_motion else None
+        video = self.decoder(self.post_quant_conv(latent), content_features, flow)
         return torch.tanh(video) if self.tanh_out else video
 
     def decode_features(self, latent: torch.Tensor, content_features: ContentFeatures,
@@ -165,7 +179,8 @@ class ReducioVAE(nn.Module):
         ``content_features`` is the output of :meth:`encode_2d` with the same ``use_tiling``.
         """
         if use_tiling:
-            return tiled_decode(self._decode_tile, latent, content_features, self.tile_layout(tile_size), hooks)
+            decode_tile = functools.partial(self._decode_tile, frame_size=tuple(latent.shape[-2:]))
+            return tiled_decode(decode_tile, latent, content_features, self.tile_layout(tile_size), hooks)
         if hooks is not None:
             hooks.check()
         video = self._decode_tile(latent, content_features)
@@ -185,7 +200,7 @@ class ReducioVAE(nn.Module):
             use_tiling = self.use_tiling and video.shape[3] > self.tile_layout().pixel_window
         feats = self.encode_2d(video[:, :, self.content_index], use_tiling)
         posterior = self.encode_3d(video, use_tiling)
-        latent = normalize_latent(posterior.sample(generator)).to(video.dtype)
+        latent = self.latent_of(posterior.sample(generator), video).to(video.dtype)
         return self.decode_features(latent, feats, use_tiling), posterior, latent
 
     # ------------------------------------------------------------------ high-level API
@@ -235,7 +250,7 @@ class ReducioVAE(nn.Module):
             clip = clip.to(device=param.device, dtype=param.dtype)
             posterior = self.encode_3d(clip, use_tiling, tile_size, hooks)
             z = posterior.sample(generator) if sample else posterior.mode()
-            latents.append(normalize_latent(z))
+            latents.append(self.latent_of(z, clip))
         return torch.cat(latents, dim=2)
 
     def _tiles_per_clip(self, height: int, width: int, use_tiling: bool, tile_size: Optional[int]) -> int:

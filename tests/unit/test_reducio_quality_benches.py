@@ -35,6 +35,8 @@ def test_vae_bench_reports_both_baselines_at_two_sizes(models):
         followed, pans = map(int, result["vae"]["pan_followed"].split("/"))
         assert 0 <= followed <= pans <= result["clips"]
         assert result["repeat_content"]["pan_followed"] == f"0/{pans}"     # a still video follows no pan
+        measured, total = map(int, result["input_pan_measured"].split("/"))
+        assert total == pans and 0 <= measured <= pans
         assert result["posterior"]["std_mean"] > 0 and result["posterior"]["mean_spread"] >= 0
     assert "Posterior at 16 px" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0

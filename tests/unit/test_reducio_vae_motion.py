@@ -1,0 +1,111 @@
+"""Measured motion channels (``ddconfig.latent_motion = 'measured'``, reducio/vae/motion.py)."""
+import json
+
+import pytest
+import torch
+
+from reducio.data import SyntheticClips
+from reducio.vae import ReducioVAE, normalize_latent
+from reducio.vae.config import ConfigError
+from reducio.vae.motion import (MAX_UNITS, embed_motion, frame_shifts, measure_latent_motion, read_motion_flow)
+
+
+def measured_config(embed_dim=16):
+    from reducio.train.vae_trainer import VAE_PRESETS
+
+    config = VAE_PRESETS["test"]()
+    config["ddconfig"].update(ch_fuse=[0, 1, -1], fuse_type=["warp", "attn+warp", "attn"], latent_motion="measured",
+                              z_channels=embed_dim)
+    config["embed_dim"] = embed_dim
+    return config
+
+
+def sprite_free_pans(size, count=60):
+    data = SyntheticClips(split="train", size=size, count=count)
+    return data, [i for i in range(count) if data.spec(i).camera == "pan" and not data.spec(i).sprites]
+
+
+def test_frame_shifts_are_the_pan_and_the_latent_channels_its_mean_per_latent_frame():
+    data, pans = sprite_free_pans(64)
+    for index in pans[:3]:
+        spec = data.spec(index)
+        video = data[index]["video"][None]
+        expected = torch.tensor(spec.scene_shift)[:, None] * (7 - torch.arange(16.0))[None]   # [2, 16] px
+        shifts = frame_shifts(video, 7)[0]
+        # within 0.35 pixel: phase correlation with sub-pixel refinement, the clip edge reflects
+        assert (shifts - expected).abs().max() < 0.35
+        units = measure_latent_motion(video, 7, 4)[0]
+        torch.testing.assert_close(units, (expected.reshape(2, 4, 4).mean(-1) * 16 / 64).clamp(-MAX_UNITS, MAX_UNITS),
+                                   atol=0.35 * 16 / 64, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 30.0])
+def test_embedded_motion_survives_the_latent_normalisation(scale):
+    torch.manual_seed(0)
+    z = torch.randn(3, 16, 4, 2, 2) * scale + 0.3
+    motion = (torch.rand(3, 2, 4) * 2 - 1) * MAX_UNITS
+    latent = embed_motion(z, motion)
+    torch.testing.assert_close(latent[:, :2], motion[:, :, :, None, None].expand(-1, -1, -1, 2, 2))
+    # the encoder and the DiT pipeline layer-normalise every latent: that must leave the motion as it is
+    torch.testing.assert_close(normalize_latent(latent), latent, atol=1e-4, rtol=0)
+    # and the learned channels keep their pattern (a positive affine map of the originals)
+    rest, original = latent[:, 2:].reshape(3, -1), z[:, 2:].reshape(3, -1)
+    assert all(torch.corrcoef(torch.stack([r, o]))[0, 1] > 0.9999 for r, o in zip(rest, original))
+
+
+def test_the_flow_reads_frame_relative_units_and_a_tile_reads_the_whole_frame():
+    z = torch.zeros(1, 16, 4, 4, 6)
+    z[:, 0], z[:, 1] = 1.0, -2.0
+    flow = read_motion_flow(z)                                       # latent pixels
+    assert flow[:, 0].unique().tolist() == [6 / 16] and flow[:, 1].unique().tolist() == [-2 * 4 / 16]
+    torch.testing.assert_close(read_motion_flow(z[..., :2, :2], frame_size=(4, 6)), flow[..., :2, :2])
+
+
+def test_a_measured_motion_vae_encodes_the_motion_and_decodes_from_it(tmp_path):
+    from reducio.files import atomic_write_safetensors
+    from reducio.vae.checkpoint import CONFIG_METADATA_KEY
+
+    torch.manual_seed(0)
+    vae = ReducioVAE(**measured_config()).eval()
+    data, pans = sprite_free_pans(16)
+    video = data[pans[0]]["video"][None]
+    with torch.no_grad():
+        latent = vae.encode(video, tiling=False)
+        torch.testing.assert_close(latent[:, :2, :, 0, 0], measure_latent_motion(video, 7, 4), atol=1e-4, rtol=0)
+        # the decoder reads the flow before post_quant_conv: with that layer blind to channels 0-1, changing
+        # them still changes the output (the content frame moves)
+        vae.post_quant_conv.weight[:, :2] = 0
+        moved = latent.clone()
+        moved[:, 0] += 1.0
+        a, b = (vae.decode(x, video[:, :, 7], tiling=False) for x in (latent, moved))
+    assert (a - b).abs().max() > 1e-3
+    path = tmp_path / "measured.safetensors"
+    atomic_write_safetensors(vae.state_dict(), {CONFIG_METADATA_KEY: json.dumps(vae.config)}, path)
+    assert ReducioVAE.from_pretrained(path).measured_motion
+
+
+def test_measured_motion_configs_are_validated():
+    with pytest.raises(ConfigError, match="needs a decoder level with 'warp'"):
+        config = measured_config()
+        config["ddconfig"].update(ch_fuse=[-1, 1, -1], fuse_type="attn")
+        ReducioVAE(**config)
+    with pytest.raises(ConfigError, match="at least 16 latent channels"):
+        ReducioVAE(**measured_config(embed_dim=8))
+    with pytest.raises(ConfigError, match="latent_motion"):
+        config = measured_config()
+        config["ddconfig"]["latent_motion"] = "guessed"
+        ReducioVAE(**config)
+
+
+def test_the_motion_hint_is_refused_for_a_measured_motion_model(tmp_path, capsys):
+    from reducio.train.cli import main
+
+    path = tmp_path / "measured.json"
+    path.write_text(json.dumps(measured_config()))
+    common = ["--size", "16", "--clips", "4", "--steps", "1", "--batch-size", "2", "--quiet"]
+    assert main(["vae", "--model-config", str(path), "--motion-hint-weight", "0.02", "--out", str(tmp_path / "a"),
+                 *common]) == 2
+    assert "this model measures it" in capsys.readouterr().err
+    out = tmp_path / "b"
+    assert main(["vae", "--model-config", str(path), "--out", str(out), *common]) == 0
+    assert ReducioVAE.from_pretrained(next(out.glob("checkpoints/step_*/model.safetensors"))).measured_motion
