@@ -1,12 +1,15 @@
 """Command-line converters.
 
     python -m reducio.convert vae IN.ckpt OUT.safetensors [--force] [--dtype fp32|fp16|bf16]
+    python -m reducio.convert dit IN.safetensors OUT.safetensors --dtype bf16 [--force]
     python -m reducio.convert pixart ...   (handled by reducio.dit.convert_pixart)
 
 ``vae`` reads an official Reducio-VAE checkpoint safely (``torch.load(weights_only=True)``; training
 ``loss.*`` tensors dropped), checks it strictly against the detected ft4/ft2 model and writes a
 .safetensors file with the model configuration in its metadata, through a temporary file and an
-atomic rename. An existing output is only replaced with ``--force``.
+atomic rename. ``dit`` re-stores a Reducio-DiT checkpoint (e.g. a training run's ``ema.safetensors``)
+in another precision, checked strictly, config kept (how the embedded tiny DiT is stored in bf16). An
+existing output is only replaced with ``--force``.
 """
 from __future__ import annotations
 
@@ -35,6 +38,25 @@ def _run_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dit(args: argparse.Namespace) -> int:
+    import torch
+
+    from .dit.checkpoint import load_checkpoint, save_checkpoint
+    from .validation import CheckpointError, ConfigError
+
+    if Path(args.output).exists() and not args.force:
+        print(f"error: {args.output} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    try:
+        model = load_checkpoint(args.input, dtype=torch.float32)
+    except (CheckpointError, ConfigError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    save_checkpoint(model, args.output, dtype=getattr(torch, DTYPES[args.dtype]))
+    print(f"wrote {args.output} (Reducio-DiT, {args.dtype}, config in metadata)")
+    return 0
+
+
 def _run_pixart(rest: Sequence[str]) -> int:
     try:
         from .dit.convert_pixart import main as pixart_main
@@ -57,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store the weights in this precision (default: as in the input, fp32 for official files)")
     vae.add_argument("--config", default=None,
                      help="JSON file with the constructor kwargs, for non-official models (default: detect ft4/ft2)")
+    dit = commands.add_parser("dit", help="a Reducio-DiT checkpoint stored in another precision")
+    dit.add_argument("input", help="Reducio-DiT .safetensors (config in its metadata)")
+    dit.add_argument("output", help="output .safetensors path")
+    dit.add_argument("--dtype", choices=sorted(DTYPES), required=True)
+    dit.add_argument("--force", action="store_true", help="replace an existing output file")
     commands.add_parser("pixart", help="PixArt weights for Reducio-DiT (arguments passed through)",
                         add_help=False)
     return parser
@@ -72,6 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("error: the output file name must end in .safetensors", file=sys.stderr)
             return 2
         return _run_vae(args)
+    if args.command == "dit":
+        return _run_dit(args)
     return 2  # pragma: no cover - argparse rejects other commands
 
 

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 is several times faster on CPUs with "
                           "AMX-BF16)")
     enc.add_argument("--force", action="store_true", help="replace an existing feature folder")
+    enc.add_argument("--conditions-from", default=None,
+                     help="a feature folder of the same data and encoders: take its text, CLIP and content "
+                          "features and encode only the motion latents (a new VAE without re-running T5)")
     enc.add_argument("--quiet", action="store_true")
 
     dit = sub.add_parser("dit", help="train / fine-tune a Reducio-DiT on precomputed features")

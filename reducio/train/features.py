@@ -70,10 +70,13 @@ def encode_features(settings: dict, dist) -> dict:
             f"size but the DiT config expects {dit_cfg.in_channels} x {dit_cfg.latent_frames} at "
             f"1/{dit_cfg.vae_spatial_factor}; pass a --dit-config with in_channels, latent_frames and "
             f"vae_spatial_factor set to the VAE's")
-    encoders = make_encoders(settings.get("encoders", "builtin"), dit_cfg)
     precision = resolve_precision(settings.get("precision"), dist.device)
     dataset = open_dataset(settings["data"], size=settings["size"], seed=settings["seed"], count=settings["clips"],
                            fps=settings["fps"], random_crop=False)
+    if settings.get("conditions_from"):
+        encoders = ReusedConditions(settings["conditions_from"], dataset, out, dit_cfg)
+    else:
+        encoders = make_encoders(settings.get("encoders", "builtin"), dit_cfg)
     count, shard_size, batch = len(dataset), int(settings["shard_size"]), int(settings["batch_size"])
     out.mkdir(parents=True, exist_ok=True)
     if (out / "manifest.json").exists():
@@ -98,11 +101,15 @@ def encode_features(settings: dict, dist) -> dict:
                 else:
                     z = posterior.mode()
                 rows["z"].append(vae.latent_of(z.float(), video).cpu())
-                text, mask = encoders.encode_text([item["caption"] for item in items])
-                rows["text"].append(text.float().cpu())
-                rows["text_mask"].append(mask.float().cpu())
-                rows["clip"].append(encoders.encode_clip(content).float().cpu())
-                rows["content_latent"].append(encoders.encode_content(content).float().cpu())
+                if isinstance(encoders, ReusedConditions):
+                    for key, value in encoders.rows([item["index"] for item in items]).items():
+                        rows[key].append(value)
+                else:
+                    text, mask = encoders.encode_text([item["caption"] for item in items])
+                    rows["text"].append(text.float().cpu())
+                    rows["text_mask"].append(mask.float().cpu())
+                    rows["clip"].append(encoders.encode_clip(content).float().cpu())
+                    rows["content_latent"].append(encoders.encode_content(content).float().cpu())
             captions += [item["caption"] for item in items]
             pixels.append(((content.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
         tensors = {key: torch.cat(value) for key, value in rows.items()}
@@ -126,12 +133,47 @@ def encode_features(settings: dict, dist) -> dict:
         "content_latent_shape": [4, *(s // 8 for s in dataset.size)],
         "size": list(dataset.size), "latent": settings.get("latent", "sample"), "precision": precision,
         "encoders": encoders.describe(), "data": dataset.describe(),
+        "conditions_from": str(settings["conditions_from"]) if settings.get("conditions_from") else None,
         "vae": {"file": Path(settings["vae"]).name, "sha256": file_sha256(settings["vae"]), "config": vae.config,
                 "variant": vae.variant},
     }
     if dist.is_main:
         atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
     return {"out": str(out), "count": count, "shards": len(shards)}
+
+
+CONDITION_KEYS = ("text", "text_mask", "clip", "content_latent")
+
+
+class ReusedConditions:
+    """The conditions of an earlier ``encode`` folder (``--conditions-from``), row by row: the text, CLIP
+    and content features depend on the data and the condition encoders only, not on the Reducio VAE,
+    so a new VAE needs only its motion latents encoded. Refused unless the folder was made from the same
+    clips (data description, clip count at least ours, same size)."""
+
+    def __init__(self, folder, dataset, out: Path, dit_cfg: ReducioDiTConfig):
+        folder = Path(folder)
+        if folder.resolve() == out.resolve():
+            raise TrainingError(f"--conditions-from {folder} is the --out folder; write the new features elsewhere")
+        self.source = FeatureShards(folder)
+        theirs, ours = dict(self.source.manifest["data"]), dict(dataset.describe())
+        their_count, our_count = theirs.pop("count", None), ours.pop("count", None)
+        if theirs != ours or their_count is None or our_count is None or their_count < our_count:
+            raise TrainingError(
+                f"--conditions-from {folder}: its features were made from other clips ({self.source.manifest['data']}) "
+                f"than these ({dataset.describe()}); use the same --data, --size, --seed and at most its "
+                f"{their_count} --clips, or encode the conditions again without --conditions-from")
+        shapes = self.source[0]
+        if shapes["text"].shape != (dit_cfg.text_tokens, dit_cfg.caption_channels):
+            raise TrainingError(f"--conditions-from {folder}: its text features are {list(shapes['text'].shape)}, "
+                                f"the DiT config expects [{dit_cfg.text_tokens}, {dit_cfg.caption_channels}]")
+
+    def describe(self) -> dict:
+        return self.source.manifest["encoders"]
+
+    def rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        items = [self.source[i] for i in indices]
+        return {key: torch.stack([item[key] for item in items]).float() for key in CONDITION_KEYS}
 
 
 class FeatureShards(Dataset):

@@ -45,6 +45,23 @@ def test_half_precision_storage_and_cast(tiny, tmp_path):
     assert load_checkpoint(path, dtype=torch.float32).x_embedder.proj.weight.dtype == torch.float32
 
 
+def test_convert_dit_restores_in_bf16_and_refuses_to_overwrite(tiny, tmp_path, capsys):
+    from reducio.convert import main
+
+    source, target = tmp_path / "ema.safetensors", tmp_path / "dit_bf16.safetensors"
+    save_checkpoint(tiny, source)
+    assert main(["dit", str(source), str(target), "--dtype", "bf16"]) == 0
+    converted = load_checkpoint(target)
+    assert converted.config == tiny.config
+    for key, value in tiny.state_dict().items():
+        assert converted.state_dict()[key].dtype == torch.bfloat16
+        assert torch.equal(converted.state_dict()[key], value.to(torch.bfloat16)), key
+    assert target.stat().st_size < 0.55 * source.stat().st_size
+    assert main(["dit", str(source), str(target), "--dtype", "bf16"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert main(["dit", str(tmp_path / "missing.safetensors"), str(tmp_path / "x.safetensors"), "--dtype", "bf16"]) == 2
+
+
 def test_missing_and_unexpected_keys_are_listed(tiny, tmp_path):
     sd = dict(tiny.state_dict())
     del sd["blocks.1.mlp.fc2.bias"]

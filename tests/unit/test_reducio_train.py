@@ -228,6 +228,30 @@ def test_encode_in_bf16_records_it_and_stays_near_fp32(tiny, tmp_path):
     assert 0 < error < BF16_LATENT_ERROR, error
 
 
+def test_conditions_from_an_earlier_folder_equal_encoding_them_again(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    other_vae = write_test_vae(tmp_path / "other_vae.safetensors", seed=7)
+    common = ["encode", "--vae", str(other_vae), "--dit-config", str(tiny["dit_config"]), "--size", "16",
+              "--clips", "7", "--shard-size", "4", "--quiet"]
+    run(common + ["--out", str(tmp_path / "direct")])
+    run(common + ["--out", str(tmp_path / "reused"), "--conditions-from", str(tiny["features"])])
+    manifest = json.loads((tmp_path / "reused" / "manifest.json").read_text())
+    assert manifest["conditions_from"] == str(tiny["features"]) and manifest["count"] == 7
+    for shard in ("shard_00000.safetensors", "shard_00001.safetensors"):
+        direct, reused = load_file(tmp_path / "direct" / shard), load_file(tmp_path / "reused" / shard)
+        assert direct.keys() == reused.keys()
+        for key in direct:
+            assert torch.equal(direct[key], reused[key]), (shard, key)
+    original = load_file(tiny["features"] / "shard_00000.safetensors")["z"][:4]
+    assert not torch.allclose(original, load_file(tmp_path / "reused" / "shard_00000.safetensors")["z"])  # new VAE's
+    # other clips (another seed) are refused before anything is written
+    assert main(common[:-1] + ["--seed", "3", "--out", str(tmp_path / "bad"), "--conditions-from",
+                               str(tiny["features"]), "--quiet"]) == 2
+    assert "made from other clips" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
 def test_features_must_fit_the_dit(tiny, tmp_path, capsys):
     assert main(["dit", "--features", str(tiny["features"]), "--model", "tiny", "--out", str(tmp_path / "r"),
                  "--steps", "1", "--quiet"]) == 2
