@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     dit.add_argument("--weight-decay", type=float, default=0.03)
     dit.add_argument("--warmup-steps", type=int, default=500)
     dit.add_argument("--ema-decay", type=float, default=0.9999)
+    dit.add_argument("--high-noise-weight", type=float, default=1.0,
+                     help="ours, 1 (PixArt's plain eps MSE) by default: weight the eps MSE of each step by "
+                          "clamp(sigma_t^2, 1, this), so errors about the clean latent at high noise, where only "
+                          "the caption can tell, count (the embedded tiny DiT: 100)")
     dit.add_argument("--gradient-checkpointing", action="store_true")
     dit.add_argument("--vae", default=None, help="VAE weights for decoding preview samples")
     dit.add_argument("--sample-steps", type=int, default=20)

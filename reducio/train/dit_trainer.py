@@ -90,7 +90,7 @@ def check_features(config: ReducioDiTConfig, manifest: dict, folder) -> None:
 class DiTTrainer(Trainer):
     name = "dit"
     IDENTITY = ("model_config", "features_id", "seed", "batch_size", "lr", "weight_decay", "warmup_steps",
-                "ema_decay", "grad_clip", "precision")
+                "ema_decay", "grad_clip", "precision", "high_noise_weight")
     EXPORT = ("model", "ema")
 
     def __init__(self, settings: dict, dataset, dist):
@@ -103,7 +103,8 @@ class DiTTrainer(Trainer):
         super().__init__(settings, dataset, dist)
         s = self.settings
         self.config = config
-        self.diffusion = GaussianDiffusion(config.num_train_timesteps, config.beta_start, config.beta_end)
+        self.diffusion = GaussianDiffusion(config.num_train_timesteps, config.beta_start, config.beta_end,
+                                           float(s.get("high_noise_weight") or 1.0))
         model = ReducioDiT(config)
         if init_state is None:
             model.initialize_weights(keyed_generator(self.seed, "init", 2))
@@ -124,6 +125,12 @@ class DiTTrainer(Trainer):
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], eps=1e-10)
         self.precision = resolve_precision(s.get("precision"), self.device)
         self._vae = None
+
+    def identity(self) -> dict:
+        identity = super().identity()
+        if float(identity.get("high_noise_weight") or 1.0) == 1.0:   # the default: runs from before the option
+            identity.pop("high_noise_weight", None)                    # resume as they were
+        return identity
 
     def _autocast(self):
         return autocast_for(self.precision, self.device)

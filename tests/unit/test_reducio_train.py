@@ -279,6 +279,25 @@ def test_iddpm_terms_vanish_for_the_true_noise_and_variance():
     torch.testing.assert_close(x_t, (x0 + sigma * noise) / (1 + sigma ** 2).sqrt(), rtol=1e-4, atol=1e-5)
 
 
+def test_high_noise_weight_scales_the_eps_mse_by_the_clamped_sigma_squared():
+    from reducio.dit.sampling import training_sigmas
+
+    x0 = torch.randn(4, 4, 2, 2, 2)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 200, 600, 999])
+    output = torch.cat([noise + 0.3 * torch.randn_like(noise), torch.zeros_like(noise)], dim=1)
+    plain = GaussianDiffusion().training_losses(output, x0, GaussianDiffusion().q_sample(x0, t, noise), t, noise)
+    weighted_diffusion = GaussianDiffusion(high_noise_weight=100.0)
+    weighted = weighted_diffusion.training_losses(output, x0, weighted_diffusion.q_sample(x0, t, noise), t, noise)
+    expected = (training_sigmas()[t].double() ** 2).clamp(1.0, 100.0).float()
+    assert expected[0] == 1.0 and expected[-1] == 100.0 and 1.0 < expected[2] <= 100.0
+    torch.testing.assert_close(weighted["mse"], plain["mse"])          # the reported mse stays the plain one
+    torch.testing.assert_close(weighted["loss"] - weighted["vb"], plain["mse"] * expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(plain["loss"], plain["mse"] + plain["vb"])   # default: PixArt's objective
+    with pytest.raises(ValueError, match="high_noise_weight must be >= 1"):
+        GaussianDiffusion(high_noise_weight=0.5)
+
+
 def test_motion_hint_targets_are_the_clips_own_global_motion():
     from reducio.data import SyntheticClips
     from reducio.train.vae_objective import motion_hint_targets
