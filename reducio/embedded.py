@@ -112,3 +112,57 @@ def write_standin(standin: Standin, models_dir: str | Path, *, check: bool = Tru
 
 def write_standins(models_dir: str | Path, *, check: bool = True) -> dict[str, Path]:
     return {s.key: write_standin(s, models_dir, check=check) for s in STANDINS}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sample inputs for the embedded models' example workflows: a held-out synthetic clip and a held-out
+# content image (a photograph and sprite colours no training clip contains), chosen by a fixed rule,
+# not by how well a model does on them. Shipped in workflows/inputs/ and copied into ComfyUI's input
+# folder when the pack loads (never over a user's file of the same name).
+# ---------------------------------------------------------------------------------------------------
+SAMPLES_DIR = PACK_ROOT / "workflows" / "inputs"
+SAMPLE_CLIP = "reducio_tiny_clip.mp4"
+SAMPLE_CONTENT = "reducio_tiny_content.png"
+SAMPLE_SIZE = 64
+SAMPLE_SEED = 2026
+
+
+def sample_indices() -> tuple[int, int]:
+    """(clip, content image) indices in ``SyntheticClips("heldout", 64, seed=SAMPLE_SEED)``: the first
+    camera pan with one sprite (the round trip must move both), and the first clip of another
+    photograph (the image-to-video content)."""
+    from .data import SyntheticClips
+
+    data = SyntheticClips(split="heldout", size=SAMPLE_SIZE, count=1000, seed=SAMPLE_SEED)
+    clip = next(i for i in range(len(data)) if data.spec(i).camera == "pan" and len(data.spec(i).sprites) == 1)
+    photo = data.spec(clip).photo
+    content = next(i for i in range(len(data)) if data.spec(i).photo != photo)
+    return clip, content
+
+
+def write_samples(folder: str | Path = SAMPLES_DIR) -> dict[str, Path]:
+    """Render the two sample inputs (deterministic): the clip as H.264 MP4 at 16 fps, frame 7 of the
+    content clip as PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from .data import SyntheticClips, to_uint8_frames, write_video
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = SyntheticClips(split="heldout", size=SAMPLE_SIZE, count=1000, seed=SAMPLE_SEED)
+    clip, content = sample_indices()
+    video = write_video(folder / SAMPLE_CLIP, to_uint8_frames(data[clip]["video"]), fps=16)
+    frame = np.ascontiguousarray(to_uint8_frames(data[content]["video"])[7])
+    image = folder / SAMPLE_CONTENT
+    Image.fromarray(frame).save(image)
+    return {"clip": video, "content": image}
+
+
+def sample_caption(direction: str = "left") -> str:
+    """The caption of the image-to-video example: a pan over the content image's photograph."""
+    from .data import SyntheticClips
+    from .data.synthetic import PHOTOS
+
+    data = SyntheticClips(split="heldout", size=SAMPLE_SIZE, count=1000, seed=SAMPLE_SEED)
+    return f"the camera pans {direction} over the {PHOTOS[data.spec(sample_indices()[1]).photo]} photo"

@@ -1,11 +1,13 @@
 """The pack's main job, end to end: a headless ComfyUI with this pack runs every example workflow
 through its HTTP API (POST /prompt), and the files the workflows write are collected.
 
-Model files: with ``--models DIR`` (a ComfyUI-style models folder holding e.g.
-``reducio/reducio-ft4-fs32-attn23.safetensors``) the workflows run on your real weights. Without it,
-tiny stand-in files *in the real formats* are written first (random or golden tiny weights: the
-outputs then show that the graphs run, not what the models can do), because no weights can be
-downloaded here. Run with a ComfyUI's own Python (scripts/demo.sh does).
+The ``reducio_tiny_*`` workflows run on the pack's embedded tiny *trained* models (``models/reducio``,
+docs/embedded_models.md) and its shipped sample inputs: real results, measured and shown in contact
+sheets. The other workflows name full-size models: with ``--models DIR`` (a ComfyUI-style models folder
+holding e.g. ``reducio/reducio-ft4-fs32-attn23.safetensors``) they run on your real weights; without it,
+tiny stand-in files *in the real formats* are written first (random or golden tiny weights: those
+outputs show that the graphs run, not what the models can do, and are labelled so), because no
+full-size weights can be downloaded here. Run with a ComfyUI's own Python (scripts/demo.sh does).
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ class Recipes:
             tiny.write_diffusion_model_file(tiny.tiny_cosmos_predict2(seed=0), folder / MODEL_FILE)
 
     def adapt(self, name: str, prompt: dict) -> dict:
-        if self.real_models:
+        if self.real_models or uses_embedded_models(name):
             return prompt
         if name.startswith("reducio_dit_"):
             import reducio_dit_standins as standins
@@ -88,6 +90,8 @@ class Recipes:
         return prompt
 
     def before(self, name: str) -> None:
+        if uses_embedded_models(name):
+            return   # the pack provides the models and copies the sample inputs when ComfyUI loads it
         if name.startswith("reducio_vae_"):
             self.prepare_reducio_vae()
         if name == "reducio_vae_decode_from_latent":
@@ -108,6 +112,11 @@ class Recipes:
 # Quality: each Reducio workflow's output measured from its files, with a contact sheet beside it.
 # ---------------------------------------------------------------------------------------------------
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
+EMBEDDED_PREFIX = "reducio_tiny_"
+
+
+def uses_embedded_models(name: str) -> bool:
+    return name.startswith(EMBEDDED_PREFIX)
 
 
 def _node(prompt: dict, class_type: str) -> dict | None:
@@ -124,14 +133,14 @@ def measure(name: str, prompt: dict, files: list[Path], input_dir: Path, dest: P
     from reducio.output_quality import generation_report, reconstruction_report
     from test_reducio_vae_workflows import VIDEO_NAME   # the clip the VAE workflows load
 
-    if name in ("reducio_vae_roundtrip", "reducio_vae_decode_from_latent"):
-        source = input_dir / _node(prompt, "LoadVideo")["inputs"]["file"] if name == "reducio_vae_roundtrip" \
-            else input_dir / VIDEO_NAME
-        output = _output(files, "reconstruction" if name == "reducio_vae_roundtrip" else "decoded")
+    if name.endswith("vae_roundtrip") or name == "reducio_vae_decode_from_latent":
+        roundtrip = name.endswith("vae_roundtrip")
+        source = input_dir / _node(prompt, "LoadVideo")["inputs"]["file"] if roundtrip else input_dir / VIDEO_NAME
+        output = _output(files, "reconstruction" if roundtrip else "decoded")
         if output is None or not source.exists():
             return None
         return reconstruction_report(source, output, dest / "contact_sheet.png", title=title)
-    if name.startswith("reducio_dit_"):
+    if _node(prompt, "ReducioImageToVideo") is not None:
         node = _node(prompt, "ReducioImageToVideo")
         caption = prompt[node["inputs"]["positive"][0]]["inputs"].get("text", "")
         content_node = prompt[node["inputs"]["content_image"][0]]
@@ -214,7 +223,8 @@ def main(argv=None) -> int:
                     shutil.copy(path, dest / path.name)
                     copied.append(dest / path.name)
             seconds = time.time() - started
-            title = name if args.models is not None else f"{name} (random stand-in weights)"
+            title = name if args.models is not None or uses_embedded_models(name) \
+                else f"{name} (random stand-in weights)"
             figures = measure(name, prompt, copied, server.input_dir, dest, title)
             if figures:
                 copied.append(Path(figures["sheet"]))
@@ -223,7 +233,9 @@ def main(argv=None) -> int:
             results.append((name, "ok", seconds, files, describe(figures)))
     finally:
         server.stop()
-    print("\nworkflow results" + (" (tiny stand-in models)" if args.models is None else ""))
+    print("\nworkflow results" + ("" if args.models is not None else
+                                  f" ({EMBEDDED_PREFIX}*: the embedded trained tiny models; the others: stand-in "
+                                  "weights, which show that the graph runs, not a model's quality)"))
     for name, status, seconds, files, *quality in results:
         print(f"  {status:6s} {name:40s} {seconds:6.1f}s  " + ", ".join(files))
         if quality and quality[0]:

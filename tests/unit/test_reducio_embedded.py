@@ -49,3 +49,32 @@ def test_the_embedded_dit_config_fits_the_embedded_encoders_and_vae_format():
     assert cfg.clip_condition == "null"                 # reduced conditioning: no CLIP image encoder
     assert cfg.caption_channels == 768                  # the T5-base stand-in's width
     assert (cfg.in_channels, cfg.latent_frames, cfg.vae_spatial_factor) == (16, 4, 32)  # official latent format
+
+
+def test_the_shipped_sample_inputs_are_what_write_samples_renders(tmp_path):
+    """workflows/inputs/ is made by ``embedded.write_samples``: a held-out pan with a sprite (H.264) and
+    a content image of another photograph (PNG, exact)."""
+    import numpy as np
+    from PIL import Image
+
+    from reducio.data import SyntheticClips, read_video, to_uint8_frames
+
+    pytest.importorskip("av")
+    pytest.importorskip("skimage")
+    data = SyntheticClips(split="heldout", size=64, count=1000, seed=embedded.SAMPLE_SEED)
+    clip, content = embedded.sample_indices()
+    assert data.spec(clip).camera == "pan" and len(data.spec(clip).sprites) == 1
+    assert data.spec(content).photo != data.spec(clip).photo
+    rendered = to_uint8_frames(data[clip]["video"]).astype(np.float64)
+    shipped, _ = read_video(embedded.SAMPLES_DIR / embedded.SAMPLE_CLIP)
+    assert shipped.shape == rendered.shape == (16, 64, 64, 3)
+    # H.264 is lossy and its bytes depend on the encoder build: the shipped clip measures 33.8 dB
+    # against the lossless rendering
+    psnr = 10 * np.log10(255.0 ** 2 / ((shipped - rendered) ** 2).mean())
+    assert psnr > 30.0, psnr
+    shipped_image = np.asarray(Image.open(embedded.SAMPLES_DIR / embedded.SAMPLE_CONTENT))
+    assert np.array_equal(shipped_image, to_uint8_frames(data[content]["video"])[7])
+    made = embedded.write_samples(tmp_path)
+    assert np.array_equal(np.asarray(Image.open(made["content"])), shipped_image)
+    assert read_video(made["clip"])[0].shape == shipped.shape
+    assert embedded.sample_caption("up").startswith("the camera pans up over the ")
