@@ -96,15 +96,18 @@ class DiTTrainer(Trainer):
     def __init__(self, settings: dict, dataset, dist):
         config, init_state = resolve_dit_config(settings)
         check_features(config, dataset.manifest, dataset.folder)
+        try:
+            diffusion = GaussianDiffusion(config.num_train_timesteps, config.beta_start, config.beta_end,
+                                          float(settings.get("high_noise_weight") or 1.0))
+        except ValueError as exc:
+            raise TrainingError(f"--high-noise-weight: {exc}") from None
         m = dataset.manifest
         settings = {**settings, "model_config": config.to_dict(),
                     "features_id": {"count": m["count"], "vae_sha256": m["vae"]["sha256"], "encoders": m["encoders"],
                                     "latent_shape": m["latent_shape"]}}
         super().__init__(settings, dataset, dist)
         s = self.settings
-        self.config = config
-        self.diffusion = GaussianDiffusion(config.num_train_timesteps, config.beta_start, config.beta_end,
-                                           float(s.get("high_noise_weight") or 1.0))
+        self.config, self.diffusion = config, diffusion
         model = ReducioDiT(config)
         if init_state is None:
             model.initialize_weights(keyed_generator(self.seed, "init", 2))

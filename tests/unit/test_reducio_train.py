@@ -256,6 +256,10 @@ def test_features_must_fit_the_dit(tiny, tmp_path, capsys):
     assert main(["dit", "--features", str(tiny["features"]), "--model", "tiny", "--out", str(tmp_path / "r"),
                  "--steps", "1", "--quiet"]) == 2
     assert "do not fit this DiT config" in capsys.readouterr().err
+    assert main(["dit", "--features", str(tiny["features"]), "--model-config", str(tiny["dit_config"]),
+                 "--high-noise-weight", "0.5", "--out", str(tmp_path / "w"), "--steps", "1", "--quiet"]) == 2
+    assert "--high-noise-weight: high_noise_weight must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
     assert main(["dit", "--features", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "1", "--quiet"]) == 2
     assert "no manifest.json" in capsys.readouterr().err
 
