@@ -223,14 +223,15 @@ def main(argv=None) -> int:
                     shutil.copy(path, dest / path.name)
                     copied.append(dest / path.name)
             seconds = time.time() - started
-            title = name if args.models is not None or uses_embedded_models(name) \
-                else f"{name} (random stand-in weights)"
+            stand_in = args.models is None and not uses_embedded_models(name)
+            title = f"{name} (random stand-in weights)" if stand_in else name
             figures = measure(name, prompt, copied, server.input_dir, dest, title)
             if figures:
                 copied.append(Path(figures["sheet"]))
                 (dest / "quality.json").write_text(json.dumps(figures, indent=1) + "\n")
             files = [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in copied]
-            results.append((name, "ok", seconds, files, describe(figures)))
+            results.append((name, "ok", seconds, files,
+                            describe(figures) + (" -- random stand-in weights" if figures and stand_in else "")))
     finally:
         server.stop()
     print("\nworkflow results" + ("" if args.models is not None else
