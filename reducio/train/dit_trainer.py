@@ -91,6 +91,7 @@ class DiTTrainer(Trainer):
     name = "dit"
     IDENTITY = ("model_config", "features_id", "seed", "batch_size", "lr", "weight_decay", "warmup_steps",
                 "ema_decay", "grad_clip", "precision", "high_noise_weight")
+    IDENTITY_DEFAULTS = {"high_noise_weight": 1.0}
     EXPORT = ("model", "ema")
 
     def __init__(self, settings: dict, dataset, dist):
@@ -128,12 +129,6 @@ class DiTTrainer(Trainer):
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"], eps=1e-10)
         self.precision = resolve_precision(s.get("precision"), self.device)
         self._vae = None
-
-    def identity(self) -> dict:
-        identity = super().identity()
-        if float(identity.get("high_noise_weight") or 1.0) == 1.0:   # the default: runs from before the option
-            identity.pop("high_noise_weight", None)                    # resume as they were
-        return identity
 
     def _autocast(self):
         return autocast_for(self.precision, self.device)

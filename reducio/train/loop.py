@@ -175,6 +175,9 @@ class Trainer:
 
     name = "train"
     IDENTITY: tuple[str, ...] = ()
+    # identity settings added after runs were made, with the value those runs had: a checkpoint that does
+    # not record one resumes as if it recorded this
+    IDENTITY_DEFAULTS: dict = {}
     EXPORT: tuple[str, ...] = ("model",)
 
     def __init__(self, settings: dict, dataset, dist: Distributed):
@@ -234,7 +237,7 @@ class Trainer:
         return path
 
     def _check_identity(self, state: dict, path: Path) -> None:
-        saved, current = state.get("identity", {}), self.identity()
+        saved, current = {**self.IDENTITY_DEFAULTS, **state.get("identity", {})}, self.identity()
         diffs = [f"{k}: checkpoint {json.dumps(saved.get(k))} vs now {json.dumps(current.get(k))}"
                  for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
         if diffs:

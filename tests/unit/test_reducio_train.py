@@ -79,6 +79,14 @@ def test_stopped_and_resumed_run_follows_the_unstopped_loss_curve(tiny, tmp_path
         run(dit_args(tiny, stopped, 6, "--resume", "--lr", "2e-3"))
     with pytest.raises(TrainingError, match="already holds a run"):
         run(dit_args(tiny, stopped, 6))
+    with pytest.raises(ConfigMismatchError, match=r"high_noise_weight: checkpoint 1\.0 vs now 100\.0"):
+        run(dit_args(tiny, stopped, 6, "--resume", "--high-noise-weight", "100"))
+    # a checkpoint from before --high-noise-weight existed (no such identity entry) resumes as the default
+    state_file = stopped / "checkpoints" / (stopped / "checkpoints" / "latest").read_text() / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["identity"]["high_noise_weight"]
+    state_file.write_text(json.dumps(state))
+    assert main(dit_args(tiny, stopped, 6, "--resume")) == 0
 
 
 def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny, tmp_path, monkeypatch):
