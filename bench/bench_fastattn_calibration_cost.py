@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fastattn.calibration import calibrate_target
+from fastattn.calibration import SteppedRuntimeTarget, calibrate_target
 from fastattn.flops import AttentionShape, headwise_plan_cost, plan_cost
 from fastattn.headwise import calibrate_headwise
 from fastattn.plan import FULL
@@ -91,32 +91,6 @@ class Sampler:
         return x
 
 
-class V1Target:
-    """`CalibrationTarget` over the sampler: trials run the step and restore every cache."""
-
-    def __init__(self, sampler: Sampler, window: Window1D):
-        self.sampler = sampler
-        self.num_layers, self.num_steps = sampler.model.num_layers, sampler.steps
-        self.methods = [FULL] * self.num_layers
-        self.runtime = FastAttnRuntime(lambda step, layer: self.methods[layer], window)
-        self.x = sampler.x0
-
-    def run_step(self, step, methods, *, commit):
-        self.methods = list(methods)
-        state = self.runtime.state
-        snapshot = {key: (state.layer(key).cached_output, state.layer(key).cached_residual)
-                    for key in list(state.keys())}
-        with torch.no_grad():
-            out = self.sampler.forward(self.x, step, self.runtime)
-        if commit:
-            self.x = self.x - (1.0 / self.sampler.steps) * out
-        else:  # the runtime replaces cached tensors, never edits them: references restore it
-            for key in list(state.keys()):
-                cache = state.layer(key)
-                cache.cached_output, cache.cached_residual = snapshot.get(key, (None, None))
-        return out
-
-
 def relative_error(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -135,13 +109,20 @@ def bench(layers: int, steps: int, side: int, text: int, dim: int, heads: int, d
     plain_seconds = min(plain_times)
 
     window = Window1D(image // 8, image // 8, suffix_tokens=text)
-    sampler = Sampler(model, steps, image, text, dim)
-    target = V1Target(sampler, window)
+    v1_sampler = Sampler(model, steps, image, text, dim)
+    latent = {"x": v1_sampler.x0}
+
+    def advance(step, out):
+        latent["x"] = latent["x"] - (1.0 / steps) * out
+
+    target = SteppedRuntimeTarget(layers, steps, window=window, advance=advance,
+                                  model_output=lambda step, runtime: v1_sampler.forward(latent["x"], step, runtime))
     started = time.perf_counter()
-    search = calibrate_target(target, delta)
+    with torch.no_grad():
+        search = calibrate_target(target, delta)
     v1_seconds = time.perf_counter() - started
     v1_plan = search.to_plan({"window": [image // 8] * 2})
-    v1_final = target.x
+    v1_final = latent["x"]
     shape = AttentionShape(tokens=image + text, heads=heads, head_dim=dim // heads, rows=2, cfg=False,
                            window=window)
     v1_cost = plan_cost(v1_plan, shape)
@@ -157,8 +138,8 @@ def bench(layers: int, steps: int, side: int, text: int, dim: int, heads: int, d
     return {
         "layers": layers, "steps": steps, "image_tokens": image, "text_tokens": text, "dim": dim,
         "heads": heads, "plain_run_s": plain_seconds,
-        "v1": {"threshold": delta, "forwards": target.sampler.forwards, "wall_s": v1_seconds,
-               "forwards_per_step": target.sampler.forwards / steps,
+        "v1": {"threshold": delta, "forwards": v1_sampler.forwards, "wall_s": v1_seconds,
+               "forwards_per_step": v1_sampler.forwards / steps,
                "x_plain_run": v1_seconds / plain_seconds, "core_flops_kept": v1_cost.core_fraction,
                "final_rel_error": relative_error(v1_final, reference), "methods": v1_plan.method_counts()},
         "v2": {"alpha": alpha, "forwards": sampler.forwards, "wall_s": v2_seconds,

@@ -219,6 +219,35 @@ class CalibrationTarget(Protocol):
     def run_step(self, step: int, methods: Sequence[str], *, commit: bool) -> Output: ...
 
 
+class SteppedRuntimeTarget:
+    """A ready :class:`CalibrationTarget` for a model whose attention calls all go through one
+    :class:`~fastattn.runtime.FastAttnRuntime` and whose sampler runs step by step.
+
+    ``model_output(step, runtime)``: the model's output at ``step`` from the sampler's current
+    state, every compressible attention call through ``runtime`` (layer keys 0..L-1).
+    ``advance(step, output)``: commit that step (move the sampler on). Trials restore every cache.
+    ``runtime_kwargs`` go to the runtime (e.g. ``kernel_backend``)."""
+
+    def __init__(self, num_layers: int, num_steps: int, model_output: Callable[[int, Any], Output],
+                 advance: Callable[[int, Output], None], window: Any, **runtime_kwargs):
+        from .runtime import FastAttnRuntime
+
+        self.num_layers, self.num_steps = int(num_layers), int(num_steps)
+        self._model_output, self._advance = model_output, advance
+        self._methods: list[str] = [FULL] * self.num_layers
+        self.runtime = FastAttnRuntime(lambda step, layer: self._methods[layer], window, **runtime_kwargs)
+
+    def run_step(self, step: int, methods: Sequence[str], *, commit: bool) -> Output:
+        self._methods = list(methods)
+        snapshot = None if commit else self.runtime.state.snapshot()
+        output = self._model_output(step, self.runtime)
+        if commit:
+            self._advance(step, output)
+        else:
+            self.runtime.state.restore(snapshot)
+        return output
+
+
 def calibrate_target(target: CalibrationTarget, threshold: float,
                      candidates: Sequence[str] = OFFICIAL_CANDIDATES, loss: LossFn = official_loss,
                      progress: ProgressFn | None = None) -> GreedyCalibration:

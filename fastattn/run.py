@@ -151,23 +151,14 @@ class RunState:
 
     def snapshot(self):
         """References to every cached tensor (the runtime replaces tensors, never edits them)."""
-        lanes = {}
-        for lane in self.lanes():
-            caches = {key: (lane.cache.layer(key).cached_output, lane.cache.layer(key).cached_residual)
-                      for key in list(lane.cache.keys())}
-            stash = dict(getattr(lane.cache, "cfg_share_stash", {}))
-            lanes[lane.key] = (caches, stash, dict(lane.last_seen))
+        lanes = {lane.key: (lane.cache.snapshot(), dict(lane.last_seen)) for lane in self.lanes()}
         return lanes, len(self.stats.calls)
 
     def restore(self, snap) -> None:
         lanes, n_calls = snap
         for lane in self.lanes():
-            caches, stash, last_seen = lanes.get(lane.key, ({}, {}, {}))
-            for key in list(lane.cache.keys()):
-                layer = lane.cache.layer(key)
-                layer.cached_output, layer.cached_residual = caches.get(key, (None, None))
-            lane.cache.cfg_share_stash.clear()
-            lane.cache.cfg_share_stash.update(stash)
+            caches, last_seen = lanes.get(lane.key, (({}, {}), {}))
+            lane.cache.restore(caches)
             lane.last_seen.clear()
             lane.last_seen.update(last_seen)
         self.stats.truncate(n_calls)

@@ -46,6 +46,10 @@ class LayerCache:
         return from_bhld(self.cached_residual, layout)
 
 
+# (layer key -> (cached output, cached residual), CFG-share stash), from FastAttnState.snapshot()
+StateSnapshot = Tuple[Dict[Hashable, Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]], Dict]
+
+
 class FastAttnState:
     """Per-run container of layer caches.
 
@@ -85,6 +89,20 @@ class FastAttnState:
         """Drop every cache (start and end of a run, or when batch/resolution change)."""
         self._layers.clear()
         self.cfg_share_stash.clear()
+
+    def snapshot(self) -> "StateSnapshot":
+        """References to every cached tensor and the CFG-share stash. The runtime replaces cached
+        tensors and never edits them in place, so references are a snapshot without copies."""
+        layers = {key: (cache.cached_output, cache.cached_residual) for key, cache in self._layers.items()}
+        return layers, dict(self.cfg_share_stash)
+
+    def restore(self, snapshot: "StateSnapshot") -> None:
+        """Back to `snapshot`: caches created since are emptied, the others get their tensors back."""
+        layers, stash = snapshot
+        for key, cache in self._layers.items():
+            cache.cached_output, cache.cached_residual = layers.get(key, (None, None))
+        self.cfg_share_stash.clear()
+        self.cfg_share_stash.update(stash)
 
     def memory_bytes(self) -> int:
         """Bytes held by all cached tensors (outputs, residuals, CFG-share stash)."""

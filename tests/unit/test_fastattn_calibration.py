@@ -135,3 +135,39 @@ def test_to_plan_can_keep_the_first_steps():
         search.to_plan(num_steps=4)
     with pytest.raises(ValueError):
         search.to_plan(num_steps=0)
+
+
+def test_stepped_runtime_target_trials_leave_caches_and_sampler_alone():
+    """SteppedRuntimeTarget (a model whose attention goes through one FastAttnRuntime): trials
+    restore every cache, only the committed call per step moves the sampler, and a layer whose
+    cached output is reused (AST) returns exactly the committed previous step's output."""
+    from fastattn.calibration import SteppedRuntimeTarget
+    from fastattn.windows import Window1D
+
+    generator = torch.Generator().manual_seed(0)
+    projections = [torch.randn(8, 3 * 8, generator=generator) / 3 for _ in range(2)]
+    latent = {"x": torch.randn(2, 16, 8, generator=generator), "advanced": []}
+    outputs = {}
+
+    def model_output(step, runtime):
+        h = latent["x"]
+        for layer, weight in enumerate(projections):
+            q, k, v = (h @ weight).chunk(3, dim=-1)
+            out = runtime(q, k, v, layer=layer, step=step, heads=2, layout="blc", cfg_rows=[0, 1])
+            outputs[(step, layer, runtime.methods_for(step, layer))] = out
+            h = h + out
+        return h
+
+    def advance(step, output):
+        latent["advanced"].append(step)
+        latent["x"] = output / output.norm()
+
+    target = SteppedRuntimeTarget(2, 3, model_output, advance, Window1D(4, 4))
+    search = calibrate_target(target, threshold=1e9, candidates=[AST])   # AST everywhere after step 0
+    assert latent["advanced"] == [0, 1, 2]
+    assert search.methods[0] == [FULL, FULL] and search.methods[1] == [AST, AST]
+    state = target.runtime.state
+    assert set(state.keys()) == {(0, (0, 1)), (1, (0, 1))}
+    # the committed step-0 outputs are what the AST steps returned
+    for layer in (0, 1):
+        assert torch.equal(outputs[(1, layer, AST)], outputs[(0, layer, FULL)])

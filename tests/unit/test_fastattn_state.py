@@ -53,3 +53,19 @@ def test_deepcopy_shares_the_state():
     state = FastAttnState()
     options = {"transformer_options": {"state": state}}
     assert copy.deepcopy(options)["transformer_options"]["state"] is state
+
+
+def test_snapshot_restore_takes_back_what_happened_since():
+    state = FastAttnState()
+    kept_output, kept_residual, stash = torch.ones(3), torch.zeros(2), (1, torch.ones(1))
+    state.layer(0).cached_output = kept_output
+    state.layer(0).cached_residual = kept_residual
+    state.cfg_share_stash[0] = stash
+    snapshot = state.snapshot()
+    state.layer(0).cached_output = torch.full((3,), 7.0)   # the runtime replaces tensors
+    state.layer(1).cached_output = torch.ones(4)            # a cache created after the snapshot
+    state.cfg_share_stash[1] = (2, torch.ones(1))
+    state.restore(snapshot)
+    assert state.layer(0).cached_output is kept_output and state.layer(0).cached_residual is kept_residual
+    assert state.layer(1).cached_output is None and state.layer(1).cached_residual is None
+    assert state.cfg_share_stash == {0: stash}
