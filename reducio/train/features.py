@@ -74,9 +74,9 @@ def encode_features(settings: dict, dist) -> dict:
     dataset = open_dataset(settings["data"], size=settings["size"], seed=settings["seed"], count=settings["clips"],
                            fps=settings["fps"], random_crop=False)
     if settings.get("conditions_from"):
-        encoders = ReusedConditions(settings["conditions_from"], dataset, out, dit_cfg)
+        conditions = ReusedConditions(settings["conditions_from"], dataset, out, dit_cfg)
     else:
-        encoders = make_encoders(settings.get("encoders", "builtin"), dit_cfg)
+        conditions = EncodedConditions(make_encoders(settings.get("encoders", "builtin"), dit_cfg))
     count, shard_size, batch = len(dataset), int(settings["shard_size"]), int(settings["batch_size"])
     out.mkdir(parents=True, exist_ok=True)
     if (out / "manifest.json").exists():
@@ -101,15 +101,8 @@ def encode_features(settings: dict, dist) -> dict:
                 else:
                     z = posterior.mode()
                 rows["z"].append(vae.latent_of(z.float(), video).cpu())
-                if isinstance(encoders, ReusedConditions):
-                    for key, value in encoders.rows([item["index"] for item in items]).items():
-                        rows[key].append(value)
-                else:
-                    text, mask = encoders.encode_text([item["caption"] for item in items])
-                    rows["text"].append(text.float().cpu())
-                    rows["text_mask"].append(mask.float().cpu())
-                    rows["clip"].append(encoders.encode_clip(content).float().cpu())
-                    rows["content_latent"].append(encoders.encode_content(content).float().cpu())
+                for key, value in conditions.rows(items, content).items():
+                    rows[key].append(value)
             captions += [item["caption"] for item in items]
             pixels.append(((content.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
         tensors = {key: torch.cat(value) for key, value in rows.items()}
@@ -132,7 +125,7 @@ def encode_features(settings: dict, dist) -> dict:
         "latent_shape": [vae.embed_dim, vae.latent_frames, *(s // vae.spatial_factor for s in dataset.size)],
         "content_latent_shape": [4, *(s // 8 for s in dataset.size)],
         "size": list(dataset.size), "latent": settings.get("latent", "sample"), "precision": precision,
-        "encoders": encoders.describe(), "data": dataset.describe(),
+        "encoders": conditions.describe(), "data": dataset.describe(),
         "conditions_from": str(settings["conditions_from"]) if settings.get("conditions_from") else None,
         "vae": {"file": Path(settings["vae"]).name, "sha256": file_sha256(settings["vae"]), "config": vae.config,
                 "variant": vae.variant},
@@ -143,6 +136,22 @@ def encode_features(settings: dict, dist) -> dict:
 
 
 CONDITION_KEYS = ("text", "text_mask", "clip", "content_latent")
+
+
+class EncodedConditions:
+    """The conditions of a batch of clips computed by condition encoders (``--encoders``)."""
+
+    def __init__(self, encoders):
+        self.encoders = encoders
+
+    def describe(self) -> dict:
+        return self.encoders.describe()
+
+    def rows(self, items: list[dict], content: torch.Tensor) -> dict[str, torch.Tensor]:
+        text, mask = self.encoders.encode_text([item["caption"] for item in items])
+        return {"text": text.float().cpu(), "text_mask": mask.float().cpu(),
+                "clip": self.encoders.encode_clip(content).float().cpu(),
+                "content_latent": self.encoders.encode_content(content).float().cpu()}
 
 
 class ReusedConditions:
@@ -171,9 +180,10 @@ class ReusedConditions:
     def describe(self) -> dict:
         return self.source.manifest["encoders"]
 
-    def rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        items = [self.source[i] for i in indices]
-        return {key: torch.stack([item[key] for item in items]).float() for key in CONDITION_KEYS}
+    def rows(self, items: list[dict], content: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored conditions of these clips (by their dataset index; `content` is not needed)."""
+        stored = [self.source[item["index"]] for item in items]
+        return {key: torch.stack([row[key] for row in stored]).float() for key in CONDITION_KEYS}
 
 
 class FeatureShards(Dataset):
