@@ -226,7 +226,8 @@ def main() -> None:
         row = {"version": version, "key": f"{version} {budget_name} {budget:g}", budget_name: budget,
                "core_flops_kept": cost.core_fraction,
                "module_flops_kept": cost.module_fraction, **quality, "time_ratio": seconds / plain_seconds,
-               "amdahl_bound_ratio": bound, "calibration_s": calibration_s, "calibration_forwards": forwards,
+               "amdahl_bound_ratio": bound, "full_run_s": plain_seconds, "attention_core_share": share,
+               "calibration_s": calibration_s, "calibration_forwards": forwards,
                "methods": plan.method_counts()}
         rows.append(row)
         images[row["key"]] = out
@@ -314,7 +315,7 @@ def main() -> None:
         Image.fromarray((figure * 255).round().astype(np.uint8)).save(
             args.out.parent / f"{args.out.name}_map_{version.lower()}.png")
     print("| version | budget | attention-core FLOPs kept | PSNR dB (min) | SSIM (min) | CPU time ratio | Amdahl bound "
-          "| calibration s (forwards) | methods (step x layer x head cells) |")
+          "| calibration s (forwards) | methods (cells: step x layer for V1, step x layer x head for V2) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: (r["version"], r["core_flops_kept"])):
         budget = f"delta {r['threshold']:g}" if "threshold" in r else (

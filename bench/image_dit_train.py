@@ -5,10 +5,11 @@ with scikit-image, nothing downloaded), scaled to 64x64, mirrored at random; the
 photograph. Diffusion: DiT's DDPM (1,000 steps, linear betas 1e-4..0.02, epsilon MSE, 10 % class
 dropout for CFG). Sampling: DDIM (eta 0) with CFG, cond and uncond in one batch (cond first).
 
-Train (resumes from --out when a checkpoint is there; Ctrl-C saves):
-    python -m bench.image_dit_train --out runs/image_dit --steps 6000
-The shipped weights, bench/models/image_dit_64px.safetensors, are the EMA of that run (see
-bench/fastattn_quality.md for the command, steps and wall time).
+Train (resumes from --out when a checkpoint is there; Ctrl-C saves after the current step), then export:
+    python -m bench.image_dit_train --out runs/image_dit --steps 1750 --batch 16 --lr 6e-4 --save-every 250
+    python -m bench.image_dit_train --out runs/image_dit --export bench/models/image_dit_64px.safetensors
+The shipped weights are the EMA of that run at step 1,750 in bf16 (bench/fastattn_quality.md: data,
+wall time, figures).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -189,10 +191,20 @@ def train(out: Path, steps: int, batch: int, lr: float, config: ImageDiTConfig, 
     ema.requires_grad_(False)
     data = PhotoCrops(config.image_size)
     abar = alphas_cumprod().float()
+    if start >= steps:
+        print(f"{out} is already at step {start} (>= --steps {steps}); nothing to do")
+        return
     log = (out / "metrics.jsonl").open("a")
-    started, step = time.perf_counter(), start
+    started, done = time.perf_counter(), start
+    # Ctrl-C only sets a flag, checked between steps: the checkpoint then holds whole steps only
+    # (an interrupt inside optimizer.step() or a checkpoint write would save a half-done step).
+    stop = {"requested": False}
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(requested=True))
     try:
         for step in range(start, steps):
+            if stop["requested"]:
+                print(f"interrupted after step {done}: saving")
+                break
             images, labels = data.batch(batch, rng)
             labels = torch.where(torch.rand(batch, generator=rng) < CLASS_DROPOUT,
                                  torch.full_like(labels, model.null_class), labels)
@@ -213,19 +225,30 @@ def train(out: Path, steps: int, batch: int, lr: float, config: ImageDiTConfig, 
                 decay = min(ema_decay, (1 + step) / (10 + step))
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 1 - decay)
-            if (step + 1) % 50 == 0:
-                rate = (step + 1 - start) * batch / (time.perf_counter() - started)
-                log.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5),
+            done = step + 1
+            if done % 50 == 0:
+                rate = (done - start) * batch / (time.perf_counter() - started)
+                log.write(json.dumps({"step": done, "loss": round(loss.item(), 5),
                                       "images_per_s": round(rate, 2)}) + "\n")
                 log.flush()
-                print(f"step {step + 1}/{steps} loss {loss.item():.4f} {rate:.1f} images/s", flush=True)
-            if (step + 1) % save_every == 0:
-                _save(out, model, ema, optimizer, step + 1, rng)
-        step = steps
-    except KeyboardInterrupt:
-        print(f"interrupted at step {step}: saving")
-    _save(out, model, ema, optimizer, step, rng)
-    log.close()
+                print(f"step {done}/{steps} loss {loss.item():.4f} {rate:.1f} images/s", flush=True)
+            if done % save_every == 0:
+                _save(out, model, ema, optimizer, done, rng)
+        if done % save_every != 0:
+            _save(out, model, ema, optimizer, done, rng)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        log.close()
+
+
+def export(checkpoint: Path, target: Path) -> None:
+    """Ship a checkpoint's EMA weights in bf16 (how bench/models/image_dit_64px.safetensors was made)."""
+    source = checkpoint / "ema.safetensors"
+    _, metadata = read_safetensors_header(source)
+    metadata = {**metadata, "weights": f"EMA (decay 0.999) of bench.image_dit_train at step {metadata['step']}, "
+                                       f"stored in bf16"}
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in read_safetensors_tensors(source).items()}
+    atomic_write_safetensors(tensors, metadata, target, overwrite=True)
 
 
 def main() -> None:
@@ -238,7 +261,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=ImageDiTConfig.hidden)
     parser.add_argument("--heads", type=int, default=ImageDiTConfig.heads)
     parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--export", type=Path, default=None, metavar="FILE",
+                        help="instead of training: write the EMA of --out's checkpoint to FILE in bf16")
     args = parser.parse_args()
+    if args.export is not None:
+        export(args.out / "checkpoint", args.export)
+        return
     config = ImageDiTConfig(depth=args.depth, hidden=args.hidden, heads=args.heads, num_classes=len(photo_names()))
     train(args.out, args.steps, args.batch, args.lr, config, save_every=args.save_every)
 

@@ -232,6 +232,9 @@ class SteppedRuntimeTarget:
                  advance: Callable[[int, Output], None], window: Any, **runtime_kwargs):
         from .runtime import FastAttnRuntime
 
+        if runtime_kwargs.get("planner") is not None:
+            raise ValueError("SteppedRuntimeTarget drives V1's search; a planner (V2 calibration) would keep "
+                             "what trials did to it. Calibrate V2 with fastattn.headwise.calibrate_headwise")
         self.num_layers, self.num_steps = int(num_layers), int(num_steps)
         self._model_output, self._advance = model_output, advance
         self._methods: list[str] = [FULL] * self.num_layers
@@ -239,13 +242,15 @@ class SteppedRuntimeTarget:
 
     def run_step(self, step: int, methods: Sequence[str], *, commit: bool) -> Output:
         self._methods = list(methods)
-        snapshot = None if commit else self.runtime.state.snapshot()
-        output = self._model_output(step, self.runtime)
         if commit:
+            output = self._model_output(step, self.runtime)
             self._advance(step, output)
-        else:
+            return output
+        snapshot = self.runtime.state.snapshot()
+        try:
+            return self._model_output(step, self.runtime)
+        finally:    # a trial leaves every cache as it was, also when it raises
             self.runtime.state.restore(snapshot)
-        return output
 
 
 def calibrate_target(target: CalibrationTarget, threshold: float,

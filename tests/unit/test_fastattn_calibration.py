@@ -171,3 +171,28 @@ def test_stepped_runtime_target_trials_leave_caches_and_sampler_alone():
     # the committed step-0 outputs are what the AST steps returned
     for layer in (0, 1):
         assert torch.equal(outputs[(1, layer, AST)], outputs[(0, layer, FULL)])
+
+
+def test_stepped_runtime_target_restores_caches_when_a_trial_raises_and_refuses_a_planner():
+    from fastattn.calibration import SteppedRuntimeTarget
+
+    calls = {"n": 0}
+
+    def model_output(step, runtime):
+        calls["n"] += 1
+        q = torch.randn(1, 8, 4)
+        runtime(q, q, q, layer=0, step=step, heads=1, layout="blc")   # full attention caches
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return q
+
+    target = SteppedRuntimeTarget(1, 2, model_output, lambda step, out: None, None,
+                                  needs_residual=lambda s, l: False)
+    target.run_step(0, [FULL], commit=True)
+    kept = target.runtime.state.snapshot()
+    with pytest.raises(RuntimeError, match="boom"):
+        target.run_step(1, [FULL], commit=False)
+    layers, _ = target.runtime.state.snapshot()
+    assert all(layers[key][0] is kept[0][key][0] for key in kept[0])
+    with pytest.raises(ValueError, match="planner"):
+        SteppedRuntimeTarget(1, 1, model_output, lambda s, o: None, None, planner=object())

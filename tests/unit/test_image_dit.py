@@ -34,6 +34,37 @@ def test_runtime_seam_at_full_attention_is_the_models_own_attention():
     torch.testing.assert_close(through, plain, atol=1e-5, rtol=0)
 
 
+class _KnownEps(torch.nn.Module):
+    """A stand-in denoiser: epsilon `cond` on the cond rows and `uncond` on the uncond rows."""
+
+    null_class = 13
+
+    def __init__(self, cond: float, uncond: float):
+        super().__init__()
+        self.cond, self.uncond = cond, uncond
+
+    def forward(self, x, t, y, attend=None):
+        eps = torch.where((y == self.null_class).view(-1, 1, 1, 1), self.uncond, self.cond)
+        return eps.expand_as(x).clone()
+
+
+def test_ddim_step_applies_cfg_with_cond_first_and_the_ddim_update():
+    import math
+
+    from bench.image_dit_train import alphas_cumprod, ddim_timesteps
+
+    x = torch.full((1, 3, 4, 4), 0.3)
+    sampler = DDIMSampler(_KnownEps(cond=0.2, uncond=-0.1), torch.tensor([2]), x, steps=2, cfg=3.0)
+    t0, t1 = ddim_timesteps(2)
+    assert (t0, t1) == (500, 0)
+    sampler.advance(0, sampler.model_output(0))
+    eps = -0.1 + 3.0 * (0.2 - (-0.1))                  # uncond + cfg * (cond - uncond)
+    a0, a1 = float(alphas_cumprod()[t0]), float(alphas_cumprod()[t1])
+    x0 = max(-1.0, min(1.0, (0.3 - math.sqrt(1 - a0) * eps) / math.sqrt(a0)))
+    expected = math.sqrt(a1) * x0 + math.sqrt(1 - a1) * eps
+    torch.testing.assert_close(sampler.x, torch.full_like(x, expected), rtol=0, atol=1e-6)
+
+
 def test_ddim_sampler_is_deterministic_and_cfg_batch_is_cond_first():
     model = _perturbed_tiny()
     noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -54,6 +85,13 @@ def test_stopped_and_resumed_training_equals_one_run(tmp_path):
         assert once.keys() == twice.keys()
         for key in once:
             assert torch.equal(once[key], twice[key]), (name, key)
+
+
+def test_training_already_past_its_steps_changes_nothing(tmp_path):
+    train(tmp_path / "run", 2, 2, 1e-3, TINY, save_every=100)
+    before = (tmp_path / "run" / "checkpoint" / "trainer.pt").read_bytes()
+    train(tmp_path / "run", 1, 2, 1e-3, TINY, save_every=100)
+    assert (tmp_path / "run" / "checkpoint" / "trainer.pt").read_bytes() == before
 
 
 def test_image_dit_refuses_another_image_size():
