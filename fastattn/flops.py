@@ -37,7 +37,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
-from .methods import FULL, MethodLike, parse_method, residual_needed
+from .methods import FULL, MethodLike, parse_method, residual_needed, residual_needed_headwise
 from .plan import Plan
 
 WindowLike = Any  # (left, right) per-side token counts, or an object with kept_pairs(seq_len)
@@ -220,23 +220,26 @@ def amdahl_speedup_bound(attention_share: float, attention_fraction: float) -> f
 
 
 def headwise_plan_cost(plan: Plan, rows: int = 1) -> PlanCost:
-    """Corrected inference cost of a head-wise V2 plan (full / ``arrow_attn_<k>`` / cached heads).
+    """Corrected inference cost of a head-wise V2 plan.
 
     Per head and call: full ``L^2`` (query, key) pairs over the whole [text; image] sequence,
-    arrow the exact pairs of its band plus every text row and column, cached 0. Projections
-    (``4 L d^2``) are counted at every call: the other heads still need q, k, v and the output
-    projection (the official runtime runs them too). Uses the plan's token grid (image tokens),
-    text tokens, head count / dim and recorded arrow windows.
+    arrow the exact pairs of its band plus every text row and column, cached 0; the extended
+    per-head V1 methods as in the table above: WA-RS the pairs of the plan's residual band
+    (``metadata.window``), ASC half the rows, and a full head of a call that refreshes
+    residuals (some head of the layer uses WA-RS before its next full step) its band once more.
+    Projections (``4 L d^2``) are counted at every call: the other heads still need q, k, v
+    and the output projection (the official runtime runs them too). Uses the plan's token grid
+    (image tokens), text tokens, head count / dim, recorded arrow windows and residual band.
     """
     meta = plan.metadata
-    pairs = _headwise_pairs(plan)  # validates the metadata first
+    cells = _headwise_cells(plan)  # validates the metadata first
     prefix, suffix = meta.text_tokens
     seq = meta.num_tokens + prefix + suffix
     head_dim, d = meta.head_dim, meta.num_heads * meta.head_dim
     projections = 4.0 * rows * seq * d * d
     grid, core = [], 0.0
-    for step in plan.methods:
-        costs = tuple(2.0 * rows * head_dim * sum(pairs(m) for m in cell) for cell in step)
+    for t, step in enumerate(plan.methods):
+        costs = tuple(2.0 * rows * head_dim * sum(cells(t, layer).values()) for layer in range(len(step)))
         grid.append(costs)
         core += sum(costs)
     calls = plan.num_steps * plan.num_layers
@@ -245,8 +248,9 @@ def headwise_plan_cost(plan: Plan, rows: int = 1) -> PlanCost:
                     module_full=core_full + projections * calls, per_step_layer_core=tuple(grid))
 
 
-def _headwise_pairs(plan: Plan):
-    """(query, key) pairs one head of a V2 plan computes per call, by method name."""
+def _headwise_cells(plan: Plan):
+    """cells(step, layer) -> {method: (query, key) pairs its heads compute, rows weighted} of a
+    head-wise plan (see `headwise_plan_cost`)."""
     from .windows import Window1D
 
     meta = plan.metadata
@@ -258,36 +262,66 @@ def _headwise_pairs(plan: Plan):
     prefix, suffix = meta.text_tokens
     seq = meta.num_tokens + prefix + suffix
     windows = dict(meta.arrow_windows or {})
+    band = _residual_band_pairs(plan, seq)
+    refresh = [residual_needed_headwise([step[layer] for step in plan.methods]) for layer in range(plan.num_layers)]
 
-    def pairs(method: str) -> int:
+    def pairs(method: str, refreshes: bool) -> float:
         m = parse_method(method)
         if m.output_share:
-            return 0
-        if m == FULL:
-            return seq * seq
-        if method in windows:
+            return 0.0
+        share = 0.5 if m.cfg_share else 1.0
+        if m.arrow:
+            if method not in windows:
+                raise ValueError(f"head-wise cost: arrow method {method!r} has no recorded window")
             left, right = windows[method]
-            return Window1D(left, right, prefix_tokens=prefix, suffix_tokens=suffix).kept_pairs(seq)
-        raise ValueError(f"head-wise cost: method {method!r} is not a V2 head method with a recorded window")
+            return float(Window1D(left, right, prefix_tokens=prefix, suffix_tokens=suffix).kept_pairs(seq))
+        if (m.window or (m.is_full and refreshes)) and band is None:
+            raise ValueError(f"head-wise cost: {method!r} needs the residual band (metadata.window)")
+        if m.window:
+            return share * band
+        return share * (seq * seq + (band if refreshes else 0))
 
-    for step in plan.methods:      # every method must be countable before any figure is made
-        for cell in step:
-            for method in cell:
-                pairs(method)
-    return pairs
+    def cells(step: int, layer: int) -> dict:
+        out: dict = {}
+        for method in plan.methods[step][layer]:
+            out[method] = out.get(method, 0.0) + pairs(method, refresh[layer][step])
+        return out
+
+    for t in range(plan.num_steps):      # every method must be countable before any figure is made
+        for layer in range(plan.num_layers):
+            cells(t, layer)
+    return cells
+
+
+def _residual_band_pairs(plan: Plan, seq: int):
+    """(query, key) pairs of the band a head-wise plan's WA-RS heads use, None if it records
+    none: the window rule the run used (``extra.window_shape`` / ``window_fraction``, e.g. a
+    ComfyUI grid box), else the recorded 1-D ``window`` with global text tokens."""
+    from .plan import plan_window
+    from .windows import CallInfo, Window1D, window_rule
+
+    meta = plan.metadata
+    prefix, suffix = meta.text_tokens
+    shape, fraction, sides = plan_window(plan)
+    if shape is not None and fraction is not None:
+        info = CallInfo(None, 0, seq, tuple(meta.token_grid) if meta.token_grid else None, prefix, suffix)
+        return window_rule(shape, fraction)(info).kept_pairs(seq)
+    if sides is None:
+        return None
+    return Window1D(sides[0], sides[1], prefix_tokens=prefix, suffix_tokens=suffix).kept_pairs(seq)
 
 
 def headwise_method_core(plan: Plan, rows: int = 1) -> tuple[dict[str, float], float]:
     """({method: attention-core MACs its heads keep}, core MACs of full attention) of a V2 plan."""
-    pairs = _headwise_pairs(plan)
+    cells = _headwise_cells(plan)
     meta = plan.metadata
     prefix, suffix = meta.text_tokens
     seq = meta.num_tokens + prefix + suffix
     per_method: dict[str, float] = {}
-    for step in plan.methods:
-        for cell in step:
-            for method in cell:
-                per_method[method] = per_method.get(method, 0.0) + 2.0 * rows * meta.head_dim * pairs(method)
+    for t in range(plan.num_steps):
+        for layer in range(plan.num_layers):
+            for method, pairs in cells(t, layer).items():
+                per_method[method] = per_method.get(method, 0.0) + 2.0 * rows * meta.head_dim * pairs
     core_full = 2.0 * rows * seq * seq * meta.num_heads * meta.head_dim * plan.num_steps * plan.num_layers
     return per_method, core_full
 

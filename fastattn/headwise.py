@@ -20,6 +20,16 @@ v: it is a planner for :class:`fastattn.runtime.FastAttnRuntime` (``planner=``),
 wherever the runtime runs (diffusers processors, ComfyUI's attention override, Reducio-DiT) with
 exactly one model forward per step.
 
+Beyond the official SD3 default set, the head-wise choice can also use V1's methods per head
+(`EXTENDED_CANDIDATES`): ``cfg_share`` (the official optional ASC candidate: the head computes
+the conditional rows only and copies them to the unconditional ones, gain 0.5),
+``residual_window_attn`` (WA-RS per head: a band plus the residual full - band cached at that
+head's last full step -- the official code's residual ablation, which its paper reports as the
+best quality at equal sparsity) and ``residual_window_attn+cfg_attn_share``. Residual heads use
+one band per plan (``residual_window``: an arrow factor, official ablation 8, or a window
+factory such as a ComfyUI run's window settings); full heads refresh their residual whenever a
+later step of that head uses it.
+
 Official conventions kept here so that outside checks can compare with the official
 ``solve_ip``: influence as ``{(head, candidate): rse}`` (or ``[head, candidate, rse]`` rows),
 latency gains as ``{candidate: gain}``, the result as ``[(head, code)]`` in the order of the
@@ -36,13 +46,31 @@ from typing import Any, Callable, Dict, Hashable, Iterable, List, Mapping, Optio
 import numpy as np
 import torch
 
-from .kernels import headwise_window_attention, reference_attention
-from .methods import ARROW_PREFIX, FULL, OUTPUT_SHARE, arrow_factor, arrow_method, arrow_window
-from .windows import CallInfo, Window1D
+from .kernels import headwise_window_attention, reference_attention, window_attention
+from .methods import (ARROW_PREFIX, FULL, FULL_CFG_SHARE, OUTPUT_SHARE, WINDOW_RESIDUAL, WINDOW_RESIDUAL_CFG_SHARE,
+                      Method, arrow_factor, arrow_method, arrow_window, parse_method, residual_needed_headwise)
+from .windows import CallInfo, Window1D, window_rule
 
 #: The official SD3 candidate set (highest compression first); FLUX's equivalent arrow
 #: candidates are named ``without_residual_window_attn_<k>`` there.
 OFFICIAL_CANDIDATES: Tuple[str, ...] = ("output_share", "arrow_attn_8", "arrow_attn_16", "arrow_attn_32")
+#: Head-wise V1 methods the choice may also use (name -> method). ``cfg_share`` is the official
+#: optional candidate (code "-1"); the residual ones follow the official residual ablation and
+#: are named, and coded in solutions, by their V1 method strings.
+EXTENDED_CANDIDATES: Dict[str, Method] = {
+    "cfg_share": FULL_CFG_SHARE,
+    WINDOW_RESIDUAL.official: WINDOW_RESIDUAL,
+    WINDOW_RESIDUAL_CFG_SHARE.official: WINDOW_RESIDUAL_CFG_SHARE,
+}
+#: The official set plus WA-RS per head: the best set measured (bench/fastattn_quality.md, "V2+").
+#: The ASC candidates are left out: their influence (the head's own error) ignores that CFG
+#: amplifies an uncond error by (scale - 1) in the guided prediction, and with them the same
+#: budgets gave clearly worse images.
+RESIDUAL_CANDIDATES: Tuple[str, ...] = OFFICIAL_CANDIDATES + (WINDOW_RESIDUAL.official,)
+#: The official set plus every extended candidate.
+ALL_CANDIDATES: Tuple[str, ...] = OFFICIAL_CANDIDATES + tuple(EXTENDED_CANDIDATES)
+#: Official window factor of the residual ablation (its residual is full - arrow_attn_8).
+OFFICIAL_RESIDUAL_FACTOR = 8
 #: Official head constraint coefficient c (SD3 / FLUX processors).
 OFFICIAL_HEAD_COEFFICIENT = 1.5
 CACHE_CODE = "0"
@@ -65,6 +93,8 @@ def candidate_code(candidate: str) -> str:
         return CACHE_CODE
     if candidate == "cfg_share":
         return "-1"
+    if candidate in EXTENDED_CANDIDATES:
+        return candidate
     tail = candidate.split("_")[-1]
     if not tail.isdigit():
         raise ValueError(f"unknown V2 candidate {candidate!r}: expected output_share or a window "
@@ -76,15 +106,33 @@ def candidate_code(candidate: str) -> str:
     return tail
 
 
-def candidate_method(candidate: str):
-    """The runtime method of a V2 candidate this package runs (caching or arrow attention)."""
+def candidate_method(candidate: str) -> Method:
+    """The runtime method of a V2 candidate this package runs (caching, arrow attention or one
+    of `EXTENDED_CANDIDATES`)."""
     if candidate == "output_share":
         return OUTPUT_SHARE
+    if candidate in EXTENDED_CANDIDATES:
+        return EXTENDED_CANDIDATES[candidate]
     factor = arrow_factor(candidate)
     if factor is None:
-        raise ValueError(f"V2 candidate {candidate!r} is not supported; supported: output_share and "
-                         f"{ARROW_PREFIX}<k> (CFG-sharing and reorder candidates are not implemented)")
+        raise ValueError(f"V2 candidate {candidate!r} is not supported; supported: output_share, "
+                         f"{ARROW_PREFIX}<k>, " + ", ".join(EXTENDED_CANDIDATES)
+                         + " (ASC + arrow and reorder candidates are not implemented)")
     return arrow_method(factor)
+
+
+def code_method(code: str) -> str:
+    """The plan method string of a solution code ("0" cache, "<k>" arrow, "-1" ASC, or an
+    extended candidate's own name)."""
+    if code == CACHE_CODE:
+        return OUTPUT_SHARE.official
+    if code == "-1":
+        return FULL_CFG_SHARE.official
+    if code in EXTENDED_CANDIDATES:
+        return EXTENDED_CANDIDATES[code].official
+    if code.isdigit() and int(code) > 0:
+        return f"{ARROW_PREFIX}{int(code)}"
+    raise ValueError(f"solution code {code!r} is not one this package runs")
 
 
 def arrow_gain(factor: int, image_tokens: int, text_tokens: int) -> float:
@@ -100,12 +148,23 @@ def arrow_gain(factor: int, image_tokens: int, text_tokens: int) -> float:
     return 1.0 - (total - skipped) / total
 
 
-def latency_gains(candidates: Sequence[str], image_tokens: int, text_tokens: int) -> Dict[str, float]:
-    """The official "estimate" gains: caching 1, arrow factor k `arrow_gain`."""
+def latency_gains(candidates: Sequence[str], image_tokens: int, text_tokens: int,
+                  residual_gain: Optional[float] = None) -> Dict[str, float]:
+    """The official "estimate" gains: caching 1, ASC 0.5, arrow factor k `arrow_gain`; a
+    residual band gains `residual_gain` (default: the arrow band of factor 8, the official
+    ablation's estimate), with ASC the official "1 - computed share / 2"."""
+    if residual_gain is None:
+        residual_gain = arrow_gain(OFFICIAL_RESIDUAL_FACTOR, image_tokens, text_tokens)
     gains = {}
     for candidate in candidates:
         method = candidate_method(candidate)
-        gains[candidate] = 1.0 if method.output_share else arrow_gain(method.arrow, image_tokens, text_tokens)
+        if method.output_share:
+            gains[candidate] = 1.0
+        elif method.arrow:
+            gains[candidate] = arrow_gain(method.arrow, image_tokens, text_tokens)
+        else:
+            computed = 1.0 - (residual_gain if method.window else 0.0)
+            gains[candidate] = 1.0 - (computed / 2 if method.cfg_share else computed)
     return gains
 
 
@@ -230,16 +289,23 @@ def solution_objective(solution: Solution, latency_gain: Mapping[str, float]) ->
     return math.fsum(gain_of_code[code] for _, code in solution)
 
 
-def window_table(solution: Solution, num_heads: int, image_tokens: int) -> List[Tuple[int, int]]:
-    """The official per-head (left, right) table of a solution: (-1, -1) = full, (0, 0) =
-    cached, (w, w) = arrow with w = image_tokens // (2k)."""
+def window_table(solution: Solution, num_heads: int, image_tokens: int,
+                 residual_sides: Optional[Tuple[int, int]] = None) -> List[Tuple[int, int]]:
+    """The official per-head (left, right) table of a solution: (-1, -1) = full (ASC heads
+    too: they attend fully), (0, 0) = cached, (w, w) = arrow with w = image_tokens // (2k)
+    (residual heads: `residual_sides`, default the arrow band of factor 8)."""
     table = [(-1, -1)] * num_heads
     for head, code in solution:
         if code == CACHE_CODE:
             table[head] = (0, 0)
-        else:
+        elif code.isdigit():
             w = arrow_window(image_tokens, int(code))
             table[head] = (w, w)
+        elif parse_method(code_method(code)).window:
+            if residual_sides is None:
+                w = arrow_window(image_tokens, OFFICIAL_RESIDUAL_FACTOR)
+                residual_sides = (w, w)
+            table[head] = tuple(residual_sides)
     return table
 
 
@@ -254,8 +320,66 @@ def solution_methods(solution: Solution, num_heads: int) -> Tuple[str, ...]:
     for head, code in solution:
         if not 0 <= head < num_heads:
             raise ValueError(f"solution names head {head}, the layer has {num_heads}")
-        methods[head] = OUTPUT_SHARE.official if code == CACHE_CODE else f"{ARROW_PREFIX}{int(code)}"
+        methods[head] = code_method(code)
     return tuple(methods)
+
+
+def residual_band(factor: int) -> Callable[[CallInfo], Window1D]:
+    """Window factory of residual heads: the arrow band of `factor` (text tokens global)."""
+    def window_for(info: CallInfo) -> Window1D:
+        w = arrow_window(info.image_tokens, factor)
+        return Window1D(w, w, prefix_tokens=info.prefix_tokens, suffix_tokens=info.suffix_tokens)
+    return window_for
+
+
+def _sides(window) -> Optional[Tuple[int, int]]:
+    """(left, right) of a 1-D window, None for other window shapes."""
+    return (window.left, window.right) if isinstance(window, Window1D) else None
+
+
+class _CandidateOutputs:
+    """Candidate outputs of one call for the influence, each computed the way the runtime
+    computes that method (bands shared between candidates of one factor)."""
+
+    def __init__(self, q, k, v, info: CallInfo, full: torch.Tensor, backend: str):
+        self.q, self.k, self.v, self.info, self.full, self.backend = q, k, v, info, full, backend
+        self._bands: Dict[int, torch.Tensor] = {}
+
+    def band(self, window) -> torch.Tensor:
+        """Every head attending within `window` (an arrow factor, or a window spec)."""
+        if window not in self._bands:
+            if isinstance(window, int):   # an arrow factor: the head-wise arrow kernel, as the runtime runs it
+                band = residual_band(window)(self.info)
+                output = headwise_window_attention(self.q, self.k, self.v, [band] * self.q.shape[1], self.backend)
+            else:
+                output = window_attention(self.q, self.k, self.v, window, self.backend)
+            self._bands[window] = output
+        return self._bands[window]
+
+    def extended(self, method: Method, window, residual: Optional[torch.Tensor], cfg_rows,
+                 official_asc_residual: bool) -> Optional[torch.Tensor]:
+        """ASC / WA-RS / WA-RS + ASC on every head; None when the call cannot run it."""
+        if method.cfg_share and (cfg_rows is None or not cfg_rows.has_both):
+            return None
+        output = self.full
+        if method.residual:
+            if residual is None:
+                return None
+            output = self.band(window)
+            if method.cfg_share:
+                kept = len(cfg_rows.cond_rows)
+                rows = (torch.arange(kept) if official_asc_residual
+                        else torch.tensor(cfg_rows.cond_rows)).to(residual.device)
+                if residual.shape[0] < kept or residual.shape[1:] != output.shape[1:]:
+                    return None
+                cond = torch.tensor(cfg_rows.cond_rows, device=output.device)
+                shared = output.index_select(0, cond) + residual.index_select(0, rows).to(output.dtype)
+                return shared.index_select(0, torch.tensor(cfg_rows.expansion(), device=output.device))
+            if residual.shape != output.shape:
+                return None
+            return output + residual.to(output.dtype)
+        cond = torch.tensor(cfg_rows.cond_rows, device=output.device)
+        return output.index_select(0, cond).index_select(0, torch.tensor(cfg_rows.expansion(), device=output.device))
 
 
 # ----------------------------------------------------------------------------- calibrator
@@ -306,14 +430,20 @@ class HeadwiseCalibration:
         smallest error budget alpha that achieves it (found by bisection over alpha, the same
         filter and ILP at each trial). `alpha` is then only the starting bracket. When even the
         most compressing feasible choice keeps more, that choice is used.
-    When cond and uncond arrive in separate calls of one step, the first call decides.
+    residual_window: the band residual candidates (`EXTENDED_CANDIDATES`) use: an arrow factor
+        (official ablation 8: image_tokens // 16 per side, text global) or a window factory
+        (CallInfo) -> window spec; while they are candidates every full head caches its
+        residual against that band.
+    When cond and uncond arrive in separate calls of one step, the first call decides; ASC
+    candidates need cond and uncond rows in the call and are skipped otherwise.
     """
 
     def __init__(self, layers: Sequence[Hashable], num_steps: int, alpha: float,
                  candidates: Sequence[str] = OFFICIAL_CANDIDATES, *,
                  head_coefficient: float = OFFICIAL_HEAD_COEFFICIENT,
                  latency_gain: Optional[Mapping[str, float]] = None,
-                 kernel_backend: str = "auto", flops_kept: Optional[float] = None):
+                 kernel_backend: str = "auto", flops_kept: Optional[float] = None,
+                 residual_window: Union[int, Callable[[CallInfo], Any]] = OFFICIAL_RESIDUAL_FACTOR):
         layers = list(layers)
         if not layers or num_steps < 1:
             raise ValueError("V2 calibration needs at least one layer and one step")
@@ -325,6 +455,16 @@ class HeadwiseCalibration:
             raise ValueError("V2 calibration needs at least one candidate")
         self.candidates = tuple(candidates)
         self.methods_of = {c: candidate_method(c) for c in self.candidates}  # validates names
+        if callable(residual_window):
+            self.residual_factor, self.residual_window_for = None, residual_window
+        elif isinstance(residual_window, bool) or not isinstance(residual_window, int) or residual_window < 1:
+            raise ValueError(f"residual_window must be an arrow factor (an integer >= 1) or a window factory, "
+                             f"got {residual_window!r}")
+        else:
+            self.residual_factor, self.residual_window_for = residual_window, residual_band(residual_window)
+        self.uses_residual = any(m.residual for m in self.methods_of.values())
+        # The runtime's ASC residual rows (official: the first b rows); make_runtime passes it on.
+        self.official_asc_residual = True
         if head_coefficient <= 0:
             raise ValueError(f"head_coefficient must be > 0, got {head_coefficient}")
         if latency_gain is not None:
@@ -360,10 +500,13 @@ class HeadwiseCalibration:
         return entry
 
     def plan_call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: CallInfo,
-                  previous_output: Optional[torch.Tensor]) -> None:
+                  previous_output: Optional[torch.Tensor], *, residual: Optional[torch.Tensor] = None,
+                  cfg_rows=None) -> None:
         """Decide (step, layer) from this call's q, k, v ([B, H, L, D]) if not decided yet.
 
-        previous_output: the layer's output of its last computed step ([B, H, L, D]) or None."""
+        previous_output: the layer's output of its last computed step ([B, H, L, D]) or None.
+        residual: the layer's cached residual ([B, H, L, D], NaN for heads without one) or None.
+        cfg_rows: the call's `CfgRows` (None: no CFG information)."""
         step, layer = info.step, info.layer
         if layer not in self.layer_index:
             raise KeyError(f"layer {layer!r} is not one of the {len(self.layers)} calibrated layers")
@@ -381,23 +524,34 @@ class HeadwiseCalibration:
             return
         image = info.image_tokens
         text = info.prefix_tokens + info.suffix_tokens
-        gains = self.latency_gain or latency_gains(self.candidates, image, text)
+        band = self.residual_window_for(info) if self.uses_residual else None
+        if self.latency_gain is not None:
+            gains = self.latency_gain
+        elif self.residual_factor is not None or band is None:
+            gains = latency_gains(self.candidates, image, text,
+                                  arrow_gain(self.residual_factor or OFFICIAL_RESIDUAL_FACTOR, image, text))
+        else:
+            gains = latency_gains(self.candidates, image, text, 1.0 - band.kept_pairs(info.seq_len) / info.seq_len ** 2)
         if self.gains_used is None:
             self.gains_used = dict(gains)
         full = reference_attention(q, k, v)
         errors: Dict[Tuple[int, str], float] = {}
+        outputs = _CandidateOutputs(q, k, v, info, full, self.kernel_backend)
         for candidate in self.candidates:
             method = self.methods_of[candidate]
             if method.output_share:
                 if previous_output is None or tuple(previous_output.shape) != tuple(full.shape):
                     continue  # nothing cached for this layer yet: caching is not a candidate
                 output = previous_output
+            elif method.arrow:
+                output = outputs.band(method.arrow)
             else:
-                window = Window1D(arrow_window(image, method.arrow), arrow_window(image, method.arrow),
-                                  prefix_tokens=info.prefix_tokens, suffix_tokens=info.suffix_tokens)
-                output = headwise_window_attention(q, k, v, [window] * heads, self.kernel_backend)
+                output = outputs.extended(method, band, residual, cfg_rows, self.official_asc_residual)
+                if output is None:
+                    continue  # no CFG pair in this call, or no residual cached yet
             for head, value in enumerate(relative_squared_error(output, full).tolist()):
-                errors[(head, candidate)] = value
+                if math.isfinite(value):   # heads without a residual are NaN
+                    errors[(head, candidate)] = value
         ilp_started = time.perf_counter()
         if self.flops_kept is None:
             filtered, solution = self._solve(errors, heads, gains, self.alpha)
@@ -407,7 +561,8 @@ class HeadwiseCalibration:
         methods = solution_methods(solution, heads)
         self.entries[(step, layer)] = methods
         self.decisions[(step, layer)] = StepDecision(
-            step, layer, solution, methods, filtered, window_table(solution, heads, image),
+            step, layer, solution, methods, filtered,
+            window_table(solution, heads, image, _sides(band) if band is not None else None),
             cached_heads(solution), solution_objective(solution, gains))
         self.seconds += time.perf_counter() - started
 
@@ -420,17 +575,20 @@ class HeadwiseCalibration:
     def _solve_for_flops(self, errors, heads: int, gains, info: CallInfo):
         """The smallest error budget whose choice keeps at most `flops_kept` of the pairs."""
         seq = info.seq_len
-        image = info.image_tokens
         pairs = {}
         for candidate in self.candidates:
             method = self.methods_of[candidate]
             code = candidate_code(candidate)        # the solution names heads' choices by code
             if method.output_share:
                 pairs[code] = 0
+                continue
+            if method.window:
+                window = residual_band(method.arrow)(info) if method.arrow else self.residual_window_for(info)
+                pairs[code] = window.kept_pairs(seq)
             else:
-                w = arrow_window(image, method.arrow)
-                pairs[code] = Window1D(w, w, prefix_tokens=info.prefix_tokens,
-                                            suffix_tokens=info.suffix_tokens).kept_pairs(seq)
+                pairs[code] = seq * seq
+            if method.cfg_share:
+                pairs[code] /= 2   # half the rows (the residual refresh of full heads is not foreseen here)
 
         def kept(solution) -> float:
             chosen = {head: candidate for head, candidate in solution}
@@ -503,8 +661,17 @@ class HeadwiseCalibration:
         meta.setdefault("arrow_windows", {
             c: [arrow_window(shape.image_tokens, m.arrow)] * 2
             for c, m in self.methods_of.items() if m.arrow})
+        if any(parse_method(m).residual for step in methods for cell in step for m in cell) and "window" not in meta:
+            band = self.residual_window_for(CallInfo(None, 0, shape.image_tokens + shape.prefix_tokens
+                                                     + shape.suffix_tokens, shape.token_grid, shape.prefix_tokens,
+                                                     shape.suffix_tokens))
+            sides = _sides(band)
+            if sides is None:
+                raise ValueError("the residual band is not a 1-D window: pass window=[left, right] (and the "
+                                 "rule that made it in extra) to to_plan")
+            meta["window"] = list(sides)   # the band of residual heads (text tokens global)
         meta.setdefault("threshold", self.alpha if self.flops_kept is None else None)
-        meta.setdefault("candidates", [c for c in self.candidates])
+        meta.setdefault("candidates", [self.methods_of[c].official for c in self.candidates])  # plan vocabulary
         meta.setdefault("metric", METRIC)
         if meta.get("layer_names") is None and all(isinstance(x, str) for x in self.layers):
             meta["layer_names"] = list(self.layers)
@@ -514,6 +681,8 @@ class HeadwiseCalibration:
         if self.flops_kept is not None:
             extra.setdefault("v2_flops_kept", self.flops_kept)
         extra.setdefault("v2_image_tokens", shape.image_tokens)
+        if self.uses_residual and self.residual_factor is not None:
+            extra.setdefault("v2_residual_factor", self.residual_factor)
         # Scalars only (plan `extra` holds small JSON facts); the estimate gains follow from the
         # recorded token counts, custom gains are the caller's to keep.
         extra.setdefault("v2_latency_gain", "estimate" if self.latency_gain is None else "custom")
@@ -525,12 +694,18 @@ class HeadwiseCalibration:
         """A :class:`FastAttnRuntime` that calibrates while it runs: install it wherever a
         runtime goes (diffusers processors, ComfyUI's attention override, a model's attention
         function) and run one sampling run. Every call's output keeps the layer's output for
-        the next step's caching candidate; no residuals (V2 has none)."""
+        the next step's caching candidate; with residual candidates every full head also
+        caches its residual (official V2 has none)."""
         from .runtime import FastAttnRuntime
 
         runtime_kwargs.setdefault("kernel_backend", self.kernel_backend)
         runtime_kwargs.setdefault("on_missing_cache", "full")
-        return FastAttnRuntime(self.methods_for, None, needs_residual=lambda step, layer: False,
+        self.official_asc_residual = runtime_kwargs.setdefault("official_asc_residual", True)
+        if self.uses_residual:
+            window, needs_residual = self.residual_window_for, None   # None: at every full step
+        else:
+            window, needs_residual = None, (lambda step, layer: False)
+        return FastAttnRuntime(self.methods_for, window, needs_residual=needs_residual,
                                cache_output=None, planner=self, **runtime_kwargs)
 
 
@@ -569,6 +744,20 @@ def runtime_for_plan(plan, layers: Optional[Sequence[Hashable]] = None, **runtim
     index = {layer: i for i, layer in enumerate(layers)}
     table = [plan.layer_methods(i) for i in range(plan.num_layers)]
     keep = output_cache_lookahead_from_table(table)
+    refresh = [residual_needed_headwise(steps) for steps in table]
+    window = None
+    if any(any(refresh_layer) for refresh_layer in refresh):
+        from .plan import plan_window
+
+        shape, fraction, sides = plan_window(plan)
+        if shape is not None and fraction is not None:
+            window = window_rule(shape, fraction)     # the rule the plan's run used (ComfyUI)
+        elif sides is not None:
+            prefix, suffix = plan.metadata.text_tokens or (0, 0)
+            window = Window1D(sides[0], sides[1], prefix_tokens=prefix, suffix_tokens=suffix)
+        else:
+            raise ValueError("the plan has residual heads but no metadata.window (their band); "
+                             "re-calibrate it or add the window it was calibrated with")
 
     def methods_for(step: int, layer: Hashable):
         if layer not in index:
@@ -578,5 +767,5 @@ def runtime_for_plan(plan, layers: Optional[Sequence[Hashable]] = None, **runtim
         return plan.methods[step][index[layer]]
 
     runtime_kwargs.setdefault("on_missing_cache", "full")
-    return FastAttnRuntime(methods_for, None, needs_residual=lambda step, layer: False,
+    return FastAttnRuntime(methods_for, window, needs_residual=lambda step, layer: refresh[index[layer]][step],
                            cache_output=lambda step, layer: keep(step, index[layer]), **runtime_kwargs)

@@ -238,3 +238,12 @@ def residual_needed(methods: Sequence[MethodLike]) -> list:
         elif method.window and method.residual and last_full is not None:
             needed[last_full] = True
     return needed
+
+
+def residual_needed_headwise(cells: Sequence[Sequence[MethodLike]]) -> list:
+    """`residual_needed` for one layer of a head-wise plan (per step, one method per head):
+    a step must cache residuals iff some head of the layer needs its own (the runtime then
+    refreshes every full head of that call)."""
+    heads = len(cells[0]) if cells else 0
+    per_head = [residual_needed([cell[h] for cell in cells]) for h in range(heads)]
+    return [any(column[t] for column in per_head) for t in range(len(cells))]

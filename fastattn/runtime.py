@@ -235,8 +235,9 @@ class FastAttnRuntime:
     share_cfg_across_calls: when cond and uncond arrive in separate calls of the same
         step, reuse the cond call's output for the uncond call of an ASC step.
     kernel_backend: window kernel backend ("auto", "banded", "flex", "flash", "reference").
-    planner: optional object with `plan_call(q, k, v, info, previous_output)` ([B, H, L, D]
-        tensors, CallInfo, the layer's last computed output or None), called before the plan
+    planner: optional object with `plan_call(q, k, v, info, previous_output, *, residual,
+        cfg_rows)` ([B, H, L, D] tensors, CallInfo, the layer's last computed output or None,
+        its cached residual or None, the call's CfgRows or None), called before the plan
         entry of each call is looked up, so that it can decide that entry from the call
         itself (V2 calibration). None for plain inference.
     """
@@ -335,14 +336,18 @@ class FastAttnRuntime:
         if self.planner is not None:
             previous = cache.cached_output
             usable = previous is not None and tuple(previous.shape) == out_shape
-            self.planner.plan_call(qh, kh, vh, info, previous if usable else None)
+            residual = cache.cached_residual
+            self.planner.plan_call(qh, kh, vh, info, previous if usable else None,
+                                   residual=residual if residual is not None and residual.shape[1:] == out_shape[1:]
+                                   else None, cfg_rows=rows)
         method = self.method_at(step, layer)
         if isinstance(method, Method) and method.arrow:
             method = (method,) * n_heads  # arrow attention is head-wise by nature
         if isinstance(method, tuple):
             uniform = len(set(method)) == 1 and len(method) == n_heads
+            # (full heads that must cache a residual for later WA-RS heads take the general path)
             if len(method) == n_heads and all(_is_v2_head_method(m) for m in method) and not (
-                    uniform and not method[0].arrow):
+                    uniform and not method[0].arrow) and not self._refreshes_residual(info):
                 out = self._call_arrow_heads(method, qh, kh, vh, cache, info, out_shape)
                 return self._finish(out, cache, step, layer, layout, full_attention_out=None)
             # WA-RS stays head-wise: only that path checks the per-head residual validity
@@ -440,6 +445,11 @@ class FastAttnRuntime:
                 needs_residual=needs_residual, full_attention=core_full, backend=self.kernel_backend,
             )
         return self._finish(out, cache, step, layer, layout, full_attention_out=None, stash=stash_cond)
+
+    def _refreshes_residual(self, info: CallInfo) -> bool:
+        """Whether full steps of this call cache a residual (a window exists and the plan asks)."""
+        return self.window is not None and (self.needs_residual is None
+                                            or bool(self.needs_residual(info.step, info.layer)))
 
     def _uniform_windows(self, info: CallInfo) -> bool:
         window = self.window_for(info)

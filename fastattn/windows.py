@@ -374,3 +374,14 @@ def grid_window_fraction(kept_fraction: float = 0.25) -> Callable[[CallInfo], _W
         return GridWindow(grid, radius, info.prefix_tokens, info.suffix_tokens)
 
     return window_for
+
+
+def window_rule(shape: str, fraction: float) -> Callable[[CallInfo], _WindowBase]:
+    """The window factory a plan's ``extra.window_shape`` / ``window_fraction`` name: "1d" the
+    paper's band of `fraction` of the image tokens per side, "grid" a box covering about
+    2 x `fraction` of them (the same share of the sequence)."""
+    if shape == "grid":
+        return grid_window_fraction(min(1.0, 2.0 * fraction))
+    if shape != "1d":
+        raise ValueError(f"window shape {shape!r} is not one of '1d', 'grid'")
+    return window_1d_fraction(fraction)

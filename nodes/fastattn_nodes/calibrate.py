@@ -23,7 +23,7 @@ import math
 from typing import Callable, Optional, Sequence
 
 from ...fastattn.calibration import OFFICIAL_CANDIDATES, GreedyCalibration
-from ...fastattn.headwise import OFFICIAL_CANDIDATES as V2_CANDIDATES, HeadwiseCalibration
+from ...fastattn.headwise import OFFICIAL_CANDIDATES as V2_CANDIDATES, HeadwiseCalibration, candidate_method
 from ...fastattn.plan import FULL, Plan, PlanMetadata
 from .patcher import Shared
 from .sampling import expected_evaluations
@@ -155,16 +155,21 @@ class HeadwiseCalibrationSession(_SessionBase):
     def __init__(self, layer_names: Sequence[str], alpha: float, flops_kept: Optional[float] = None,
                  candidates: Sequence[str] = V2_CANDIDATES,
                  progress: Optional[Callable[[int, int], None]] = None,
-                 interrupted: Optional[Callable[[], None]] = None):
+                 interrupted: Optional[Callable[[], None]] = None, residual_window=None):
         super().__init__(layer_names, candidates, progress, interrupted)
         self.alpha = float(alpha)
+        # the band of WA-RS heads (extended candidates): the run's window factory
+        self.residual_window = residual_window
+        self.uses_residual = any(candidate_method(c).residual for c in candidates)
+        if self.uses_residual and residual_window is None:
+            raise ValueError("V2 residual candidates need the run's window (residual_window)")
         self.flops_kept = None if flops_kept is None else float(flops_kept)
         self.per_call_flops_kept: Optional[float] = None
         self.planner: Optional[HeadwiseCalibration] = None
 
-    @staticmethod
-    def needs_residual(step: int, layer) -> bool:
-        return False               # V2 has no residual
+    def needs_residual(self, step: int, layer) -> bool:
+        # Official V2 has no residual; with WA-RS candidates every full head caches one.
+        return self.uses_residual
 
     def begin_run(self, *, sampler, sigmas, cfg, latent_shape, diffusion_model) -> None:
         if self.planner is not None:
@@ -176,8 +181,9 @@ class HeadwiseCalibrationSession(_SessionBase):
             # step 0 is full: (1 + (S - 1) t') / S = target
             self.per_call_flops_kept = (min(1.0, max(0.0, (self.flops_kept * evaluations - 1) / (evaluations - 1)))
                                         if evaluations > 1 else self.flops_kept)
+        options = {"residual_window": self.residual_window} if self.uses_residual else {}
         self.planner = HeadwiseCalibration(self.layer_names, steps * MAX_EVALUATIONS_PER_STEP, self.alpha,
-                                           self.candidates, flops_kept=self.per_call_flops_kept)
+                                           self.candidates, flops_kept=self.per_call_flops_kept, **options)
         self.run_info = {"sampler": sampler, "schedule": schedule, "cfg": None if cfg is None else float(cfg),
                          "latent_shape": list(latent_shape), "steps": steps}
 
@@ -231,7 +237,9 @@ class HeadwiseCalibrationSession(_SessionBase):
     def summary(self) -> str:
         p = self.planner
         budget = (f"attention FLOPs kept <= {100 * self.flops_kept:.1f}% (per layer and step "
-                  f"{100 * self.per_call_flops_kept:.1f}%)" if self.flops_kept is not None
+                  f"{100 * self.per_call_flops_kept:.1f}%"
+                  + ("; WA-RS residual refreshes come on top, the plan's own figure is above)"
+                     if self.uses_residual else ")") if self.flops_kept is not None
                   else f"error budget alpha {self.alpha:g}")
         return (f"calibration: V2 head-wise, {budget}; {p.attention_calls} attention calls measured, "
                 f"{p.seconds:.2f} s in candidates and ILP ({p.ilp_seconds:.2f} s ILP), no extra model evaluations")

@@ -6,8 +6,8 @@ import logging
 
 from .._compat import io, ui
 from ...fastattn.calibration import OFFICIAL_CANDIDATES
-from ...fastattn.headwise import OFFICIAL_CANDIDATES as V2_CANDIDATES
-from ...fastattn.methods import parse_method
+from ...fastattn.headwise import OFFICIAL_CANDIDATES as V2_CANDIDATES, RESIDUAL_CANDIDATES as V2_EXTENDED_CANDIDATES
+from ...fastattn.headwise import candidate_method
 from ...fastattn.plan import ASC, AST, WARS, WARS_ASC, WINDOW_SHAPES, window_tokens
 from .calibrate import CalibrationSession, HeadwiseCalibrationSession
 from .families import detect_family
@@ -23,15 +23,20 @@ log = logging.getLogger("reducio_fastattn.ditfastattn")
 FALLBACK_PREFIX = "ditfastattn/unsaved_calibration"
 
 
-# Appended inputs (saved workflows store widget values by position): plan version and V2 budget.
+# Appended inputs (saved workflows store widget values by position): plan version, V2 budget and
+# the V2 candidate set.
 PLAN_VERSIONS = ("V1 layer-wise", "V2 head-wise")
 V2_BUDGETS = ("error", "attention FLOPs kept")
+V2_CANDIDATE_SETS = ("official: arrow + caching", "extended: + WA-RS per head")
 
 
-def allowed_v2_candidates(allow_output_share: bool, allow_window: bool) -> list[str]:
-    """V2 candidates: head caching (AST per head) and arrow attention (window per head)."""
-    return [c for c in V2_CANDIDATES
-            if (allow_output_share if parse_method(c).output_share else allow_window)]
+def allowed_v2_candidates(allow_output_share: bool, allow_window: bool,
+                          candidate_set: str = V2_CANDIDATE_SETS[0]) -> list[str]:
+    """V2 candidates: head caching (AST per head, `allow_output_share`) and arrow attention
+    (`allow_window`); the extended set adds V1's WA-RS per head (`allow_window`). ASC per head
+    exists in fastattn.headwise but is not offered: measured harmful (bench/fastattn_quality.md)."""
+    pool = V2_EXTENDED_CANDIDATES if candidate_set == V2_CANDIDATE_SETS[1] else V2_CANDIDATES
+    return [c for c in pool if (allow_output_share if candidate_method(c).output_share else allow_window)]
 
 
 def allowed_candidates(allow_output_share: bool, allow_window: bool, allow_cfg_share: bool) -> list[str]:
@@ -48,7 +53,7 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
 
     plan_version "V2 head-wise": ``candidates`` are V2 candidates (allowed_v2_candidates), the
     budget is ``v2_alpha`` (error) or ``v2_flops_kept`` (share of attention FLOPs the plan keeps);
-    threshold / window settings are V1's and unused."""
+    threshold is V1's and unused; the window settings are the band of WA-RS heads (extended set)."""
     family = detect_family(model)
     if family is None:
         name = type(getattr(model.model, "diffusion_model", None)).__name__
@@ -64,7 +69,7 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
     if plan_version == PLAN_VERSIONS[1]:
         session = HeadwiseCalibrationSession(
             layer_names, v2_alpha, v2_flops_kept if v2_budget == V2_BUDGETS[1] else None, candidates,
-            progress=progress, interrupted=interrupted)
+            progress=progress, interrupted=interrupted, residual_window=window.factory())
     else:
         session = CalibrationSession(layer_names, threshold, candidates, progress=progress,
                                      interrupted=interrupted)
@@ -78,9 +83,13 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
         image_tokens *= g
     w = window_tokens(window.fraction, image_tokens)
     if session.version == "v2":      # arrow methods carry their own windows (metadata.arrow_windows)
+        extra = {"scheduler": scheduler, "denoise": float(denoise), "seed": int(seed)}
+        window_fields = {}
+        if session.uses_residual:    # WA-RS heads use the window settings (recorded like V1's)
+            window_fields["window"] = (w, w)
+            extra.update({"window_shape": window.shape, "window_fraction": window.fraction})
         plan = session.to_plan(architecture=family.name, token_grid=tuple(grid),
-                               weights_fingerprint=weights_fingerprint_of(model),
-                               extra={"scheduler": scheduler, "denoise": float(denoise), "seed": int(seed)})
+                               weights_fingerprint=weights_fingerprint_of(model), extra=extra, **window_fields)
         return plan, out, session
     plan = session.to_plan(
         architecture=family.name, token_grid=tuple(grid),
@@ -91,7 +100,7 @@ def calibrate_plan(model, *, positive, negative, latent, seed, steps, cfg, sampl
 
 
 def input_problem(*, sampler_name=None, scheduler=None, window_shape=None, filename_prefix=None,
-                  plan_version=None, v2_budget=None) -> str | None:
+                  plan_version=None, v2_budget=None, v2_candidates=None) -> str | None:
     """The first widget value the calibrate node cannot use (``None`` = linked or not given)."""
     problem = sampling_choice_problem(sampler_name=sampler_name, scheduler=scheduler)
     if problem:
@@ -100,6 +109,8 @@ def input_problem(*, sampler_name=None, scheduler=None, window_shape=None, filen
         return f"plan_version: {plan_version!r} is not one of {list(PLAN_VERSIONS)}"
     if v2_budget is not None and v2_budget not in V2_BUDGETS:
         return f"v2_budget: {v2_budget!r} is not one of {list(V2_BUDGETS)}"
+    if v2_candidates is not None and v2_candidates not in V2_CANDIDATE_SETS:
+        return f"v2_candidates: {v2_candidates!r} is not one of {list(V2_CANDIDATE_SETS)}"
     if window_shape is not None and window_shape not in WINDOW_SHAPES:
         return f"window_shape: {window_shape!r} is not one of {list(WINDOW_SHAPES)}"
     if filename_prefix is not None and filename_prefix.strip():
@@ -198,7 +209,8 @@ class DiTFastAttnCalibrate(io.ComfyNode):
                                tooltip="'V1 layer-wise': the greedy search (threshold, window, allow_* "
                                        "inputs). 'V2 head-wise' (DiTFastAttnV2): per head full, arrow "
                                        "attention (text tokens global, image band per head, k = 8/16/32) "
-                                       "or cached, chosen per layer and step by integer programming "
+                                       "or cached (v2_candidates 'extended': also WA-RS with the window "
+                                       "inputs), chosen per layer and step by integer programming "
                                        "under the budget below; no extra model evaluations."),
                 io.Combo.Input("v2_budget", options=list(V2_BUDGETS), default=V2_BUDGETS[0], optional=True,
                                tooltip="V2 only. 'error': the error budget v2_alpha per layer and step. "
@@ -209,7 +221,16 @@ class DiTFastAttnCalibrate(io.ComfyNode):
                                        "and step). Paper: SD3 0.05-0.3, FLUX 0.1-1.0."),
                 io.Float.Input("v2_flops_kept", default=0.35, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="V2 'attention FLOPs kept' budget: share of the full-attention FLOPs "
-                                       "the plan may keep (step 0 is always full attention)."),
+                                       "the plan may keep (step 0 is always full attention; with the extended "
+                                       "candidates the WA-RS residual refreshes come on top, see the report)."),
+                io.Combo.Input("v2_candidates", options=list(V2_CANDIDATE_SETS), default=V2_CANDIDATE_SETS[0],
+                               optional=True,
+                               tooltip="V2 only. 'official': per head full, arrow attention or cached "
+                                       "(DiTFastAttnV2's default). 'extended': also V1's WA-RS per head (a "
+                                       "band of window_fraction / window_shape plus the residual cached at "
+                                       "that head's last full step; allow_window). Measured on a trained DiT "
+                                       "with the FLOPs budget: far better images at equal attention FLOPs "
+                                       "(bench/fastattn_quality.md)."),
             ],
             outputs=[
                 DiTFastAttnPlan.Output(display_name="plan"),
@@ -221,22 +242,23 @@ class DiTFastAttnCalibrate(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, sampler_name=None, scheduler=None, window_shape=None, filename_prefix=None,
-                        plan_version=None, v2_budget=None):
+                        plan_version=None, v2_budget=None, v2_candidates=None):
         return input_problem(sampler_name=sampler_name, scheduler=scheduler, window_shape=window_shape,
                              filename_prefix=filename_prefix, plan_version=plan_version,
-                             v2_budget=v2_budget) or True
+                             v2_budget=v2_budget, v2_candidates=v2_candidates) or True
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise, threshold, window_fraction, window_shape, allow_output_share, allow_window,
                 allow_cfg_share, filename_prefix, plan_version=PLAN_VERSIONS[0], v2_budget=V2_BUDGETS[0],
-                v2_alpha=0.3, v2_flops_kept=0.35) -> io.NodeOutput:
+                v2_alpha=0.3, v2_flops_kept=0.35, v2_candidates=V2_CANDIDATE_SETS[0]) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
         # Before sampling: a calibration can take hours, a typo must not cost them.
         problem = input_problem(sampler_name=sampler_name, scheduler=scheduler, window_shape=window_shape,
-                                filename_prefix=filename_prefix, plan_version=plan_version, v2_budget=v2_budget)
+                                filename_prefix=filename_prefix, plan_version=plan_version, v2_budget=v2_budget,
+                                v2_candidates=v2_candidates)
         if problem:
             raise ValueError(f"DiTFastAttnCalibrate: {problem}")
         bar = comfy.utils.ProgressBar(steps)
@@ -244,7 +266,8 @@ class DiTFastAttnCalibrate(io.ComfyNode):
             model, positive=positive, negative=negative, latent=latent_image, seed=seed, steps=steps,
             cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
             threshold=threshold, window_fraction=window_fraction, window_shape=window_shape,
-            candidates=(allowed_v2_candidates(allow_output_share, allow_window) if plan_version == PLAN_VERSIONS[1]
+            candidates=(allowed_v2_candidates(allow_output_share, allow_window, v2_candidates)
+                        if plan_version == PLAN_VERSIONS[1]
                         else allowed_candidates(allow_output_share, allow_window, allow_cfg_share)),
             plan_version=plan_version, v2_budget=v2_budget, v2_alpha=v2_alpha, v2_flops_kept=v2_flops_kept,
             progress=lambda done, total: bar.update_absolute(min(done, total), total),

@@ -30,10 +30,10 @@ from typing import Optional
 
 import torch
 
-from ...fastattn.methods import residual_needed
+from ...fastattn.methods import residual_needed, residual_needed_headwise
 from ...fastattn.run import RunState
 from ...fastattn.plan import FULL, WINDOW_SHAPES, Plan, PlanMismatchError, RunSignature, StepMap, check_sampling_run
-from ...fastattn.windows import grid_window_fraction, window_1d_fraction
+from ...fastattn.windows import window_rule
 from . import pixart_patch
 from .layer_access import (BLOCK_REPLACE, COUNT_KEY, OBJECT_PATCH, PREFERRED_KEY, RECORD_KEY, _seq_len)
 from .families import Family, detect_family_of
@@ -92,9 +92,7 @@ class WindowConfig:
             raise ValueError(f"window_fraction {self.fraction!r} must be a number in (0, 1] (paper: 0.125)")
 
     def factory(self):
-        if self.shape == "grid":
-            return grid_window_fraction(min(1.0, 2.0 * self.fraction))
-        return window_1d_fraction(self.fraction)
+        return window_rule(self.shape, self.fraction)
 
 
 class PatchSpec(Shared):
@@ -118,9 +116,10 @@ class PatchSpec(Shared):
         self.override = None                  # our override closure (set by apply_patch)
         # transformer_options of the model call in progress, for object-patched forwards (PixArt)
         self.model_call = pixart_patch.ModelCallContext()
-        self._residual_table = None
+        self._residual_table = self._layer_uses_residual = None
         if plan is not None:
             self._residual_table = [_layer_residual_needed(plan, i) for i in range(plan.num_layers)]
+            self._layer_uses_residual = [any(needed) for needed in self._residual_table]
 
 
 def _layer_residual_needed(plan: Plan, layer: int) -> list[bool]:
@@ -128,8 +127,7 @@ def _layer_residual_needed(plan: Plan, layer: int) -> list[bool]:
     column = plan.layer_methods(layer)
     if plan.granularity == "layer":
         return residual_needed(column)
-    per_head = [residual_needed([cell[h] for cell in column]) for h in range(len(column[0]))]
-    return [any(head[t] for head in per_head) for t in range(len(column))]
+    return residual_needed_headwise(column)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +383,9 @@ def _plan_lookup(spec: PatchSpec, step_map: StepMap):
         if i is None:
             return False
         if step_map.remap:
-            return True        # the remapped step sequence is only known as the run goes
+            # the remapped step sequence is only known as the run goes: refresh wherever the
+            # layer uses WA-RS at all (never for layers without it, e.g. official V2 plans)
+            return spec._layer_uses_residual[i]
         return spec._residual_table[i][plan_step(evaluation)]
 
     method_for.set_sigma = lambda sigma: current.__setitem__("sigma", sigma)

@@ -89,3 +89,41 @@ def test_v2_plan_refused_for_another_resolution(fa, comfy, plans_dir):
     (patched,) = comfy.execute("DiTFastAttnApply", model=model, plan=plan, enabled=True)
     with pytest.raises(fa.PlanMismatchError, match="window|token grid"):
         fa.sample(patched, pos, neg, tiny.image_latent(size=16), steps=4, cfg=2.0)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_v2_extended_candidates_calibrate_and_replay(fa, comfy, plans_dir, family):
+    """v2_candidates 'extended': WA-RS per head next to arrow and caching. The plan records
+    the band of its WA-RS heads like a V1 plan; applying it replays the calibration trajectory
+    (residuals refreshed only where a later WA-RS head reads them) and the report's FLOPs equal
+    the plan's cost."""
+    from importlib import import_module
+
+    flops = import_module(comfy.pack_module.__name__ + ".fastattn.flops")
+    model, pos, neg, latent, text_tokens = _case(family)
+    plan, _, report, calib_latent = _calibrate(comfy, model, pos, neg, latent, v2_budget="attention FLOPs kept",
+                                               v2_flops_kept=0.5, v2_candidates="extended: + WA-RS per head")
+    meta = plan.metadata
+    used = {m for step in plan.methods for cell in step for m in cell}
+    assert "residual_window_attn" in used, used      # measured: both families pick WA-RS heads here
+    assert "residual_window_attn" in meta.candidates and "full_attn+cfg_attn_share" not in meta.candidates
+    assert meta.window == (round(0.125 * meta.num_tokens),) * 2
+    assert meta.extra["window_shape"] == "1d" and meta.extra["window_fraction"] == 0.125
+    (patched,) = comfy.execute("DiTFastAttnApply", model=model, plan=plan, enabled=True)
+    out = fa.sample(patched, pos, neg, latent, steps=4, cfg=2.0)
+    torch.testing.assert_close(out, calib_latent["samples"], atol=1e-5, rtol=0)
+    run = fa.patcher.installed_spec(patched).sink.last
+    assert run.flops_kept == pytest.approx(flops.headwise_plan_cost(plan, rows=2).core_fraction, rel=1e-6)
+
+
+def test_v2_extended_respects_the_allow_switches(fa, comfy):
+    from importlib import import_module
+
+    node = import_module(comfy.pack_module.__name__ + ".nodes.fastattn_nodes.calibrate_node")
+    extended = node.V2_CANDIDATE_SETS[1]
+    assert node.allowed_v2_candidates(True, True, node.V2_CANDIDATE_SETS[0]) == [
+        "output_share", "arrow_attn_8", "arrow_attn_16", "arrow_attn_32"]
+    assert node.allowed_v2_candidates(True, True, extended) == [
+        "output_share", "arrow_attn_8", "arrow_attn_16", "arrow_attn_32", "residual_window_attn"]
+    assert node.allowed_v2_candidates(True, False, extended) == ["output_share"]
+    assert "v2_candidates" in node.input_problem(v2_candidates="everything")

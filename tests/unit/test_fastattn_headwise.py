@@ -27,7 +27,8 @@ from fastattn.headwise import (OFFICIAL_CANDIDATES, HeadwiseCalibration, arrow_g
 from fastattn.kernels import headwise_window_attention, reference_attention
 from fastattn.methods import arrow_method, parse_method
 from fastattn.plan import Plan, PlanFormatError, PlanMismatchError, RunSignature
-from fastattn.windows import Window1D
+from fastattn.runtime import CfgRows
+from fastattn.windows import CallInfo, Window1D
 
 HEADS, IMAGE, TEXT, STEPS, DIM = 24, 256, 333, 5, 96
 
@@ -327,23 +328,27 @@ class TinyJointModel(torch.nn.Module):
         self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(2))
         self.out = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(2))
 
-    def forward(self, x, text, runtime, step):
+    def forward(self, x, text, runtime, step, cfg_rows=None):
         for layer, (qkv, out) in enumerate(zip(self.qkv, self.out)):
             tokens = torch.cat([x, text], dim=1)
             q, k, v = qkv(tokens).chunk(3, dim=-1)
             attended = runtime(q, k, v, layer=layer, step=step, heads=self.heads, layout="blc",
-                               suffix_tokens=text.shape[1], token_grid=(8, 8))
+                               suffix_tokens=text.shape[1], token_grid=(8, 8), cfg_rows=cfg_rows)
             x = x + out(attended[:, : x.shape[1]])
         return x
 
 
-def sample(model, runtime, steps=4):
+def sample(model, runtime, steps=4, cfg=False):
+    """`steps` evaluations; with `cfg` the batch is a (cond, uncond) pair told to the runtime."""
     torch.manual_seed(5)
     x, text = torch.randn(2, 64, 32), torch.randn(2, 10, 32)
+    if cfg:
+        x = torch.cat([x[:1], x[:1] + 0.05 * torch.randn(1, 64, 32)])  # cond and uncond close, as in CFG
+    rows = CfgRows.cond_first(2) if cfg else None
     outputs = []
     with torch.no_grad():
         for step in range(steps):
-            x = x - 0.1 * model(x, text, runtime, step)
+            x = x - 0.1 * model(x, text, runtime, step, cfg_rows=rows)
             outputs.append(x)
     return outputs
 
@@ -368,7 +373,7 @@ def test_calibrate_headwise_through_the_runtime_seam_and_replay():
 
 def test_calibration_refuses_bad_settings():
     with pytest.raises(ValueError, match="not supported"):
-        HeadwiseCalibration([0], 2, 0.5, candidates=["output_share", "cfg_share"])
+        HeadwiseCalibration([0], 2, 0.5, candidates=["output_share", "reorder_arrow_attn_8"])
     with pytest.raises(ValueError, match="alpha"):
         HeadwiseCalibration([0], 2, -1.0)
     with pytest.raises(ValueError, match="latency_gain lacks"):
@@ -449,3 +454,123 @@ def test_flops_kept_budget_holds_every_call_and_tracks_the_target(target):
     assert cost.core_fraction > 0.0
     with pytest.raises(ValueError, match="flops_kept"):
         HeadwiseCalibration([0], 2, 0.5, flops_kept=1.5)
+
+
+def test_extended_candidates_calibrate_replay_and_count_what_ran():
+    """V1's methods per head (ASC, WA-RS, WA-RS + ASC) as V2 candidates: the plan replays the
+    calibration trajectory exactly (the inference runtime refreshes residuals only where a later
+    WA-RS head reads them), and the plan's cost equals what the runtime reports it ran."""
+    from fastattn.flops import call_flops, headwise_plan_cost
+    from fastattn.headwise import ALL_CANDIDATES, EXTENDED_CANDIDATES
+
+    model, steps = TinyJointModel(), 6
+    calibrated = []
+    calibration = calibrate_headwise(lambda runtime: calibrated.extend(sample(model, runtime, steps, cfg=True)),
+                                     [0, 1], steps, alpha=0.6, candidates=ALL_CANDIDATES)
+    plan = calibration.to_plan()
+    used = {m for step in plan.methods for cell in step for m in cell}
+    assert {"residual_window_attn", "full_attn+cfg_attn_share"} <= used, used
+    assert plan.metadata.window == (4, 4)   # the residual band: arrow factor 8 of 64 image tokens
+    assert plan.metadata.extra["v2_residual_factor"] == 8
+    for decision in calibration.decisions.values():   # the budget holds in every (step, layer)
+        assert math.fsum(decision.filtered_influence[(h, c)] for h, c in decision.solution
+                         if (h, c) in decision.filtered_influence) <= 0.6 + 1e-12
+    runtime = runtime_for_plan(Plan.from_json(plan.to_json()), on_missing_cache="error")
+    outcomes = []
+    original = runtime._ran
+
+    def record(*args):
+        original(*args)
+        outcomes.append(runtime.last_outcome)
+    runtime._ran = record
+    replayed = sample(model, runtime, steps, cfg=True)
+    for a, b in zip(calibrated, replayed):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert not any(o.cfg_share_missed for o in outcomes)
+    kept = math.fsum(call_flops(o)[1] for o in outcomes)
+    cost = headwise_plan_cost(plan, rows=2)
+    assert kept == pytest.approx(2 * cost.core, rel=1e-12)   # FLOPs = 2 x MACs
+    assert cost.core < cost.core_full
+    assert set(EXTENDED_CANDIDATES) <= set(calibration.gains_used)
+    assert calibration.gains_used["cfg_share"] == 0.5
+
+
+def test_extended_candidate_influence_is_the_runtime_error():
+    """The influence of ASC and WA-RS per head is the RSE of exactly what the runtime then runs."""
+    from fastattn.headwise import EXTENDED_CANDIDATES
+
+    q, k, v = _qkv(batch=2, heads=3, seq=40)
+    rows = CfgRows.cond_first(2)
+    info = CallInfo(0, 1, 40, None, 0, 8)
+    full = reference_attention(q, k, v)
+    residual = full - headwise_window_attention(q, k, v, [Window1D(2, 2, suffix_tokens=8)] * 3)
+    residual[:, 1] = float("nan")       # head 1 never ran full: no WA-RS for it
+    calibration = HeadwiseCalibration([0], 3, alpha=10.0, candidates=tuple(EXTENDED_CANDIDATES), residual_window=8)
+    calibration._record_shape(3, 8, CallInfo(0, 0, 40, None, 0, 8))
+    calibration.plan_call(q, k, v, info, None, residual=residual, cfg_rows=rows)
+    influence = calibration.decisions[(1, 0)].filtered_influence
+    assert (1, "residual_window_attn") not in influence and (0, "residual_window_attn") in influence
+    asc = full[:1].expand(2, -1, -1, -1)
+    expected = relative_squared_error(asc, full)
+    for head in range(3):
+        assert influence[(head, "cfg_share")] == pytest.approx(float(expected[head]), rel=1e-9)
+    wars = headwise_window_attention(q, k, v, [Window1D(2, 2, suffix_tokens=8)] * 3) + residual
+    assert influence[(0, "residual_window_attn")] == pytest.approx(
+        float(relative_squared_error(wars, full)[0]), rel=1e-9)
+    # without a CFG pair ASC is no candidate
+    calibration2 = HeadwiseCalibration([0], 3, alpha=10.0, candidates=("cfg_share",))
+    calibration2._record_shape(3, 8, CallInfo(0, 0, 40, None, 0, 8))
+    calibration2.plan_call(q, k, v, info, None, residual=None, cfg_rows=None)
+    assert calibration2.decisions[(1, 0)].filtered_influence == {}
+
+
+def test_headwise_plan_cost_of_extended_methods():
+    from fastattn.flops import headwise_plan_cost
+
+    methods = [[["full_attn", "full_attn"]],
+               [["residual_window_attn", "full_attn+cfg_attn_share"]],
+               [["full_attn", "output_share"]],
+               [["residual_window_attn+cfg_attn_share", "full_attn"]]]
+    plan = Plan(methods, {"token_grid": [8, 8], "num_heads": 2, "head_dim": 4, "text_tokens": [0, 8],
+                          "window": [4, 4]}, granularity="head")
+    seq, d = 72, 4
+    band = Window1D(4, 4, suffix_tokens=8).kept_pairs(seq)
+    cost = headwise_plan_cost(plan)
+    # step 0 refreshes (head 0 reads a residual at step 1): both full heads pay the band too
+    assert cost.per_step_layer_core[0][0] == 2 * d * 2 * (seq * seq + band)
+    assert cost.per_step_layer_core[1][0] == 2 * d * (band + 0.5 * seq * seq)
+    assert cost.per_step_layer_core[2][0] == 2 * d * (seq * seq + band)   # head 0 refreshes for step 3
+    assert cost.per_step_layer_core[3][0] == 2 * d * (0.5 * band + seq * seq)
+    with pytest.raises(ValueError, match="metadata.window"):
+        headwise_plan_cost(Plan(methods, {"token_grid": [8, 8], "num_heads": 2, "head_dim": 4,
+                                          "text_tokens": [0, 8]}, granularity="head"))
+
+
+@pytest.mark.parametrize("shape", ["1d", "grid"])
+def test_hand_written_extended_plan_cost_equals_what_the_runtime_ran(shape):
+    """A head-wise plan with WA-RS heads and a recorded window rule (as the ComfyUI node writes
+    it, grid box included): runtime_for_plan runs that rule, and the plan's cost equals the
+    FLOPs the runtime reports, residual refreshes and ASC halves included."""
+    from fastattn.flops import call_flops, headwise_plan_cost
+
+    cell_a = ["full_attn", "full_attn", "full_attn+cfg_attn_share", "full_attn"]
+    cell_b = ["residual_window_attn", "output_share", "full_attn+cfg_attn_share", "arrow_attn_8"]
+    cell_c = ["full_attn", "residual_window_attn+cfg_attn_share", "output_share", "residual_window_attn"]
+    methods = [[cell_a, cell_a], [cell_b, cell_a], [cell_c, cell_b], [cell_b, cell_c]]
+    meta = {"token_grid": [8, 8], "num_heads": 4, "head_dim": 8, "text_tokens": [0, 10], "window": [8, 8],
+            "arrow_windows": {"arrow_attn_8": [4, 4]},
+            "extra": {"window_shape": shape, "window_fraction": 0.125}}
+    plan = Plan(methods, meta, granularity="head")
+    runtime = runtime_for_plan(plan, on_missing_cache="error")
+    outcomes = []
+    original = runtime._ran
+
+    def record(*args):
+        original(*args)
+        outcomes.append(runtime.last_outcome)
+    runtime._ran = record
+    sample(TinyJointModel(), runtime, 4, cfg=True)
+    refreshed = [part.window for o in outcomes for part in o.parts if part.refreshed]
+    assert refreshed and all(type(w).__name__ == ("GridWindow" if shape == "grid" else "Window1D") for w in refreshed)
+    kept = math.fsum(call_flops(o)[1] for o in outcomes)
+    assert kept == pytest.approx(2 * headwise_plan_cost(plan, rows=2).core, rel=1e-12)
