@@ -12,6 +12,9 @@ DDIM with CFG (cond and uncond in one batch). Every variant runs through fastatt
 * **V2** (head-wise arrow attention + head caching, budget ILP, official SD3 candidates): one
   calibration per error budget alpha (the official mode) and per budget on the attention work each
   (layer, step) may keep (`fastattn.headwise.calibrate_headwise`, `alpha=` / `flops_kept=`).
+* **V2+** (`--v2plus-alphas` / `--v2plus-budgets`): the same head-wise ILP with WA-RS per head
+  added to the candidates (`fastattn.headwise.RESIDUAL_CANDIDATES`; residual band = arrow factor
+  `--residual-factor`; `--v2plus-candidates` takes another set, e.g. with ASC per head).
 
 Plans are calibrated on `--calibration-images` images and evaluated on `--images` other images
 (other classes and start noise): each compressed run's images against the full-attention run's
@@ -36,7 +39,7 @@ import torch
 from bench.image_dit_train import SHIPPED, DDIMSampler, load_model
 from fastattn.calibration import SteppedRuntimeTarget, calibrate_target
 from fastattn.flops import AttentionShape, headwise_plan_cost, plan_cost
-from fastattn.headwise import calibrate_headwise, runtime_for_plan
+from fastattn.headwise import OFFICIAL_CANDIDATES, RESIDUAL_CANDIDATES, calibrate_headwise, runtime_for_plan
 from fastattn.plan import Plan
 from fastattn.runtime import (CfgRows, FastAttnRuntime, methods_from_table, output_cache_lookahead_from_table,
                               residual_lookahead_from_table)
@@ -127,10 +130,20 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
     font, small = _font(15), _font(12)
     panel_w, panel_h, margin = 460, 330, 60
-    image = Image.new("RGB", (2 * panel_w + 40, panel_h + 110), "white")
+    image = Image.new("RGB", (2 * panel_w + 40, panel_h + 160), "white")
     draw = ImageDraw.Draw(image)
     draw.text((12, 8), title, fill=(20, 20, 20), font=font)
-    colours = {"V1": (31, 119, 180), "V2": (230, 110, 20)}
+    # (label, colour, rows, joined by a line): V2+ with the error budget drawn apart from its
+    # FLOPs-budget curve (the two modes choose very differently)
+    series = [("V1 layer-wise (greedy)", (31, 119, 180), [r for r in rows if r["version"] == "V1"], True),
+              ("V2 head-wise (ILP)", (230, 110, 20), [r for r in rows if r["version"] == "V2"], True),
+              ("V2+ (WA-RS per head too), FLOPs budget", (40, 160, 60),
+               [r for r in rows if r["version"] == "V2+" and "flops_budget" in r], True),
+              ("V2+, error budget alpha", (150, 210, 150),
+               [r for r in rows if r["version"] == "V2+" and "alpha" in r], False),
+              ("V2+ with ASC per head too, FLOPs budget", (170, 60, 170),
+               [r for r in rows if r["version"] == "V2+ASC" and "flops_budget" in r], True)]
+    series = [s for s in series if s[2]]
     panels = [("ssim", "SSIM vs full attention", (min(0.8, min(r["ssim"] for r in rows) - 0.01), 1.0)),
               ("psnr", "PSNR vs full attention (dB)", (min(20.0, min(r["psnr"] for r in rows) - 1),
                                                       max(r["psnr"] for r in rows) + 2))]
@@ -158,18 +171,21 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
             gy = at(0, GOAL_SSIM)[1]
             draw.line([(x0, gy), (x0 + w, gy)], fill=(150, 150, 150), width=1)
             draw.text((x0 + 4, gy + 3), "goal: SSIM >= 0.95 at <= 35 % FLOPs", fill=(110, 110, 110), font=small)
-        for version, colour in colours.items():
-            points = sorted((r["core_flops_kept"], r[key]) for r in rows if r["version"] == version)
+        for _, colour, members, joined in series:
+            points = sorted((r["core_flops_kept"], r[key]) for r in members)
             xy = [at(fx, min(max(fy, lo), hi)) for fx, fy in points]
-            if len(xy) > 1:
+            if joined and len(xy) > 1:
                 draw.line(xy, fill=colour, width=2)
             for x, y in xy:
-                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-        for i, (version, colour) in enumerate(colours.items()):
-            lx, ly = x0 + w - 170, y0 + h - 50 + 20 * i
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour if joined else None, outline=colour,
+                             width=2)
+    for i, (label, colour, _, joined) in enumerate(series):   # one legend under both panels
+        lx, ly = 80 + (i % 2) * (panel_w + 20), panel_h + 80 + 20 * (i // 2)
+        if joined:
             draw.line([(lx, ly + 7), (lx + 24, ly + 7)], fill=colour, width=3)
-            draw.text((lx + 30, ly), {"V1": "V1 layer-wise (greedy)", "V2": "V2 head-wise (ILP)"}[version],
-                      fill=(20, 20, 20), font=small)
+        else:
+            draw.ellipse([lx + 8, ly + 3, lx + 16, ly + 11], outline=colour, width=2)
+        draw.text((lx + 30, ly), label, fill=(20, 20, 20), font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -188,6 +204,19 @@ def main() -> None:
                         help="V2 budgets on the attention FLOPs each (layer, step) may keep")
     parser.add_argument("--v2-alpha", type=float, default=0.1,
                         help="starting error budget of the --v2-budgets bisection")
+    parser.add_argument("--v2plus-alphas", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.4],
+                        help="V2+ (V1's methods per head added to the candidates) error budgets")
+    parser.add_argument("--v2plus-budgets", type=float, nargs="*", default=[0.2, 0.3, 0.4],
+                        help="V2+ budgets on the attention FLOPs each (layer, step) may keep")
+    parser.add_argument("--v2plus-candidates", nargs="+", default=list(RESIDUAL_CANDIDATES),
+                        help="V2+ candidate set (default: fastattn.headwise.RESIDUAL_CANDIDATES; "
+                             "ALL_CANDIDATES adds ASC per head)")
+    parser.add_argument("--v2plus-label", default="V2+", choices=["V2+", "V2+ASC"],
+                        help="version label of the V2+ rows (V2+ASC: measured with ASC per head added)")
+    parser.add_argument("--residual-factor", type=int, default=8,
+                        help="arrow factor of the band of V2+ residual heads (official ablation: 8)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["V1", "V2", "V2+"],
+                        help="versions not measured in this run (their rows can come from --rows-from)")
     parser.add_argument("--repeats", type=int, default=1, help="timed sampling runs per variant (minimum)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--out", type=Path, default=Path("bench/fastattn_quality"))
@@ -236,7 +265,7 @@ def main() -> None:
               f"SSIM {row['ssim']:.4f}, time {row['time_ratio']:.2f} (bound {bound:.2f}), calibration "
               f"{calibration_s:.0f} s", flush=True)
 
-    for delta in args.v1_thresholds:
+    for delta in ([] if "V1" in args.skip else args.v1_thresholds):
         sampler = DDIMSampler(model, cal_labels, cal_noise, args.steps, args.cfg)
         started = time.perf_counter()
         target = SteppedRuntimeTarget(
@@ -249,16 +278,24 @@ def main() -> None:
         record("V1", "threshold", delta, plan, plan_cost(plan, shape), lambda p=plan: v1_runtime(p, window),
                seconds, sampler.forwards)
 
-    v2_runs = [("alpha", alpha, dict(alpha=alpha)) for alpha in args.v2_alphas]
-    v2_runs += [("flops_budget", budget, dict(alpha=args.v2_alpha, flops_kept=budget)) for budget in args.v2_budgets]
-    for budget_name, budget, options in v2_runs:
+    v2_runs = []
+    for version, candidates, alphas, budgets in (("V2", OFFICIAL_CANDIDATES, args.v2_alphas, args.v2_budgets),
+                                                 (args.v2plus_label, tuple(args.v2plus_candidates), args.v2plus_alphas,
+                                                  args.v2plus_budgets)):
+        if ("V2+" if version.startswith("V2+") else version) in args.skip:
+            continue
+        common = dict(candidates=candidates, residual_window=args.residual_factor)
+        v2_runs += [(version, "alpha", alpha, dict(alpha=alpha, **common)) for alpha in alphas]
+        v2_runs += [(version, "flops_budget", budget, dict(alpha=args.v2_alpha, flops_kept=budget, **common))
+                    for budget in budgets]
+    for version, budget_name, budget, options in v2_runs:
         sampler = DDIMSampler(model, cal_labels, cal_noise, args.steps, args.cfg)
         started = time.perf_counter()
         calibration = calibrate_headwise(lambda runtime, s=sampler: s.run(runtime_attend(runtime, grid)),
                                          list(range(cfg.depth)), args.steps, **options)
         seconds = time.perf_counter() - started
         plan = calibration.to_plan(token_grid=[grid, grid], cfg_scale=args.cfg)
-        record("V2", budget_name, budget, plan, headwise_plan_cost(plan, rows=2 * args.images),
+        record(version, budget_name, budget, plan, headwise_plan_cost(plan, rows=2 * args.images),
                lambda p=plan: runtime_for_plan(p), seconds, sampler.forwards)
 
     setup = (f"ImageDiT {cfg.depth} layers x {cfg.heads} heads x {head_dim}, {tokens} tokens ({grid}x{grid}), "
@@ -276,8 +313,9 @@ def main() -> None:
     comparison = []
     v1_ssim = [(r["core_flops_kept"], r["ssim"]) for r in rows if r["version"] == "V1"]
     v1_psnr = [(r["core_flops_kept"], r["psnr"]) for r in rows if r["version"] == "V1"]
-    for r in (r for r in rows if r["version"] == "V2"):
-        comparison.append({"flops_kept": r["core_flops_kept"], "v2_ssim": r["ssim"], "v2_psnr": r["psnr"],
+    for r in (r for r in rows if r["version"] != "V1"):
+        comparison.append({"version": r["version"], "flops_kept": r["core_flops_kept"], "v2_ssim": r["ssim"],
+                           "v2_psnr": r["psnr"],
                            "v1_ssim_interpolated": interpolate(v1_ssim, r["core_flops_kept"]),
                            "v1_psnr_interpolated": interpolate(v1_psnr, r["core_flops_kept"])})
 
@@ -287,6 +325,8 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot_curves(rows, args.out.with_suffix(".png"), "DiTFastAttn on a trained 1,024-token DiT: "
                 "quality against attention work kept (same seeds as full attention)")
+
+    shown_versions = [v for v in ("V1", "V2", "V2+", "V2+ASC") if any(r["version"] == v and r["key"] in images for r in rows)]
 
     def nearest(version):
         """The row of this run nearest the goal's FLOPs (rows from --rows-from have no images)."""
@@ -299,21 +339,22 @@ def main() -> None:
     from reducio.contact_sheet import difference, save_contact_sheet
     shown = min(args.images, 6)
     columns = [("full attention", reference[:shown].transpose(0, 1))]
-    for version in ("V1", "V2"):
+    for version in shown_versions:
         row, key = nearest(version)
         columns.append((f"{version} {row['core_flops_kept']:.0%} FLOPs", images[key][:shown].transpose(0, 1)))
-    for version in ("V1", "V2"):
+    for version in shown_versions:
         _, key = nearest(version)
         columns.append((f"|{version} - full| x4", difference(images[key][:shown], reference[:shown]).transpose(0, 1)))
     save_contact_sheet(args.out.parent / f"{args.out.name}_sheet.png", columns, frames=list(range(shown)),
                        caption="rows: evaluation images (start noise and class as full attention); "
                                "'frame' = image index")
-    for version in ("V1", "V2"):
+    for version in shown_versions:
         row, key = nearest(version)
         figure = method_map_figure(plans[key], shape if version == "V1" else None,
                                    title=f"{version} plan, {row['core_flops_kept']:.0%} attention FLOPs kept")
+        name = version.lower().replace("+", "plus")
         Image.fromarray((figure * 255).round().astype(np.uint8)).save(
-            args.out.parent / f"{args.out.name}_map_{version.lower()}.png")
+            args.out.parent / f"{args.out.name}_map_{name}.png")
     print("| version | budget | attention-core FLOPs kept | PSNR dB (min) | SSIM (min) | CPU time ratio | Amdahl bound "
           "| calibration s (forwards) | methods (cells: step x layer for V1, step x layer x head for V2) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -324,12 +365,12 @@ def main() -> None:
         print(f"| {r['version']} | {budget} | {r['core_flops_kept']:.3f} | {r['psnr']:.2f} ({r['psnr_min']:.2f}) | "
               f"{r['ssim']:.4f} ({r['ssim_min']:.4f}) | {r['time_ratio']:.2f} | {r['amdahl_bound_ratio']:.2f} | "
               f"{r['calibration_s']:.0f} ({r['calibration_forwards']}) | {methods} |")
-    print("| V2 FLOPs kept | V2 SSIM | V1 SSIM at equal FLOPs | V2 PSNR | V1 PSNR at equal FLOPs |")
-    print("| --- | --- | --- | --- | --- |")
-    for c in sorted(comparison, key=lambda c: c["flops_kept"]):
+    print("| version | FLOPs kept | SSIM | V1 SSIM at equal FLOPs | PSNR | V1 PSNR at equal FLOPs |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for c in sorted(comparison, key=lambda c: (c["version"], c["flops_kept"])):
         def fmt(value, digits):
             return "outside V1's range" if value is None else f"{value:.{digits}f}"
-        print(f"| {c['flops_kept']:.3f} | {c['v2_ssim']:.4f} | {fmt(c['v1_ssim_interpolated'], 4)} | "
+        print(f"| {c['version']} | {c['flops_kept']:.3f} | {c['v2_ssim']:.4f} | {fmt(c['v1_ssim_interpolated'], 4)} | "
               f"{c['v2_psnr']:.2f} | {fmt(c['v1_psnr_interpolated'], 2)} |")
 
 
