@@ -426,7 +426,9 @@ class HeadwiseCalibration:
     latency_gain: ``{candidate: gain}``, or None for the official "estimate" gains computed
         from the call's image and text token counts.
     flops_kept: instead of an error budget, a budget on the attention work: every (layer,
-        step) keeps at most this fraction of its full-attention (query, key) pairs, at the
+        step) keeps at most this fraction (or `flops_kept(call_info)`) of its full-attention
+        (query, key) pairs (full heads counted with their residual refresh when residual
+        candidates are in play), at the
         smallest error budget alpha that achieves it (found by bisection over alpha, the same
         filter and ILP at each trial). `alpha` is then only the starting bracket. When even the
         most compressing feasible choice keeps more, that choice is used.
@@ -471,9 +473,10 @@ class HeadwiseCalibration:
             missing = [c for c in self.candidates if c not in latency_gain]
             if missing:
                 raise ValueError(f"latency_gain lacks candidates {missing}")
-        if flops_kept is not None and not (isinstance(flops_kept, (int, float)) and 0 <= flops_kept <= 1):
-            raise ValueError(f"flops_kept must be a fraction in [0, 1], got {flops_kept!r}")
-        self.flops_kept = None if flops_kept is None else float(flops_kept)
+        if flops_kept is not None and not callable(flops_kept) and not (
+                isinstance(flops_kept, (int, float)) and 0 <= flops_kept <= 1):
+            raise ValueError(f"flops_kept must be a fraction in [0, 1] (or a function of the call), got {flops_kept!r}")
+        self.flops_kept = flops_kept if flops_kept is None or callable(flops_kept) else float(flops_kept)
         self.layers = layers
         self.layer_index = {layer: i for i, layer in enumerate(layers)}
         self.num_steps = int(num_steps)
@@ -573,8 +576,14 @@ class HeadwiseCalibration:
         return filtered, (solve_budget(filtered, alpha, gains) if filtered else [])
 
     def _solve_for_flops(self, errors, heads: int, gains, info: CallInfo):
-        """The smallest error budget whose choice keeps at most `flops_kept` of the pairs."""
+        """The smallest error budget whose choice keeps at most `flops_kept` of the pairs.
+
+        With residual candidates a full head is counted with its residual refresh (full + band,
+        what calibration runs; inference refreshes only where a later WA-RS head reads it), so
+        the plan's cost never exceeds the target by a refresh it did not foresee."""
         seq = info.seq_len
+        target = self.flops_target(info)
+        full = seq * seq + (self.residual_window_for(info).kept_pairs(seq) if self.uses_residual else 0)
         pairs = {}
         for candidate in self.candidates:
             method = self.methods_of[candidate]
@@ -586,13 +595,13 @@ class HeadwiseCalibration:
                 window = residual_band(method.arrow)(info) if method.arrow else self.residual_window_for(info)
                 pairs[code] = window.kept_pairs(seq)
             else:
-                pairs[code] = seq * seq
+                pairs[code] = full
             if method.cfg_share:
-                pairs[code] /= 2   # half the rows (the residual refresh of full heads is not foreseen here)
+                pairs[code] /= 2   # half the rows
 
         def kept(solution) -> float:
             chosen = {head: candidate for head, candidate in solution}
-            return sum(pairs[chosen[h]] if h in chosen else seq * seq for h in range(heads)) / (heads * seq * seq)
+            return sum(pairs[chosen[h]] if h in chosen else full for h in range(heads)) / (heads * seq * seq)
 
         if not errors:
             return {}, []
@@ -601,7 +610,7 @@ class HeadwiseCalibration:
         # at `high` every candidate passes the filter and the ILP budget binds nothing
         high = max(heads * worst / self.head_coefficient, sum(per_head_worst)) * 1.01 + 1e-12
         best = self._solve(errors, heads, gains, high)
-        if kept(best[1]) > self.flops_kept:
+        if kept(best[1]) > target:
             return best
         low = 0.0
         for _ in range(30):
@@ -613,11 +622,19 @@ class HeadwiseCalibration:
                 # budget that small meets no target a looser one misses
                 low = middle
                 continue
-            if kept(trial[1]) <= self.flops_kept:
+            if kept(trial[1]) <= target:
                 high, best = middle, trial
             else:
                 low = middle
         return best
+
+    def flops_target(self, info: CallInfo) -> float:
+        """The share of its full-attention pairs this call may keep (`flops_kept`, or its value
+        for this call when it is a function of the CallInfo)."""
+        target = self.flops_kept(info) if callable(self.flops_kept) else self.flops_kept
+        if not 0 <= target <= 1:
+            raise ValueError(f"flops_kept gave {target!r} for {info}; expected a fraction in [0, 1]")
+        return float(target)
 
     def _record_shape(self, heads: int, head_dim: int, info: CallInfo) -> None:
         shape = CallShape(heads, head_dim, info.image_tokens, info.prefix_tokens, info.suffix_tokens,
@@ -678,7 +695,7 @@ class HeadwiseCalibration:
         extra = dict(meta.get("extra") or {})
         extra.setdefault("v2_head_coefficient", self.head_coefficient)
         extra.setdefault("v2_budget", "error" if self.flops_kept is None else "flops_kept")
-        if self.flops_kept is not None:
+        if self.flops_kept is not None and not callable(self.flops_kept):
             extra.setdefault("v2_flops_kept", self.flops_kept)
         extra.setdefault("v2_image_tokens", shape.image_tokens)
         if self.uses_residual and self.residual_factor is not None:

@@ -176,14 +176,24 @@ class HeadwiseCalibrationSession(_SessionBase):
             raise RuntimeError("a DiTFastAttn calibration session runs exactly one sampling run")
         schedule = [float(s) for s in sigmas.flatten().tolist()]
         steps = max(1, len(schedule) - 1)
+        per_call = None
         if self.flops_kept is not None:
             evaluations = expected_evaluations(sampler, schedule) or steps
-            # step 0 is full: (1 + (S - 1) t') / S = target
-            self.per_call_flops_kept = (min(1.0, max(0.0, (self.flops_kept * evaluations - 1) / (evaluations - 1)))
-                                        if evaluations > 1 else self.flops_kept)
+
+            def per_call(info):
+                # Evaluation 0 is full attention (plus the band of its residual refresh when
+                # WA-RS heads are candidates): (first + (E - 1) t') / E = target.
+                if self.per_call_flops_kept is None:
+                    first = 1.0
+                    if self.uses_residual:
+                        first += self.residual_window(info).kept_pairs(info.seq_len) / info.seq_len ** 2
+                    self.per_call_flops_kept = (
+                        min(1.0, max(0.0, (self.flops_kept * evaluations - first) / (evaluations - 1)))
+                        if evaluations > 1 else self.flops_kept)
+                return self.per_call_flops_kept
         options = {"residual_window": self.residual_window} if self.uses_residual else {}
         self.planner = HeadwiseCalibration(self.layer_names, steps * MAX_EVALUATIONS_PER_STEP, self.alpha,
-                                           self.candidates, flops_kept=self.per_call_flops_kept, **options)
+                                           self.candidates, flops_kept=per_call, **options)
         self.run_info = {"sampler": sampler, "schedule": schedule, "cfg": None if cfg is None else float(cfg),
                          "latent_shape": list(latent_shape), "steps": steps}
 
@@ -236,10 +246,9 @@ class HeadwiseCalibrationSession(_SessionBase):
 
     def summary(self) -> str:
         p = self.planner
+        per_call = self.per_call_flops_kept
         budget = (f"attention FLOPs kept <= {100 * self.flops_kept:.1f}% (per layer and step "
-                  f"{100 * self.per_call_flops_kept:.1f}%"
-                  + ("; WA-RS residual refreshes come on top, the plan's own figure is above)"
-                     if self.uses_residual else ")") if self.flops_kept is not None
-                  else f"error budget alpha {self.alpha:g}")
+                  + (f"{100 * per_call:.1f}%" if per_call is not None else "not reached") + ")"
+                  if self.flops_kept is not None else f"error budget alpha {self.alpha:g}")
         return (f"calibration: V2 head-wise, {budget}; {p.attention_calls} attention calls measured, "
                 f"{p.seconds:.2f} s in candidates and ILP ({p.ilp_seconds:.2f} s ILP), no extra model evaluations")

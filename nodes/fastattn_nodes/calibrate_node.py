@@ -221,8 +221,8 @@ class DiTFastAttnCalibrate(io.ComfyNode):
                                        "and step). Paper: SD3 0.05-0.3, FLUX 0.1-1.0."),
                 io.Float.Input("v2_flops_kept", default=0.35, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="V2 'attention FLOPs kept' budget: share of the full-attention FLOPs "
-                                       "the plan may keep (step 0 is always full attention; with the extended "
-                                       "candidates the WA-RS residual refreshes come on top, see the report)."),
+                                       "the plan may keep (step 0 is always full attention; WA-RS residual "
+                                       "refreshes are counted)."),
                 io.Combo.Input("v2_candidates", options=list(V2_CANDIDATE_SETS), default=V2_CANDIDATE_SETS[0],
                                optional=True,
                                tooltip="V2 only. 'official': per head full, arrow attention or cached "

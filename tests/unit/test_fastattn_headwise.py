@@ -574,3 +574,30 @@ def test_hand_written_extended_plan_cost_equals_what_the_runtime_ran(shape):
     assert refreshed and all(type(w).__name__ == ("GridWindow" if shape == "grid" else "Window1D") for w in refreshed)
     kept = math.fsum(call_flops(o)[1] for o in outcomes)
     assert kept == pytest.approx(2 * headwise_plan_cost(plan, rows=2).core, rel=1e-12)
+
+
+def test_flops_budget_counts_residual_refreshes_per_call():
+    """With WA-RS candidates the per-(layer, step) FLOPs budget counts a full head with its
+    residual refresh, so every call of the finished plan keeps at most the target, refreshes
+    included; `flops_kept` may also be a function of the call."""
+    from fastattn.flops import headwise_plan_cost
+    from fastattn.headwise import RESIDUAL_CANDIDATES
+
+    model, steps = TinyJointModel(), 6
+    seen = []
+
+    def target(info):
+        seen.append(info.seq_len)
+        return 0.45
+    calibration = calibrate_headwise(lambda runtime: sample(model, runtime, steps, cfg=True), [0, 1], steps,
+                                     alpha=0.1, candidates=RESIDUAL_CANDIDATES, flops_kept=target)
+    plan = calibration.to_plan()
+    assert "residual_window_attn" in {m for step in plan.methods for cell in step for m in cell}
+    assert seen and set(seen) == {74} and "v2_flops_kept" not in plan.metadata.extra
+    cost = headwise_plan_cost(plan, rows=2)
+    per_call_full = cost.core_full / (plan.num_steps * plan.num_layers)
+    for step in range(1, steps):
+        for layer in range(2):
+            assert cost.per_step_layer_core[step][layer] <= 0.45 * per_call_full * (1 + 1e-12)
+    with pytest.raises(ValueError, match="flops_kept"):
+        HeadwiseCalibration([0], 2, 0.5, flops_kept=1.5)
