@@ -102,7 +102,7 @@ def test_v2_extended_candidates_calibrate_and_replay(fa, comfy, plans_dir, famil
     flops = import_module(comfy.pack_module.__name__ + ".fastattn.flops")
     model, pos, neg, latent, text_tokens = _case(family)
     plan, _, report, calib_latent = _calibrate(comfy, model, pos, neg, latent, v2_budget="attention FLOPs kept",
-                                               v2_flops_kept=0.5, v2_candidates="extended: + WA-RS per head")
+                                               v2_flops_kept=0.7, v2_candidates="extended: + WA-RS per head")
     meta = plan.metadata
     used = {m for step in plan.methods for cell in step for m in cell}
     assert "residual_window_attn" in used, used      # measured: both families pick WA-RS heads here
@@ -114,7 +114,7 @@ def test_v2_extended_candidates_calibrate_and_replay(fa, comfy, plans_dir, famil
     torch.testing.assert_close(out, calib_latent["samples"], atol=1e-5, rtol=0)
     run = fa.patcher.installed_spec(patched).sink.last
     assert run.flops_kept == pytest.approx(flops.headwise_plan_cost(plan, rows=2).core_fraction, rel=1e-6)
-    assert run.flops_kept <= 0.5 + 1e-9      # the budget holds with the residual refreshes counted
+    assert run.flops_kept <= 0.7 + 1e-9      # the budget holds with the residual refreshes counted
 
 
 def test_v2_extended_respects_the_allow_switches(fa, comfy):
