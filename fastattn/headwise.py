@@ -324,8 +324,9 @@ def solution_methods(solution: Solution, num_heads: int) -> Tuple[str, ...]:
     return tuple(methods)
 
 
-def residual_band(factor: int) -> Callable[[CallInfo], Window1D]:
-    """Window factory of residual heads: the arrow band of `factor` (text tokens global)."""
+def arrow_band(factor: int) -> Callable[[CallInfo], Window1D]:
+    """Window factory of the arrow band of `factor`: image_tokens // (2k) per side, text tokens
+    global (arrow heads, and residual heads given an arrow factor)."""
     def window_for(info: CallInfo) -> Window1D:
         w = arrow_window(info.image_tokens, factor)
         return Window1D(w, w, prefix_tokens=info.prefix_tokens, suffix_tokens=info.suffix_tokens)
@@ -349,7 +350,7 @@ class _CandidateOutputs:
         """Every head attending within `window` (an arrow factor, or a window spec)."""
         if window not in self._bands:
             if isinstance(window, int):   # an arrow factor: the head-wise arrow kernel, as the runtime runs it
-                band = residual_band(window)(self.info)
+                band = arrow_band(window)(self.info)
                 output = headwise_window_attention(self.q, self.k, self.v, [band] * self.q.shape[1], self.backend)
             else:
                 output = window_attention(self.q, self.k, self.v, window, self.backend)
@@ -463,7 +464,7 @@ class HeadwiseCalibration:
             raise ValueError(f"residual_window must be an arrow factor (an integer >= 1) or a window factory, "
                              f"got {residual_window!r}")
         else:
-            self.residual_factor, self.residual_window_for = residual_window, residual_band(residual_window)
+            self.residual_factor, self.residual_window_for = residual_window, arrow_band(residual_window)
         self.uses_residual = any(m.residual for m in self.methods_of.values())
         # The runtime's ASC residual rows (official: the first b rows); make_runtime passes it on.
         self.official_asc_residual = True
@@ -592,7 +593,7 @@ class HeadwiseCalibration:
                 pairs[code] = 0
                 continue
             if method.window:
-                window = residual_band(method.arrow)(info) if method.arrow else self.residual_window_for(info)
+                window = arrow_band(method.arrow)(info) if method.arrow else self.residual_window_for(info)
                 pairs[code] = window.kept_pairs(seq)
             else:
                 pairs[code] = full

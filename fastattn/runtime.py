@@ -31,7 +31,7 @@ from typing import Callable, Hashable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .headwise import arrow_window
+from .headwise import arrow_band
 from .kernels import from_bhld, headwise_window_attention, reference_attention, to_bhld, window_attention
 from .methods import FULL, OUTPUT_SHARE, Method, MethodLike, parse_method
 from .state import FastAttnState, LayerCache
@@ -687,8 +687,7 @@ def _is_v2_head_method(method: Method) -> bool:
 
 def arrow_window_of(method: Method, info: CallInfo) -> Window1D:
     """The window of an arrow method at one call: image_tokens // (2k) per side, text global."""
-    w = arrow_window(info.image_tokens, method.arrow)
-    return Window1D(w, w, prefix_tokens=info.prefix_tokens, suffix_tokens=info.suffix_tokens)
+    return arrow_band(method.arrow)(info)
 
 
 def methods_from_table(table: Sequence[Sequence[MethodLike]]) -> MethodsFor:

@@ -456,6 +456,18 @@ def test_flops_kept_budget_holds_every_call_and_tracks_the_target(target):
         HeadwiseCalibration([0], 2, 0.5, flops_kept=1.5)
 
 
+def record_outcomes(runtime) -> list:
+    """The list the runtime's CallOutcome of every call is appended to (what it actually ran)."""
+    outcomes = []
+    original = runtime._ran
+
+    def record(*args):
+        original(*args)
+        outcomes.append(runtime.last_outcome)
+    runtime._ran = record
+    return outcomes
+
+
 def test_extended_candidates_calibrate_replay_and_count_what_ran():
     """V1's methods per head (ASC, WA-RS, WA-RS + ASC) as V2 candidates: the plan replays the
     calibration trajectory exactly (the inference runtime refreshes residuals only where a later
@@ -476,13 +488,7 @@ def test_extended_candidates_calibrate_replay_and_count_what_ran():
         assert math.fsum(decision.filtered_influence[(h, c)] for h, c in decision.solution
                          if (h, c) in decision.filtered_influence) <= 0.6 + 1e-12
     runtime = runtime_for_plan(Plan.from_json(plan.to_json()), on_missing_cache="error")
-    outcomes = []
-    original = runtime._ran
-
-    def record(*args):
-        original(*args)
-        outcomes.append(runtime.last_outcome)
-    runtime._ran = record
+    outcomes = record_outcomes(runtime)
     replayed = sample(model, runtime, steps, cfg=True)
     for a, b in zip(calibrated, replayed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
@@ -562,13 +568,7 @@ def test_hand_written_extended_plan_cost_equals_what_the_runtime_ran(shape):
             "extra": {"window_shape": shape, "window_fraction": 0.125}}
     plan = Plan(methods, meta, granularity="head")
     runtime = runtime_for_plan(plan, on_missing_cache="error")
-    outcomes = []
-    original = runtime._ran
-
-    def record(*args):
-        original(*args)
-        outcomes.append(runtime.last_outcome)
-    runtime._ran = record
+    outcomes = record_outcomes(runtime)
     sample(TinyJointModel(), runtime, 4, cfg=True)
     refreshed = [part.window for o in outcomes for part in o.parts if part.refreshed]
     assert refreshed and all(type(w).__name__ == ("GridWindow" if shape == "grid" else "Window1D") for w in refreshed)
