@@ -12,7 +12,12 @@ with its VAE. Measured on the decoded clip:
   :func:`reducio.metrics.pan_direction`) equals the caption's; chance is 1 in 4 (a still result
   counts as wrong);
 * **frame-7 drift**: PSNR of the generated frame 7 against the content image (the video must keep
-  its content frame).
+  its content frame);
+* **sprite captions** (``--sprite-images``): for held-out content images that show one sprite, the
+  caption "a still view of the <photo> photo; a <colour> <shape> moves <direction>" for each of the
+  four directions; the sprite's colour, tracked through the decoded clip
+  (:func:`reducio.metrics.sprite_direction`), must move that way. Chance is 1 in 4 again. The
+  held-out sprite colours (cyan, orange) are words no training caption contains.
 
 Both beside the same architecture untrained (seeded initialisation) on the same images, captions and
 noise. Use the encoders the DiT was trained with (``--encoders``, as given to ``reducio.train
@@ -30,10 +35,10 @@ import torch
 from bench.report import write_report
 from reducio.contact_sheet import save_contact_sheet
 from reducio.data import SyntheticClips
-from reducio.data.synthetic import PHOTOS
+from reducio.data.synthetic import COLOURS, PHOTOS
 from reducio.dit import ReducioDiT
 from reducio.dit.checkpoint import load_checkpoint
-from reducio.metrics import pan_direction, psnr
+from reducio.metrics import pan_direction, psnr, sprite_direction
 from reducio.pipeline import Conditions, generate_video
 from reducio.train.encoders import make_encoders
 from reducio.vae import ReducioVAE
@@ -69,6 +74,37 @@ def evaluate(model: ReducioDiT, vae: ReducioVAE, encoders, images: list[tuple[st
             "frame7_psnr_mean": round(sum(drift) / len(drift), 2), "frame7_psnr_min": round(min(drift), 2)}, videos
 
 
+def sprite_images(size: int, count: int, seed: int) -> list[tuple[str, torch.Tensor, object]]:
+    """(photo, content image [1, 3, H, W], its one sprite) of the first ``count`` held-out clips whose
+    content frame shows exactly one sprite."""
+    data = SyntheticClips(split="heldout", size=size, count=max(1, 40 * count), seed=seed + 1)
+    found = []
+    for i in range(len(data)):
+        spec = data.spec(i)
+        if len(spec.sprites) == 1 and len(found) < count:
+            found.append((spec.photo, data[i]["video"][None, :, CONTENT_INDEX], spec.sprites[0]))
+    return found
+
+
+def evaluate_sprites(model: ReducioDiT, vae: ReducioVAE, encoders, images: list, seed: int,
+                     steps: int | None) -> tuple[dict, dict]:
+    """(summary, {(image index, direction): video}) of sprite captions, one per image x direction."""
+    hits, videos, found = 0, {}, {}
+    for i, (photo, image, sprite) in enumerate(images):
+        for direction in DIRECTIONS:
+            caption = (f"a still view of the {PHOTOS[photo]} photo; a {sprite.colour} {sprite.shape} moves "
+                       f"{direction}")
+            video, _ = generate_video(model, vae, conditions(encoders, caption, image), image, seed=seed + i,
+                                      steps=steps)
+            seen = sprite_direction(video.clamp(-1, 1)[0], COLOURS[sprite.colour])
+            found[seen] = found.get(seen, 0) + 1
+            hits += seen == direction
+            videos[(i, direction)] = video.clamp(-1, 1)
+    total = max(1, len(images) * len(DIRECTIONS))
+    return {"sprite_accuracy": round(hits / total, 3), "samples": len(images) * len(DIRECTIONS),
+            "sprite_directions_seen": found}, videos
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dit", required=True, type=Path)
@@ -78,6 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--sprite-images", type=int, default=4,
+                        help="held-out content images with one sprite (x 4 sprite captions); 0 skips them")
     parser.add_argument("--out", type=Path, default=BENCH / "reducio_dit_quality")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -91,6 +129,11 @@ def main(argv=None) -> int:
     started = time.time()
     trained, videos = evaluate(model, vae, encoders, images, args.seed, args.steps)
     baseline, _ = evaluate(untrained, vae, encoders, images, args.seed, args.steps)
+    with_sprite = sprite_images(args.size, args.sprite_images, args.seed) if args.sprite_images > 0 else []
+    if with_sprite:
+        sprites, sprite_videos = evaluate_sprites(model, vae, encoders, with_sprite, args.seed, args.steps)
+        trained.update(sprites)
+        baseline.update(evaluate_sprites(untrained, vae, encoders, with_sprite, args.seed, args.steps)[0])
     report = {"dit": str(args.dit), "vae": str(args.vae), "encoders": args.encoders, "images": args.images,
               "size": args.size, "seed": args.seed, "trained": trained, "untrained": baseline,
               "seconds": round(time.time() - started, 1), "machine": platform.processor() or platform.machine()}
@@ -109,6 +152,22 @@ def main(argv=None) -> int:
         seen = "/".join(str(r["directions_seen"][d]) for d in DIRECTIONS + ("still",))
         lines.append(f"| {name} | {r['direction_accuracy']:.0%} | {seen} | {r['frame7_psnr_mean']} dB "
                      f"({r['frame7_psnr_min']}) |")
+    if with_sprite:
+        lines += ["", f"Sprite captions: {len(with_sprite)} held-out images with one sprite x 4 captions "
+                  "(\"a still view of the <photo> photo; a <colour> <shape> moves <direction>\"), the sprite's colour "
+                  "tracked through the clip. Chance is 25 %.", "",
+                  "| model | sprite accuracy | sprite directions read |", "| --- | --- | --- |"]
+        for name, r in (("trained", trained), ("untrained (same architecture)", baseline)):
+            seen = ", ".join(f"{k} {v}" for k, v in sorted(r["sprite_directions_seen"].items()))
+            lines.append(f"| {name} | {r['sprite_accuracy']:.0%} | {seen} |")
+        photo, image, sprite = with_sprite[0]
+        save_contact_sheet(args.out.parent / (args.out.name + "_sprites.png"),
+                           [("content image", image[:, :, None].expand(-1, -1, 16, -1, -1))]
+                           + [(f"moves {d}", sprite_videos[(0, d)]) for d in DIRECTIONS],
+                           caption=f"held-out image with a {sprite.colour} {sprite.shape}, one sprite caption per "
+                                   f"row | sprite accuracy {trained['sprite_accuracy']:.0%} (untrained "
+                                   f"{baseline['sprite_accuracy']:.0%})")
+        lines += ["", f"Contact sheet of sprite captions: [{args.out.name}_sprites.png]({args.out.name}_sprites.png)."]
     write_report(args.out, report, lines)
     return 0
 

@@ -169,6 +169,18 @@ def pan_direction(video: torch.Tensor, min_shift: float = 0.25) -> str:
     return _OPPOSITE[direction_of(dy, dx, min_shift)]
 
 
+def pan_along(video: torch.Tensor, direction: str) -> tuple[float, float]:
+    """How fast the camera of one clip pans the way of ``direction`` (left / right / up / down), in pixels
+    per frame, and how fast across it: ``(along, across)``. ``along`` > 0 means the captioned way, however
+    slowly (:func:`pan_direction` calls a pan slower than its ``min_shift`` "still")."""
+    dy, dx = camera_motion(video)
+    # the camera pans the opposite way to the content's shift
+    cam_x, cam_y = -dx, -dy
+    if direction in ("left", "right"):
+        return (cam_x if direction == "right" else -cam_x), abs(cam_y)
+    return (cam_y if direction == "down" else -cam_y), abs(cam_x)
+
+
 def colour_track(video: torch.Tensor, rgb: tuple[float, float, float], tolerance: float = 0.25,
                  min_pixels: int = 4) -> list[tuple[float, float] | None]:
     """Centroid ``(y, x)`` per frame of the pixels within ``tolerance`` (Euclidean, [0, 1] RGB) of the

@@ -225,6 +225,34 @@ class SyntheticClips(Dataset):
             photo = F.interpolate(photo[None], size=new, mode="bilinear", antialias=True, align_corners=False)[0]
         scale_x, scale_y = photo.shape[2] / load_photo(spec.photo).shape[2], photo.shape[1] / load_photo(spec.photo).shape[1]
         photo_h, photo_w = photo.shape[1:]
+        px, py = self._photo_points(spec)
+        grid = torch.stack([px * scale_x / photo_w * 2 - 1, py * scale_y / photo_h * 2 - 1], dim=-1).float()
+        frames = F.grid_sample(photo[None].expand(self.frames, -1, -1, -1), grid, mode="bilinear",
+                               padding_mode="reflection", align_corners=False)          # [T, 3, H, W]
+        return (composite_sprites(frames, spec).clamp(0, 1) * 2 - 1).permute(1, 0, 2, 3).contiguous()
+
+    def camera_flow(self, spec: ClipSpec, content_index: int = 7) -> torch.Tensor:
+        """The camera's exact motion as a backward flow ``[2, T, H, W]`` (dx, dy) in pixels: frame t at
+        (x, y) shows what the frame ``content_index`` shows at (x + dx, y + dy), sprites aside (the
+        convention of ``reducio.vae.blocks.warp_frames``). For evaluation: what a decoder that knew the
+        camera exactly could do with the content frame."""
+        height, width = spec.size
+        px, py = self._photo_points(spec)
+        cx = spec.centre[0] - spec.scene_shift[0] * spec.view * content_index
+        cy = spec.centre[1] - spec.scene_shift[1] * spec.view * content_index
+        view = spec.view / spec.scene_zoom ** content_index
+        angle = math.radians(-spec.scene_rotation * content_index)
+        dx, dy = (px - cx) / view, (py - cy) / view
+        # invert the content frame's rotation: offsets from its centre in its own pixels
+        gx = math.cos(angle) * dx - math.sin(angle) * dy
+        gy = math.sin(angle) * dx + math.cos(angle) * dy
+        ys = torch.arange(height, dtype=torch.float64) + 0.5 - height / 2
+        xs = torch.arange(width, dtype=torch.float64) + 0.5 - width / 2
+        return torch.stack([gx - xs[None, None, :], gy - ys[None, :, None]]).float()
+
+    def _photo_points(self, spec: ClipSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each output pixel of each frame looks in the photograph: (x, y) ``[T, H, W]`` float64."""
+        height, width = spec.size
         t = torch.arange(self.frames, dtype=torch.float64)
         ys = torch.arange(height, dtype=torch.float64) + 0.5 - height / 2
         xs = torch.arange(width, dtype=torch.float64) + 0.5 - width / 2
@@ -238,23 +266,7 @@ class SyntheticClips(Dataset):
         # rotating the sampling grid by -r turns the content on screen by +r
         px = cx[:, None, None] + view[:, None, None] * (cos * gx + sin * gy)
         py = cy[:, None, None] + view[:, None, None] * (-sin * gx + cos * gy)
-        grid = torch.stack([px * scale_x / photo_w * 2 - 1, py * scale_y / photo_h * 2 - 1], dim=-1).float()
-        frames = F.grid_sample(photo[None].expand(self.frames, -1, -1, -1), grid, mode="bilinear",
-                               padding_mode="reflection", align_corners=False)          # [T, 3, H, W]
-        pix_y = (torch.arange(height, dtype=torch.float32) + 0.5)[None, :, None]
-        pix_x = (torch.arange(width, dtype=torch.float32) + 0.5)[None, None, :]
-        tt = t.float()[:, None, None]
-        for sprite in spec.sprites:
-            ox = pix_x - (sprite.start[0] + sprite.velocity[0] * tt)
-            oy = pix_y - (sprite.start[1] + sprite.velocity[1] * tt)
-            if sprite.shape == "disc":
-                distance = torch.sqrt(ox * ox + oy * oy) - sprite.radius
-            else:
-                distance = torch.maximum(ox.abs(), oy.abs()) - sprite.radius
-            alpha = (0.5 - distance).clamp(0, 1)[:, None]                    # 1-px antialiased edge
-            colour = torch.tensor(COLOURS[sprite.colour], dtype=torch.float32).reshape(1, 3, 1, 1)
-            frames = frames * (1 - alpha) + colour * alpha
-        return (frames.clamp(0, 1) * 2 - 1).permute(1, 0, 2, 3).contiguous()
+        return px, py
 
     def __getitem__(self, key) -> dict:
         # keys may be (index, epoch) from the training sampler: the synthetic clips are fixed, so the
@@ -262,3 +274,28 @@ class SyntheticClips(Dataset):
         index = int(key if isinstance(key, (int, np.integer)) else key[0])
         spec = self.spec(index)
         return {"video": self.render(spec), "caption": spec.caption(), "index": index, "skipped": 0}
+
+
+def sprite_alpha(sprite: SpriteSpec, size: tuple[int, int], frames: int) -> torch.Tensor:
+    """How much of each pixel the sprite covers in each frame: ``[T, 1, H, W]`` in [0, 1] (a 1-pixel
+    antialiased edge)."""
+    height, width = size
+    pix_y = (torch.arange(height, dtype=torch.float32) + 0.5)[None, :, None]
+    pix_x = (torch.arange(width, dtype=torch.float32) + 0.5)[None, None, :]
+    tt = torch.arange(frames, dtype=torch.float32)[:, None, None]
+    ox = pix_x - (sprite.start[0] + sprite.velocity[0] * tt)
+    oy = pix_y - (sprite.start[1] + sprite.velocity[1] * tt)
+    if sprite.shape == "disc":
+        distance = torch.sqrt(ox * ox + oy * oy) - sprite.radius
+    else:
+        distance = torch.maximum(ox.abs(), oy.abs()) - sprite.radius
+    return (0.5 - distance).clamp(0, 1)[:, None]
+
+
+def composite_sprites(frames: torch.Tensor, spec: ClipSpec) -> torch.Tensor:
+    """``frames`` [T, 3, H, W] in [0, 1] with the clip's sprites painted on top, in their order."""
+    for sprite in spec.sprites:
+        alpha = sprite_alpha(sprite, spec.size, frames.shape[0])
+        colour = torch.tensor(COLOURS[sprite.colour], dtype=torch.float32).reshape(1, 3, 1, 1)
+        frames = frames * (1 - alpha) + colour * alpha
+    return frames

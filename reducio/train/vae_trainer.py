@@ -56,12 +56,18 @@ def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_positi
 # fusion, ours) whose coarsest part is the clip's measured global motion, held in latent channels 0-1
 # (latent_motion 'measured', ours, reducio/vae/motion.py): trained on reconstruction alone the latent
 # never learned to carry motion.
+# "tiny-objects": "tiny" with the motion of what moves against the camera measured too, per latent cell
+# (latent_motion 'measured+objects', ours, motion.py): with the camera alone the sprites stay where the
+# content frame has them.
 # "test": 3 levels (H/4) and 8 channels, for unit tests only.
 TINY_FUSE_TYPES = ["warp", "warp", "attn+warp", "attn+warp", "attn", "attn"]
 VAE_PRESETS = {
     "tiny": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
                             content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
                             latent_motion="measured"),
+    "tiny-objects": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
+                                    content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
+                                    latent_motion="measured+objects"),
     "test": lambda: _preset(32, [1, 1, 1], [-1, 1, -1], 32, [1, 1], 8),
     "ft4": lambda: official_config("ft4"),
     "ft2": lambda: official_config("ft2"),

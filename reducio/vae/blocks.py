@@ -401,12 +401,15 @@ class AddFusion(nn.Module):
         return x + F.silu(self.norm(out))
 
 
-def resize_flow(flow: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """A flow [B, 2, T, H, W] in pixels resampled to ``size`` (T', H', W'), values rescaled to the new pixels."""
+def resize_flow(flow: torch.Tensor, size: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
+    """A flow [B, 2, T, H, W] in pixels resampled to ``size`` (T', H', W'), values rescaled to the new pixels.
+    ``mode`` 'nearest' keeps a per-cell flow (object motion) piecewise constant."""
     if tuple(flow.shape[2:]) == tuple(size):
         return flow
     scale = torch.tensor([size[2] / flow.shape[4], size[1] / flow.shape[3]], dtype=flow.dtype, device=flow.device)
-    return F.interpolate(flow, size=tuple(size), mode="trilinear", align_corners=False) * scale.reshape(1, 2, 1, 1, 1)
+    resized = (F.interpolate(flow, size=tuple(size), mode="nearest-exact") if mode == "nearest" else
+               F.interpolate(flow, size=tuple(size), mode="trilinear", align_corners=False))
+    return resized * scale.reshape(1, 2, 1, 1, 1)
 
 
 def warp_frames(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -449,23 +452,40 @@ class WarpFusion(AddFusion):
 
     FLOW_INIT_SCALE = 0.1
 
-    def __init__(self, dim: int, context_dim: int, frames: int):
+    def __init__(self, dim: int, context_dim: int, frames: int, objects: bool = False):
         super().__init__(dim, context_dim, frames)
         self.flow = nn.Conv3d(dim, 2, 3, padding=1)
         with torch.no_grad():
             self.flow.weight.mul_(self.FLOW_INIT_SCALE)
             self.flow.bias.zero_()
+        if objects:
+            # ours (latent_motion 'measured+objects', motion.py): the content moved a second time, by this
+            # level's flow plus the cell's object flow, added through its own convolution. The decoder
+            # learns which pixels take that second picture (an object where it is now) and which the
+            # first (the background). Zero-initialised: a model trained without it starts unchanged,
+            # and its weights still get a gradient (the moved content is not zero).
+            self.conv_objects = nn.Conv2d(context_dim, dim, 3, padding=1)
+            nn.init.zeros_(self.conv_objects.weight)
+            nn.init.zeros_(self.conv_objects.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor,
-                prior_flow: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _moved_context(self, context: torch.Tensor, flow: torch.Tensor, conv: nn.Module,
+                       dtype: torch.dtype) -> torch.Tensor:
+        batch, _, frames, height, width = flow.shape
+        moved = warp_frames(context.float(), flow).to(dtype)                        # [B, C, T, H, W]
+        moved = moved.transpose(1, 2).reshape(batch * frames, -1, height, width)
+        return conv(moved).reshape(batch, frames, -1, height, width).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, prior_flow: torch.Tensor | None = None,
+                object_flow: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``object_flow`` [B, 2, T', h, w] in latent pixels (a model with ``conv_objects`` only)."""
         self._check(x, context)
         flow = self.flow(x).float()
         if prior_flow is not None:
             flow = flow + resize_flow(prior_flow.float(), flow.shape[2:])
-        batch, _, frames, height, width = x.shape
-        moved = warp_frames(context.float(), flow).to(x.dtype)                      # [B, C, T, H, W]
-        moved = moved.transpose(1, 2).reshape(batch * frames, -1, height, width)
-        ctx = self.conv_context(moved).reshape(batch, frames, -1, height, width).transpose(1, 2)
+        ctx = self._moved_context(context, flow, self.conv_context, x.dtype)
+        if object_flow is not None:
+            objects = resize_flow(object_flow.float(), flow.shape[2:], mode="nearest")
+            ctx = ctx + self._moved_context(context, flow + objects, self.conv_objects, x.dtype)
         out = self.conv(x + ctx + self.temp_embed.to(x.dtype))
         return x + F.silu(self.norm(out)), flow
 

@@ -72,10 +72,12 @@ _INERT_VIDEO_KEYS = {"resolution", "attn_resolutions", "use_checkpoint", "fp32_a
 FUSE_TYPES = ("attn", "add", "add+attn", "warp", "attn+warp")
 # the parts that add content features of the same resolution (they need ch_fuse[level] == level)
 SAME_LEVEL_FUSIONS = ("add", "warp")
-# where the latent's motion comes from: 'learned' (the official encoder) or 'measured' (ours: channels 0-1
-# hold the clip's measured global motion, motion.py); 'measured' needs a warp level and this many channels
-# (motion.MAX_UNITS keeps the two motion channels' share of the latent's variance below 1 at 16)
-LATENT_MOTION_KINDS = ("learned", "measured")
+# where the latent's motion comes from: 'learned' (the official encoder), 'measured' (ours: channels 0-1
+# hold the clip's measured global motion, motion.py) or 'measured+objects' (ours: channels 2-3 also hold
+# the measured motion of what moves against the camera, per latent cell); the measured kinds need a warp
+# level and this many channels (motion.MAX_UNITS / MAX_OBJECT_UNITS keep the motion channels' share of
+# the latent's variance below 1 at 16)
+LATENT_MOTION_KINDS = ("learned", "measured", "measured+objects")
 MIN_MEASURED_MOTION_CHANNELS = 16
 
 
@@ -235,11 +237,11 @@ def validate_config(config) -> dict:
         check_choice("ddconfig.latent_motion", dd["latent_motion"], list(LATENT_MOTION_KINDS), _FIX)
         kinds = level_fuse_types(dd.get("fuse_type", "attn"), len(dd["ch_mult"]))
         if not any("warp" in fusion_parts(kind) for kind, index in zip(kinds, dd["ch_fuse"]) if index >= 0):
-            raise ConfigError("config field ddconfig.latent_motion = 'measured' needs a decoder level with 'warp' "
-                              f"fusion (ddconfig.fuse_type) to read the motion; {_FIX}")
+            raise ConfigError(f"config field ddconfig.latent_motion = {dd['latent_motion']!r} needs a decoder level "
+                              f"with 'warp' fusion (ddconfig.fuse_type) to read the motion; {_FIX}")
         if config["embed_dim"] < MIN_MEASURED_MOTION_CHANNELS:
             raise ConfigError(f"config field embed_dim = {config['embed_dim']} is too small for "
-                              f"ddconfig.latent_motion = 'measured': it needs at least "
+                              f"ddconfig.latent_motion = {dd['latent_motion']!r}: it needs at least "
                               f"{MIN_MEASURED_MOTION_CHANNELS} latent channels; {_FIX}")
     if "norm_groups" in dd:
         # ours (the embedded tiny model): the GroupNorm group count of all three branches (official: 32)

@@ -46,7 +46,8 @@ class FusionDecoder(nn.Module):
     ``fuse.0``; every official model), 'add' (``AddFusion``, ``fuse.0``) or 'add+attn' (both, in
     that order); or ours: 'warp' (``WarpFusion``) and 'attn+warp' (cross-attention, then warp).
     ``content_position='sincos2d'`` (ours, not in any official model) adds a fixed 2-D position code
-    to the queries and content tokens of every fusion block; it has no weights.
+    to the queries and content tokens of every fusion block; it has no weights. ``objects`` (ours) gives
+    every warp level a second, object-moved content picture (``WarpFusion``, motion.py).
     A middle fusion block (content feature [-1]) exists when the content encoder is shallower than
     the video encoder (f_s != f_s_2d) or ``fuse_mid_type == 'attn'``.
     """
@@ -56,7 +57,7 @@ class FusionDecoder(nn.Module):
                  f_t: int = 0, f_s: Optional[int] = None, f_s_2d: Optional[int] = None,
                  ch_in: Optional[int] = None, out_ch: int = 3, fuse_mid: bool = False,
                  fuse_mid_type: Optional[str] = None, window_size=(256, 256), content_position: str = "none",
-                 fuse_type="attn"):
+                 fuse_type="attn", objects: bool = False):
         super().__init__()
         self.n_levels = len(ch_mult)
         if len(ch_fuse) != self.n_levels:
@@ -103,7 +104,7 @@ class FusionDecoder(nn.Module):
                     if part == "add":
                         stage.fuse.append(AddFusion(block_in, context_dim, frames))
                     elif part == "warp":
-                        stage.fuse.append(WarpFusion(block_in, context_dim, frames))
+                        stage.fuse.append(WarpFusion(block_in, context_dim, frames, objects=objects))
                     else:
                         stage.fuse.append(FusionBlock(block_in, context_dim, frames, window=window,
                                                       plane_position=plane))
@@ -128,10 +129,11 @@ class FusionDecoder(nn.Module):
         return used
 
     def forward(self, z: torch.Tensor, content: Sequence[torch.Tensor],
-                flow: torch.Tensor | None = None) -> torch.Tensor:
+                flow: torch.Tensor | None = None, object_flow: torch.Tensor | None = None) -> torch.Tensor:
         """z [B, z_channels, T', h, w] (after post_quant_conv), content = content-feature list; ``flow``
         [B, 2, T', h, w] in latent pixels: the coarsest flow when the caller reads it elsewhere (a
-        measured-motion latent, see motion.py), else it is read off ``z`` (``LatentFlow``)."""
+        measured-motion latent, see motion.py), else it is read off ``z`` (``LatentFlow``);
+        ``object_flow`` likewise, per cell, for a decoder built with ``objects`` (every warp level)."""
         h = self.mid.block_1(self.conv_in(z))
         for block in self.mid.fuse:
             h = block(h, content[-1])
@@ -145,7 +147,7 @@ class FusionDecoder(nn.Module):
                 h = block(h)
             for block in stage.fuse:
                 if isinstance(block, WarpFusion):
-                    h, flow = block(h, content[self.ch_fuse[level]], flow)
+                    h, flow = block(h, content[self.ch_fuse[level]], flow, object_flow)
                 else:
                     h = block(h, content[self.ch_fuse[level]])
             for block in stage.block_2:

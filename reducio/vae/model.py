@@ -14,7 +14,7 @@ from .config import validate_config
 from .decoder import FusionDecoder
 from .encoder import Encoder
 from .hooks import InterruptFn, ProgressFn, StepHooks
-from .motion import embed_motion, measure_latent_motion, read_motion_flow
+from .motion import embed_motion, measure_motion, read_motion_flow, read_object_flow
 from .posterior import DiagonalGaussian, normalize_latent
 from .tiling import ContentGrid, TileLayout, tiled_content_features, tiled_decode, tiled_moments
 
@@ -54,7 +54,9 @@ class ReducioVAE(nn.Module):
         self.tile_sample_min_size = tile_sample_min_size
         self.tile_overlap_factor = tile_overlap_factor
         self.tanh_out = bool(ddconfig.get("tanh_out", False))
-        self.measured_motion = ddconfig.get("latent_motion", "learned") == "measured"
+        # 'learned' (official), 'measured' or 'measured+objects' (ours: motion.py)
+        self.latent_motion = ddconfig.get("latent_motion", "learned")
+        self.measured_motion = self.latent_motion != "learned"
         window = ddconfig.get("window_size", (256, 256))
         z_channels = ddconfig["z_channels"]
 
@@ -75,7 +77,7 @@ class ReducioVAE(nn.Module):
             f_t=self.f_t, f_s=ddconfig.get("f_s"), f_s_2d=f_s_2d, out_ch=ddconfig.get("out_ch", 3),
             fuse_mid=ddconfig.get("fuse_mid", False), fuse_mid_type=ddconfig.get("fuse_mid_type"),
             window_size=window, content_position=ddconfig.get("content_position", "none"),
-            fuse_type=ddconfig.get("fuse_type", "attn"))
+            fuse_type=ddconfig.get("fuse_type", "attn"), objects=self.latent_motion == "measured+objects")
         groups = ddconfig.get("norm_groups", NORM_GROUPS)
         if groups != NORM_GROUPS:
             # ours, not in any official model: with 32 groups on 32-channel features every group is one
@@ -158,9 +160,9 @@ class ReducioVAE(nn.Module):
 
     def latent_of(self, z: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
         """The normalised latent (float32) the decoder reads, from a posterior draw (or mean) ``z`` of the
-        clip ``video``; with measured motion its channels 0-1 are set from the clip first (motion.py)."""
+        clip ``video``; with measured motion its leading channels are set from the clip first (motion.py)."""
         if self.measured_motion:
-            z = embed_motion(z, measure_latent_motion(video, self.content_index, z.shape[2]))
+            z = embed_motion(z, measure_motion(video, self.content_index, tuple(z.shape[2:]), self.latent_motion))
         return normalize_latent(z)
 
     def _decode_tile(self, latent: torch.Tensor, content_features: list,
@@ -168,7 +170,8 @@ class ReducioVAE(nn.Module):
         # measured motion: the coarsest flow comes from the latent as given (before post_quant_conv);
         # ``frame_size`` is the whole latent's (h, w) when this is one tile of it
         flow = read_motion_flow(latent, frame_size) if self.measured_motion else None
-        video = self.decoder(self.post_quant_conv(latent), content_features, flow)
+        objects = read_object_flow(latent, frame_size) if self.latent_motion == "measured+objects" else None
+        video = self.decoder(self.post_quant_conv(latent), content_features, flow, objects)
         return torch.tanh(video) if self.tanh_out else video
 
     def decode_features(self, latent: torch.Tensor, content_features: ContentFeatures,

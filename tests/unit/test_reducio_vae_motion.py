@@ -7,14 +7,15 @@ import torch
 from reducio.data import SyntheticClips
 from reducio.vae import ReducioVAE, normalize_latent
 from reducio.vae.config import ConfigError
-from reducio.vae.motion import (MAX_UNITS, embed_motion, frame_shifts, measure_latent_motion, read_motion_flow)
+from reducio.vae.motion import (MAX_OBJECT_UNITS, MAX_UNITS, embed_motion, frame_shifts, measure_latent_motion,
+                                measure_object_motion, object_shifts, read_motion_flow, read_object_flow)
 
 
-def measured_config(embed_dim=16):
+def measured_config(embed_dim=16, kind="measured"):
     from reducio.train.vae_trainer import VAE_PRESETS
 
     config = VAE_PRESETS["test"]()
-    config["ddconfig"].update(ch_fuse=[0, 1, -1], fuse_type=["warp", "attn+warp", "attn"], latent_motion="measured",
+    config["ddconfig"].update(ch_fuse=[0, 1, -1], fuse_type=["warp", "attn+warp", "attn"], latent_motion=kind,
                               z_channels=embed_dim)
     config["embed_dim"] = embed_dim
     return config
@@ -109,3 +110,79 @@ def test_the_motion_hint_is_refused_for_a_measured_motion_model(tmp_path, capsys
     out = tmp_path / "b"
     assert main(["vae", "--model-config", str(path), "--out", str(out), *common]) == 0
     assert ReducioVAE.from_pretrained(next(out.glob("checkpoints/step_*/model.safetensors"))).measured_motion
+
+
+# ---------------------------------------------------------------------------------------------------
+# object motion (latent_motion 'measured+objects')
+# ---------------------------------------------------------------------------------------------------
+def test_object_shifts_find_each_sprite_against_the_camera_and_nothing_without_one():
+    """Per frame, in the cell where the sprite is, the shift is its motion against the camera's
+    (backward: (velocity - scene shift) * (7 - t)). Measured on the first 120 training clips with a pan
+    or a still view: 80 % of the checks within 2.5 pixels (299 of 376; the rest mostly when the sprite
+    crosses a cell edge or moves nearly with the camera), and no shift at all in any sprite-free clip."""
+    data = SyntheticClips(split="train", size=64, count=120)
+    right = checks = 0
+    for index in range(120):
+        spec = data.spec(index)
+        if spec.camera not in ("pan", "still") or len(spec.sprites) > 1:
+            continue
+        video = data[index]["video"][None]
+        shifts = object_shifts(video, frame_shifts(video, 7), 7, (2, 2))[0] * 64      # pixels
+        if not spec.sprites:
+            assert shifts.abs().max() == 0, index
+            continue
+        sprite = spec.sprites[0]
+        for t in range(16):
+            expected = [(sprite.velocity[k] - spec.scene_shift[k]) * (7 - t) for k in (0, 1)]
+            if not 2 <= max(map(abs, expected)) <= 9.5:      # too small to tell, or beyond the search's reach
+                continue
+            x, y = (sprite.start[k] + sprite.velocity[k] * t for k in (0, 1))
+            row, col = min(1, max(0, int(y // 32))), min(1, max(0, int(x // 32)))
+            checks += 1
+            right += all(abs(float(shifts[k, t, row, col]) - expected[k]) <= 2.5 for k in (0, 1))
+    assert checks > 300 and right / checks >= 0.75
+
+
+def test_object_channels_are_the_group_mean_in_frame_units_and_survive_the_normalisation():
+    data = SyntheticClips(split="train", size=64, count=40)
+    index = next(i for i in range(40) if data.spec(i).camera == "still" and data.spec(i).sprites)
+    video = data[index]["video"][None]
+    shifts = object_shifts(video, frame_shifts(video, 7), 7, (2, 2))
+    units = measure_object_motion(video, 7, 4, (2, 2))
+    torch.testing.assert_close(units, (shifts.reshape(1, 2, 4, 4, 2, 2).mean(3) * 8).clamp(-1.4, 1.4))
+    assert units.abs().max() > 0.3
+    # the worst case: every motion channel at its largest everywhere
+    torch.manual_seed(0)
+    z = torch.randn(2, 16, 4, 2, 2)
+    motion = torch.cat([torch.full((2, 2, 4, 2, 2), MAX_UNITS), torch.full((2, 2, 4, 2, 2), -MAX_OBJECT_UNITS)], 1)
+    latent = embed_motion(z, motion)
+    torch.testing.assert_close(latent[:, :4], motion)
+    torch.testing.assert_close(normalize_latent(latent), latent, atol=1e-4, rtol=0)
+    flow = read_object_flow(latent)                                   # latent pixels: units * side / 8
+    torch.testing.assert_close(flow, torch.full_like(flow, -MAX_OBJECT_UNITS * 2 / 8))
+
+
+def test_a_measured_objects_vae_encodes_them_and_its_decoder_reads_them_through_its_own_layers():
+    torch.manual_seed(0)
+    vae = ReducioVAE(**measured_config(kind="measured+objects")).eval()
+    assert vae.latent_motion == "measured+objects" and vae.measured_motion
+    data = SyntheticClips(split="train", size=16, count=40)
+    index = next(i for i in range(40) if data.spec(i).sprites)
+    video = data[index]["video"][None]
+    with torch.no_grad():
+        latent = vae.encode(video, tiling=False)
+        torch.testing.assert_close(latent[:, 2:4], measure_object_motion(video, 7, 4, latent.shape[3:]),
+                                   atol=1e-4, rtol=0)
+        vae.post_quant_conv.weight[:, :4] = 0          # the decoder's other path to the motion channels
+        moved = latent.clone()
+        moved[:, 2] += 1.0
+        # zero-initialised object layers: a model trained without them decodes as before
+        a, b = (vae.decode(x, video[:, :, 7], tiling=False) for x in (latent, moved))
+        torch.testing.assert_close(a, b)
+        for module in vae.decoder.modules():
+            if hasattr(module, "conv_objects"):
+                module.conv_objects.weight.normal_(0, 0.1)
+        a, b = (vae.decode(x, video[:, :, 7], tiling=False) for x in (latent, moved))
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="at least 16 latent channels"):
+        ReducioVAE(**measured_config(embed_dim=8, kind="measured+objects"))
