@@ -4,10 +4,12 @@ through its HTTP API (POST /prompt), and the files the workflows write are colle
 The ``reducio_tiny_*`` workflows run on the pack's embedded tiny *trained* models (``models/reducio``,
 docs/embedded_models.md) and its shipped sample inputs: real results, measured and shown in contact
 sheets. The other workflows name full-size models: with ``--models DIR`` (a ComfyUI-style models folder
-holding e.g. ``reducio/reducio-ft4-fs32-attn23.safetensors``) they run on your real weights; without it,
-tiny stand-in files *in the real formats* are written first (random or golden tiny weights: those
-outputs show that the graphs run, not what the models can do, and are labelled so), because no
-full-size weights can be downloaded here. Run with a ComfyUI's own Python (scripts/demo.sh does).
+holding e.g. ``reducio/reducio-ft4-fs32-attn23.safetensors``) they run on your real weights. Without it,
+the full-size Reducio VAE workflows run as shipped with only their model file and input clip swapped
+for the embedded trained VAE and its sample clip (real reconstructions, labelled so); the others get
+tiny stand-in files *in the real formats* (random or golden tiny weights: those outputs show that the
+graphs run, not what the models can do, and are labelled so), because no full-size weights can be
+downloaded here. Run with a ComfyUI's own Python (scripts/demo.sh does).
 """
 from __future__ import annotations
 
@@ -76,6 +78,15 @@ class Recipes:
     def adapt(self, name: str, prompt: dict) -> dict:
         if self.real_models or uses_embedded_models(name):
             return prompt
+        if name in EMBEDDED_VAE_SWAP:
+            from reducio import embedded
+
+            for node in prompt.values():
+                if node["class_type"] == "ReducioVAELoader":
+                    node["inputs"]["checkpoint"] = embedded.VAE_FILE
+                if node["class_type"] == "LoadVideo":
+                    node["inputs"]["file"] = embedded.SAMPLE_CLIP
+            return prompt
         if name.startswith("reducio_dit_"):
             import reducio_dit_standins as standins
 
@@ -92,7 +103,7 @@ class Recipes:
     def before(self, name: str) -> None:
         if uses_embedded_models(name):
             return   # the pack provides the models and copies the sample inputs when ComfyUI loads it
-        if name.startswith("reducio_vae_"):
+        if name.startswith("reducio_vae_") and (self.real_models or name not in EMBEDDED_VAE_SWAP):
             self.prepare_reducio_vae()
         if name == "reducio_vae_decode_from_latent":
             # Decode the latent file the encode workflow wrote (LoadLatent reads from input/).
@@ -113,6 +124,8 @@ class Recipes:
 # ---------------------------------------------------------------------------------------------------
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
 EMBEDDED_PREFIX = "reducio_tiny_"
+# without --models these run on the embedded trained VAE (Recipes.adapt swaps the model file and clip)
+EMBEDDED_VAE_SWAP = ("reducio_vae_roundtrip", "reducio_vae_encode_to_latent", "reducio_vae_decode_from_latent")
 
 
 def uses_embedded_models(name: str) -> bool:
@@ -128,14 +141,15 @@ def _output(files: list[Path], marker: str, suffixes=VIDEO_SUFFIXES) -> Path | N
     return found[-1] if found else None
 
 
-def measure(name: str, prompt: dict, files: list[Path], input_dir: Path, dest: Path, title: str) -> dict | None:
-    """The figures of one workflow's output (None for workflows that make no clip to judge)."""
+def measure(name: str, prompt: dict, files: list[Path], input_dir: Path, dest: Path, title: str,
+            vae_clip: str) -> dict | None:
+    """The figures of one workflow's output (None for workflows that make no clip to judge); ``vae_clip``:
+    the clip the VAE encode workflow loaded (what a decoded latent is compared with)."""
     from reducio.output_quality import generation_report, reconstruction_report
-    from test_reducio_vae_workflows import VIDEO_NAME   # the clip the VAE workflows load
 
     if name.endswith("vae_roundtrip") or name == "reducio_vae_decode_from_latent":
         roundtrip = name.endswith("vae_roundtrip")
-        source = input_dir / _node(prompt, "LoadVideo")["inputs"]["file"] if roundtrip else input_dir / VIDEO_NAME
+        source = input_dir / _node(prompt, "LoadVideo")["inputs"]["file"] if roundtrip else input_dir / vae_clip
         output = _output(files, "reconstruction" if roundtrip else "decoded")
         if output is None or not source.exists():
             return None
@@ -163,6 +177,17 @@ def describe(figures: dict | None) -> str:
     if figures["caption_direction"]:
         text += f" (caption: {figures['caption_direction']})"
     return text
+
+
+def vae_clip(embedded_vae: bool) -> str:
+    """The clip the Reducio VAE workflows load in this run."""
+    if embedded_vae:
+        from reducio import embedded
+
+        return embedded.SAMPLE_CLIP
+    from test_reducio_vae_workflows import VIDEO_NAME
+
+    return VIDEO_NAME
 
 
 # Encode-to-file runs before decode-from-file; everything else in name order.
@@ -223,20 +248,24 @@ def main(argv=None) -> int:
                     shutil.copy(path, dest / path.name)
                     copied.append(dest / path.name)
             seconds = time.time() - started
-            stand_in = args.models is None and not uses_embedded_models(name)
-            title = f"{name} (random stand-in weights)" if stand_in else name
-            figures = measure(name, prompt, copied, server.input_dir, dest, title)
+            swapped = args.models is None and name in EMBEDDED_VAE_SWAP
+            stand_in = args.models is None and not uses_embedded_models(name) and not swapped
+            title = (f"{name} (random stand-in weights)" if stand_in else
+                     f"{name} (on the embedded tiny VAE)" if swapped else name)
+            figures = measure(name, prompt, copied, server.input_dir, dest, title, vae_clip(args.models is None))
             if figures:
                 copied.append(Path(figures["sheet"]))
                 (dest / "quality.json").write_text(json.dumps(figures, indent=1) + "\n")
             files = [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in copied]
-            results.append((name, "ok", seconds, files,
-                            describe(figures) + (" -- random stand-in weights" if figures and stand_in else "")))
+            note = (" -- random stand-in weights" if stand_in else " -- the embedded tiny VAE and its sample clip"
+                    if swapped else "")
+            results.append((name, "ok", seconds, files, describe(figures) + (note if figures else "")))
     finally:
         server.stop()
     print("\nworkflow results" + ("" if args.models is not None else
-                                  f" ({EMBEDDED_PREFIX}*: the embedded trained tiny models; the others: stand-in "
-                                  "weights, which show that the graph runs, not a model's quality)"))
+                                  f" ({EMBEDDED_PREFIX}*: the embedded trained tiny models; reducio_vae_*: the "
+                                  "embedded trained VAE in the shipped graphs; the others: stand-in weights, which "
+                                  "show that the graph runs, not a model's quality)"))
     for name, status, seconds, files, *quality in results:
         print(f"  {status:6s} {name:40s} {seconds:6.1f}s  " + ", ".join(files))
         if quality and quality[0]:
