@@ -26,7 +26,7 @@ latent frame, the shift of *what moves against the camera* there (a sprite, a pe
 alone in the latent the decoder leaves every sprite where the content frame has it; measured on 32
 held-out clips at 64 px, the content frame moved by the exact camera motion reaches 21.6 dB, with the
 sprites pasted at their true places 24.6 dB, and with the hole a sprite leaves filled from its
-surroundings 35.5 dB (``bench/eval_reducio_vae.py``'s ceilings): most of the error left is the sprites.
+surroundings 35.4 dB (``bench/eval_reducio_vae.py``'s ceilings): most of the error left is the sprites.
 A sprite is smaller than a latent cell (32 px), so the cell's own dominant motion is the camera's; the
 object shift is a second motion per cell, and the decoder learns which pixels follow it.
 """
@@ -59,11 +59,6 @@ OBJECT_CHANGE = 0.1
 # without any object; a sprite's cells are at 9 (median), 3.4 (quartile)
 OBJECT_ACCEPT = 0.6
 OBJECT_MIN_CHANGE = 1.0
-
-
-def motion_channels(kind: str) -> int:
-    """How many leading latent channels are measured for ``ddconfig.latent_motion`` = ``kind``."""
-    return {"learned": 0, "measured": MOTION_CHANNELS, "measured+objects": MOTION_CHANNELS + OBJECT_CHANNELS}[kind]
 
 
 def frame_shifts(video: torch.Tensor, content_index: int) -> torch.Tensor:
