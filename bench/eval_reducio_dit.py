@@ -13,6 +13,11 @@ with its VAE. Measured on the decoded clip:
   counts as wrong);
 * **frame-7 drift**: PSNR of the generated frame 7 against the content image (the video must keep
   its content frame);
+* **zoom and roll captions** (``--zoom-roll-images``): "the camera zooms in / out on the <photo> photo",
+  "the camera rolls clockwise / counterclockwise over the <photo> photo"; the zoom or roll read off the
+  decoded clip (:func:`reducio.vae.motion.zoom_roll_direction`: a similarity transform fitted to tile
+  shifts) must be the caption's. Chance is 1 in 4 (a still or panning result counts as wrong). Only a
+  VAE whose latent holds zooms and rolls (``latent_motion`` 'measured-similarity+objects') can pass;
 * **sprite captions** (``--sprite-images``): for held-out content images that show one sprite, the
   caption "a still view of the <photo> photo; a <colour> <shape> moves <direction>" for each of the
   four directions; the sprite's colour, tracked through the decoded clip
@@ -42,6 +47,7 @@ from reducio.metrics import pan_direction, psnr, sprite_direction
 from reducio.pipeline import Conditions, generate_video
 from reducio.train.encoders import make_encoders
 from reducio.vae import ReducioVAE
+from reducio.vae.motion import zoom_roll_direction
 
 BENCH = Path(__file__).resolve().parent
 DIRECTIONS = ("left", "right", "up", "down")
@@ -72,6 +78,29 @@ def evaluate(model: ReducioDiT, vae: ReducioVAE, encoders, images: list[tuple[st
     total = len(images) * len(DIRECTIONS)
     return {"direction_accuracy": round(hits / total, 3), "samples": total, "directions_seen": found,
             "frame7_psnr_mean": round(sum(drift) / len(drift), 2), "frame7_psnr_min": round(min(drift), 2)}, videos
+
+
+ZOOM_ROLL_CAPTIONS = {"in": "the camera zooms in on the {} photo", "out": "the camera zooms out on the {} photo",
+                      "clockwise": "the camera rolls clockwise over the {} photo",
+                      "counterclockwise": "the camera rolls counterclockwise over the {} photo"}
+
+
+def evaluate_zoom_roll(model: ReducioDiT, vae: ReducioVAE, encoders, images: list[tuple[str, torch.Tensor]], seed: int,
+                       steps: int | None) -> tuple[dict, dict]:
+    """(summary, {(image index, direction): video}) of zoom and roll captions, one per image x direction."""
+    hits, videos, found = 0, {}, {}
+    for i, (photo, image) in enumerate(images):
+        for direction, caption in ZOOM_ROLL_CAPTIONS.items():
+            video, _ = generate_video(model, vae, conditions(encoders, caption.format(PHOTOS[photo]), image), image,
+                                      seed=seed + i, steps=steps)
+            video = video.clamp(-1, 1)
+            seen = zoom_roll_direction(video[0], CONTENT_INDEX)
+            found[seen] = found.get(seen, 0) + 1
+            hits += seen == direction
+            videos[(i, direction)] = video
+    total = max(1, len(images) * len(ZOOM_ROLL_CAPTIONS))
+    return {"zoom_roll_accuracy": round(hits / total, 3), "zoom_roll_samples": len(images) * len(ZOOM_ROLL_CAPTIONS),
+            "zoom_roll_seen": found}, videos
 
 
 def sprite_images(size: int, count: int, seed: int) -> list[tuple[str, torch.Tensor, object]]:
@@ -116,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--sprite-images", type=int, default=4,
                         help="held-out content images with one sprite (x 4 sprite captions); 0 skips them")
+    parser.add_argument("--zoom-roll-images", type=int, default=4,
+                        help="held-out content images (x 2 zoom and 2 roll captions); 0 skips them")
     parser.add_argument("--out", type=Path, default=BENCH / "reducio_dit_quality")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -129,6 +160,13 @@ def main(argv=None) -> int:
     started = time.time()
     trained, videos = evaluate(model, vae, encoders, images, args.seed, args.steps)
     baseline, _ = evaluate(untrained, vae, encoders, images, args.seed, args.steps)
+    zoom_roll_videos = {}
+    if args.zoom_roll_images > 0:
+        zoom_roll, zoom_roll_videos = evaluate_zoom_roll(model, vae, encoders, images[:args.zoom_roll_images],
+                                                         args.seed, args.steps)
+        trained.update(zoom_roll)
+        baseline.update(evaluate_zoom_roll(untrained, vae, encoders, images[:args.zoom_roll_images], args.seed,
+                                           args.steps)[0])
     with_sprite = sprite_images(args.size, args.sprite_images, args.seed) if args.sprite_images > 0 else []
     if with_sprite:
         sprites, sprite_videos = evaluate_sprites(model, vae, encoders, with_sprite, args.seed, args.steps)
@@ -152,6 +190,24 @@ def main(argv=None) -> int:
         seen = "/".join(str(r["directions_seen"][d]) for d in DIRECTIONS + ("still",))
         lines.append(f"| {name} | {r['direction_accuracy']:.0%} | {seen} | {r['frame7_psnr_mean']} dB "
                      f"({r['frame7_psnr_min']}) |")
+    if zoom_roll_videos:
+        lines += ["", f"Zoom and roll captions: the first {args.zoom_roll_images} of those images x 4 captions "
+                  "(\"the camera zooms in / out on the <photo> photo\", \"the camera rolls clockwise / counterclockwise "
+                  "over the <photo> photo\"), the zoom or roll read off the clip (`reducio.vae.motion.zoom_roll_direction`)."
+                  " Chance is 25 %.", "",
+                  "| model | zoom / roll accuracy | read |", "| --- | --- | --- |"]
+        for name, r in (("trained", trained), ("untrained (same architecture)", baseline)):
+            seen = ", ".join(f"{k} {v}" for k, v in sorted(r["zoom_roll_seen"].items()))
+            lines.append(f"| {name} | {r['zoom_roll_accuracy']:.0%} | {seen} |")
+        save_contact_sheet(args.out.parent / (args.out.name + "_zoom_roll.png"),
+                           [("content image", images[0][1][:, :, None].expand(-1, -1, 16, -1, -1))]
+                           + [(f"{'zooms' if d in ('in', 'out') else 'rolls'} {d}", zoom_roll_videos[(0, d)])
+                              for d in ZOOM_ROLL_CAPTIONS],
+                           caption=f"held-out image 0 ({PHOTOS[images[0][0]]}), one zoom / roll caption per row | "
+                                   f"accuracy {trained['zoom_roll_accuracy']:.0%} (untrained "
+                                   f"{baseline['zoom_roll_accuracy']:.0%})")
+        lines += ["", f"Contact sheet of zoom and roll captions: [{args.out.name}_zoom_roll.png]"
+                  f"({args.out.name}_zoom_roll.png)."]
     if with_sprite:
         lines += ["", f"Sprite captions: {len(with_sprite)} held-out images with one sprite x 4 captions "
                   "(\"a still view of the <photo> photo; a <colour> <shape> moves <direction>\"), the sprite's colour "

@@ -6,7 +6,9 @@ docs/embedded_models.md) and its shipped sample inputs: real results, measured a
 sheets. The other workflows name full-size models: with ``--models DIR`` (a ComfyUI-style models folder
 holding e.g. ``reducio/reducio-ft4-fs32-attn23.safetensors``) they run on your real weights. Without it,
 the full-size Reducio VAE workflows run as shipped with only their model file and input clip swapped
-for the embedded trained VAE and its sample clip (real reconstructions, labelled so); the others get
+for the embedded trained VAE and its sample clip, and the full-size image-to-video workflow with its
+model files, content image and caption swapped for the embedded tiny models' (real results, labelled
+so); the others (the text-to-video graph needs a text-to-image model for its first stage) get
 tiny stand-in files *in the real formats* (random or golden tiny weights: those outputs show that the
 graphs run, not what the models can do, and are labelled so), because no full-size weights can be
 downloaded here. Run with a ComfyUI's own Python (scripts/demo.sh does).
@@ -87,6 +89,8 @@ class Recipes:
                 if node["class_type"] == "LoadVideo":
                     node["inputs"]["file"] = embedded.SAMPLE_CLIP
             return prompt
+        if name in EMBEDDED_DIT_SWAP:
+            return swap_to_embedded_dit(prompt)
         if name.startswith("reducio_dit_"):
             import reducio_dit_standins as standins
 
@@ -113,7 +117,7 @@ class Recipes:
                 shutil.copy(latents[-1], self.server.input_dir / "reducio_motion.latent")
             if contents:
                 shutil.copy(contents[-1], self.server.input_dir / "reducio_content.png")
-        if name.startswith("reducio_dit_"):
+        if name.startswith("reducio_dit_") and (self.real_models or name not in EMBEDDED_DIT_SWAP):
             self.prepare_reducio_dit()
         if name.startswith("ditfastattn_"):
             self.prepare_ditfastattn()
@@ -126,6 +130,35 @@ VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
 EMBEDDED_PREFIX = "reducio_tiny_"
 # without --models these run on the embedded trained VAE (Recipes.adapt swaps the model file and clip)
 EMBEDDED_VAE_SWAP = ("reducio_vae_roundtrip", "reducio_vae_encode_to_latent", "reducio_vae_decode_from_latent")
+
+
+# without --models this runs on the embedded trained DiT and VAE (swap_to_embedded_dit); the text-to-video
+# graph cannot: its first stage needs a text-to-image model, which the pack does not train
+EMBEDDED_DIT_SWAP = ("reducio_dit_image_to_video",)
+
+
+def swap_to_embedded_dit(prompt: dict) -> dict:
+    """The shipped full-size image-to-video graph on the embedded tiny models: the model files, the content
+    image, its size and the caption swapped for those of the tiny example workflow; the optional CLIP
+    vision branch left out (the tiny DiT reads no CLIP image tokens, docs/embedded_models.md)."""
+    from reducio import embedded
+
+    tiny = load(API_DIR / "reducio_tiny_image_to_video.json")
+    files = {"ReducioDiTLoader": ("dit_name", embedded.DIT_FILE), "ReducioVAELoader": ("checkpoint", embedded.VAE_FILE),
+             "CLIPLoader": ("clip_name", embedded.TEXT_ENCODER.file_name),
+             "VAELoader": ("vae_name", embedded.IMAGE_VAE.file_name), "LoadImage": ("image", embedded.SAMPLE_CONTENT)}
+    for node_id, node in list(prompt.items()):
+        if node["class_type"] in files:
+            key, value = files[node["class_type"]]
+            node["inputs"][key] = value
+        elif node["class_type"] == "CLIPVisionLoader":
+            del prompt[node_id]
+    video = _node(prompt, "ReducioImageToVideo")
+    video["inputs"].pop("clip_vision", None)
+    video["inputs"].update(width=embedded.SAMPLE_SIZE, height=embedded.SAMPLE_SIZE)
+    prompt[video["inputs"]["positive"][0]]["inputs"]["text"] = \
+        tiny[_node(tiny, "ReducioImageToVideo")["inputs"]["positive"][0]]["inputs"]["text"]
+    return prompt
 
 
 def uses_embedded_models(name: str) -> bool:
@@ -248,24 +281,26 @@ def main(argv=None) -> int:
                     shutil.copy(path, dest / path.name)
                     copied.append(dest / path.name)
             seconds = time.time() - started
-            swapped = args.models is None and name in EMBEDDED_VAE_SWAP
+            swapped = args.models is None and name in EMBEDDED_VAE_SWAP + EMBEDDED_DIT_SWAP
             stand_in = args.models is None and not uses_embedded_models(name) and not swapped
+            embedded_label = "embedded tiny VAE" if name in EMBEDDED_VAE_SWAP else "embedded tiny DiT and VAE"
             title = (f"{name} (random stand-in weights)" if stand_in else
-                     f"{name} (on the embedded tiny VAE)" if swapped else name)
+                     f"{name} (on the {embedded_label})" if swapped else name)
             figures = measure(name, prompt, copied, server.input_dir, dest, title, vae_clip(args.models is None))
             if figures:
                 copied.append(Path(figures["sheet"]))
                 (dest / "quality.json").write_text(json.dumps(figures, indent=1) + "\n")
             files = [str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in copied]
-            note = (" -- random stand-in weights" if stand_in else " -- the embedded tiny VAE and its sample clip"
+            note = (" -- random stand-in weights" if stand_in else
+                    f" -- the {embedded_label} and {'its sample clip' if name in EMBEDDED_VAE_SWAP else 'their sample image and caption'}"
                     if swapped else "")
             results.append((name, "ok", seconds, files, describe(figures) + (note if figures else "")))
     finally:
         server.stop()
     print("\nworkflow results" + ("" if args.models is not None else
-                                  f" ({EMBEDDED_PREFIX}*: the embedded trained tiny models; reducio_vae_*: the "
-                                  "embedded trained VAE in the shipped graphs; the others: stand-in weights, which "
-                                  "show that the graph runs, not a model's quality)"))
+                                  f" ({EMBEDDED_PREFIX}*: the embedded trained tiny models; reducio_vae_* and "
+                                  "reducio_dit_image_to_video: the embedded trained models in the shipped graphs; the "
+                                  "others: stand-in weights, which show that the graph runs, not a model's quality)"))
     for name, status, seconds, files, *quality in results:
         print(f"  {status:6s} {name:40s} {seconds:6.1f}s  " + ", ".join(files))
         if quality and quality[0]:

@@ -31,12 +31,14 @@ from .vae_objective import (DiscriminatorPair, PatchDiscriminator3D, VAELossConf
 
 
 def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_position=None, fuse_type="attn",
-            norm_groups=None, latent_motion=None) -> dict:
+            norm_groups=None, latent_motion=None, motion_interpolation=None) -> dict:
     extra = {} if content_position is None else {"content_position": content_position}
     if norm_groups is not None:
         extra["norm_groups"] = norm_groups
     if latent_motion is not None:
         extra["latent_motion"] = latent_motion
+    if motion_interpolation is not None:
+        extra["motion_interpolation"] = motion_interpolation
     return {"ddconfig": {"ch": ch, "ch_in": ch, "f_t": 2, "out_ch": 3, "z_channels": z, "temp_res": 16,
                          "ch_mult": ch_mult, "ch_fuse": ch_fuse, "fuse_type": fuse_type, "num_res_blocks": blocks,
                          "fuse_mid": True, "window_size": 128, **extra},
@@ -59,6 +61,10 @@ def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_positi
 # "tiny-objects": "tiny" with the motion of what moves against the camera measured too, per latent cell
 # (latent_motion 'measured+objects', ours, motion.py): with the camera alone the sprites stay where the
 # content frame has them.
+# "tiny-cells": "tiny-objects" with the camera's motion measured per latent cell (latent_motion
+# 'measured-similarity+objects': zooms and rolls are in the latent) and spread linearly over the frames and
+# pixels by the decoder (motion_interpolation 'linear': held at each latent frame's mean, a sprite was
+# off by up to 1.5 frames' motion, and the decoder blurred it). motion.py has the measurements.
 # "test": 3 levels (H/4) and 8 channels, for unit tests only.
 TINY_FUSE_TYPES = ["warp", "warp", "attn+warp", "attn+warp", "attn", "attn"]
 VAE_PRESETS = {
@@ -68,6 +74,9 @@ VAE_PRESETS = {
     "tiny-objects": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
                                     content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
                                     latent_motion="measured+objects"),
+    "tiny-cells": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
+                                  content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
+                                  latent_motion="measured-similarity+objects", motion_interpolation="linear"),
     "test": lambda: _preset(32, [1, 1, 1], [-1, 1, -1], 32, [1, 1], 8),
     "ft4": lambda: official_config("ft4"),
     "ft2": lambda: official_config("ft2"),

@@ -401,6 +401,38 @@ class AddFusion(nn.Module):
         return x + F.silu(self.norm(out))
 
 
+def interpolate_linear(values: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``values`` resampled to ``size`` entries along ``dim``, linearly between the old entries' centres and
+    *extrapolated* beyond the first and last (align_corners=False geometry: entry i covers the i-th equal
+    part of the axis), where ``F.interpolate`` holds the end values."""
+    count = values.shape[dim]
+    if count == size:
+        return values
+    if count == 1:
+        return values.expand(*values.shape[:dim], size, *values.shape[dim + 1:])
+    position = (torch.arange(size, dtype=torch.float32, device=values.device) + 0.5) * count / size - 0.5
+    lower = position.floor().clamp(0, count - 2).long()
+    weight = (position - lower).to(values.dtype).reshape(size, *[1] * (values.ndim - dim - 1))
+    start, end = values.index_select(dim, lower), values.index_select(dim, lower + 1)
+    return start + (end - start) * weight
+
+
+def linear_flow(flow: torch.Tensor, size: Sequence[int], space: bool = True) -> torch.Tensor:
+    """A flow [B, 2, T, H, W] in pixels resampled to ``size`` (T', H', W') by :func:`interpolate_linear` along
+    time and, with ``space``, along H and W (values rescaled to the new pixels); without ``space`` H and W
+    must stay. ``motion_interpolation`` 'linear' (motion.py): a steady motion (a pan, a sprite's glide)
+    comes back exact in every frame, and a zoom or roll, measured as one shift per latent cell, becomes
+    the linear field it is, out to the frame's edges."""
+    flow = interpolate_linear(flow, 2, int(size[0]))
+    if not space:
+        if tuple(flow.shape[3:]) != tuple(size[1:]):
+            raise ValueError(f"linear_flow(space=False) keeps the flow's size {tuple(flow.shape[3:])}, not {tuple(size[1:])}")
+        return flow
+    scale = torch.tensor([size[2] / flow.shape[4], size[1] / flow.shape[3]], dtype=flow.dtype, device=flow.device)
+    flow = interpolate_linear(interpolate_linear(flow, 3, int(size[1])), 4, int(size[2]))
+    return flow * scale.reshape(1, 2, 1, 1, 1)
+
+
 def resize_flow(flow: torch.Tensor, size: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
     """A flow [B, 2, T, H, W] in pixels resampled to ``size`` (T', H', W'), values rescaled to the new pixels.
     ``mode`` 'nearest' keeps a per-cell flow (object motion) piecewise constant."""

@@ -74,10 +74,14 @@ FUSE_TYPES = ("attn", "add", "add+attn", "warp", "attn+warp")
 SAME_LEVEL_FUSIONS = ("add", "warp")
 # where the latent's motion comes from: 'learned' (the official encoder), 'measured' (ours: channels 0-1
 # hold the clip's measured global motion, motion.py) or 'measured+objects' (ours: channels 2-3 also hold
-# the measured motion of what moves against the camera, per latent cell); the measured kinds need a warp
+# the measured motion of what moves against the camera, per latent cell) or 'measured-similarity+objects'
+# (ours: that with the camera's pan, zoom and roll held per latent cell); the measured kinds need a warp
 # level and this many channels (motion.MAX_UNITS / MAX_OBJECT_UNITS keep the motion channels' share of
 # the latent's variance below 1 at 16)
-LATENT_MOTION_KINDS = ("learned", "measured", "measured+objects")
+LATENT_MOTION_KINDS = ("learned", "measured", "measured+objects", "measured-similarity+objects")
+# how the decoder spreads a measured motion over the frames and pixels (ours, motion.py): each latent
+# frame's held over its frames ('held') or linear between the latent frames and cells ('linear')
+MOTION_INTERPOLATIONS = ("held", "linear")
 MIN_MEASURED_MOTION_CHANNELS = 16
 
 
@@ -91,7 +95,7 @@ def fusion_parts(kind) -> tuple:
     return tuple(str(kind).split("+")) if kind else ()
 _VIDEO_KEYS = {"ch", "ch_in", "f_t", "f_s", "out_ch", "z_channels", "temp_res", "ch_mult", "ch_fuse",
                "fuse_type", "num_res_blocks", "fuse_mid", "fuse_mid_type", "window_size", "tanh_out",
-               "in_channels", "content_position", "norm_groups", "latent_motion"}
+               "in_channels", "content_position", "norm_groups", "latent_motion", "motion_interpolation"}
 _CONTENT_KEYS = {"ch", "ch_mult", "num_res_blocks", "out_z", "window_size", "f_s", "fs", "in_channels"}
 _INERT_CONTENT_KEYS = {"z_channels", "out_ch", "resolution", "attn_resolutions", "dropout",
                        "use_checkpoint", "fp32_attention", "double_z", "resamp_with_conv", "temp_res",
@@ -243,6 +247,11 @@ def validate_config(config) -> dict:
             raise ConfigError(f"config field embed_dim = {config['embed_dim']} is too small for "
                               f"ddconfig.latent_motion = {dd['latent_motion']!r}: it needs at least "
                               f"{MIN_MEASURED_MOTION_CHANNELS} latent channels; {_FIX}")
+    if "motion_interpolation" in dd:
+        check_choice("ddconfig.motion_interpolation", dd["motion_interpolation"], list(MOTION_INTERPOLATIONS), _FIX)
+        if dd["motion_interpolation"] != "held" and dd.get("latent_motion", "learned") == "learned":
+            raise ConfigError(f"config field ddconfig.motion_interpolation = {dd['motion_interpolation']!r} needs a measured "
+                              f"ddconfig.latent_motion ({', '.join(LATENT_MOTION_KINDS[1:])}); {_FIX}")
     if "norm_groups" in dd:
         # ours (the embedded tiny model): the GroupNorm group count of all three branches (official: 32)
         groups = check_int("ddconfig.norm_groups", dd["norm_groups"], 1, 1024, _FIX)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import (FULL, SPATIAL, TEMPORAL, AddFusion, FloatGroupNorm, FusionBlock, LatentFlow, ResnetBlock,
-                     SelfAttention, Upsample, WarpFusion)
+                     SelfAttention, Upsample, WarpFusion, linear_flow)
 from .config import fusion_parts, level_fuse_types
 from .encoder import _as_window
 
@@ -47,7 +47,9 @@ class FusionDecoder(nn.Module):
     that order); or ours: 'warp' (``WarpFusion``) and 'attn+warp' (cross-attention, then warp).
     ``content_position='sincos2d'`` (ours, not in any official model) adds a fixed 2-D position code
     to the queries and content tokens of every fusion block; it has no weights. ``objects`` (ours) gives
-    every warp level a second, object-moved content picture (``WarpFusion``, motion.py).
+    every warp level a second, object-moved content picture (``WarpFusion``, motion.py); ``linear_motion``
+    (ours, ``ddconfig.motion_interpolation`` 'linear', motion.py) spreads the flows read from the latent
+    linearly over the frames (and the camera's over the pixels) before the first warp level.
     A middle fusion block (content feature [-1]) exists when the content encoder is shallower than
     the video encoder (f_s != f_s_2d) or ``fuse_mid_type == 'attn'``.
     """
@@ -57,7 +59,7 @@ class FusionDecoder(nn.Module):
                  f_t: int = 0, f_s: Optional[int] = None, f_s_2d: Optional[int] = None,
                  ch_in: Optional[int] = None, out_ch: int = 3, fuse_mid: bool = False,
                  fuse_mid_type: Optional[str] = None, window_size=(256, 256), content_position: str = "none",
-                 fuse_type="attn", objects: bool = False):
+                 fuse_type="attn", objects: bool = False, linear_motion: bool = False):
         super().__init__()
         self.n_levels = len(ch_mult)
         if len(ch_fuse) != self.n_levels:
@@ -70,6 +72,7 @@ class FusionDecoder(nn.Module):
         window = _as_window(window_size)
         plane = content_position == "sincos2d"
         self.f_s, self.f_t, self.temp_res = f_s, f_t, temp_res
+        self.linear_motion = linear_motion
 
         block_in_m = ch * ch_mult[-1]
         block_in = ch_in * ch_mult[-1]
@@ -141,6 +144,14 @@ class FusionDecoder(nn.Module):
         # the motion so far: from the latent, then refined by each warp level in turn (coarse to fine)
         if flow is None and hasattr(self, "latent_flow"):
             flow = self.latent_flow(z)
+        if self.linear_motion:
+            # every frame's own motion, and the camera's at every output pixel, before the warp levels
+            # resample them (the object flow stays one value per latent cell)
+            height, width = z.shape[3] * 2 ** self.f_s, z.shape[4] * 2 ** self.f_s
+            if flow is not None:
+                flow = linear_flow(flow.float(), (self.temp_res, height, width))
+            if object_flow is not None:
+                object_flow = linear_flow(object_flow.float(), (self.temp_res, *object_flow.shape[3:]), space=False)
         for level in reversed(range(self.n_levels)):
             stage = self.up[level]
             for block in stage.block_1:

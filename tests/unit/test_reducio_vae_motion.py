@@ -7,8 +7,9 @@ import torch
 from reducio.data import SyntheticClips
 from reducio.vae import ReducioVAE, normalize_latent
 from reducio.vae.config import ConfigError
-from reducio.vae.motion import (MAX_OBJECT_UNITS, MAX_UNITS, embed_motion, frame_shifts, measure_latent_motion,
-                                measure_object_motion, object_shifts, read_motion_flow, read_object_flow)
+from reducio.vae.motion import (MAX_OBJECT_UNITS, MAX_UNITS, camera_cells, camera_similarity, embed_motion, frame_shifts,
+                                measure_latent_motion, measure_motion, measure_object_motion, object_shifts,
+                                read_motion_flow, read_object_flow, zoom_roll_direction)
 
 
 def measured_config(embed_dim=16, kind="measured"):
@@ -186,3 +187,133 @@ def test_a_measured_objects_vae_encodes_them_and_its_decoder_reads_them_through_
     assert (a - b).abs().max() > 1e-3
     with pytest.raises(ConfigError, match="at least 16 latent channels"):
         ReducioVAE(**measured_config(embed_dim=8, kind="measured+objects"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# motion_interpolation 'linear' and the camera per cell (latent_motion 'measured-similarity+objects')
+# ---------------------------------------------------------------------------------------------------
+def test_linear_flow_gives_a_steady_motion_and_a_linear_field_back_exactly():
+    from reducio.vae.blocks import linear_flow, resize_flow
+
+    # a steady motion through zero at the content frame (7), stored as the mean over each latent frame
+    per_frame = torch.tensor([[0.8], [-1.5]]) * (torch.arange(16.0) - 7)                # [2, 16]
+    latent = per_frame.reshape(2, 4, 4).mean(-1)[None, :, :, None, None].expand(3, 2, 4, 2, 2)
+    frames = linear_flow(latent, (16, 2, 2), space=False)
+    torch.testing.assert_close(frames, per_frame[None, :, :, None, None].expand(3, 2, 16, 2, 2))
+    assert frames[:, :, 7].abs().max() < 1e-6                # the content frame stays where it is
+    # held over the latent frame's frames instead ('held'): up to 1.5 frames' motion off
+    held = resize_flow(latent, (16, 2, 2), mode="nearest")
+    assert (held[0, 0, :, 0, 0] - per_frame[0]).abs().max() == pytest.approx(1.5 * 0.8)
+    # a zoom: the flow grows linearly from the centre; per cell it is the cell's mean, and spread over
+    # the pixels it comes back out to the frame's edges (F.interpolate holds the outer cells' values)
+    xs = torch.arange(64.0) + 0.5 - 32
+    field = torch.stack([0.05 * xs[None, :].expand(64, 64), 0.05 * xs[:, None].expand(64, 64)])    # pixels
+    cells = field.reshape(2, 2, 32, 2, 32).mean((2, 4))[None, :, None] / 32                       # latent pixels
+    torch.testing.assert_close(linear_flow(cells, (1, 64, 64))[0, :, 0], field, atol=1e-5, rtol=0)
+    assert (resize_flow(cells, (1, 64, 64))[0, :, 0] - field).abs().max() > 0.7
+    assert torch.equal(linear_flow(latent, (4, 2, 2)), latent)
+    with pytest.raises(ValueError, match="keeps the flow's size"):
+        linear_flow(latent, (16, 4, 4), space=False)
+
+
+def test_the_camera_similarity_finds_pans_zooms_and_rolls_past_the_sprites():
+    """Per latent cell and latent frame, the measured camera against the clip's exact motion (the mean
+    of ``camera_flow`` over the cell). Measured on the first 96 held-out clips at 64 px (1536 checks):
+    with sprites 5 % more than a pixel off and none beyond 3 pixels; the frame's one phase-correlation
+    shift 38 % and 20 %. Here the first 32."""
+    data = SyntheticClips(split="heldout", size=64, count=32, seed=123)
+    errors, kinds = [], set()
+    for index in range(32):
+        spec = data.spec(index)
+        video = data[index]["video"][None]
+        truth = data.camera_flow(spec, 7).reshape(2, 16, 2, 32, 2, 32).mean((3, 5))
+        cells = camera_cells(video, 7, (2, 2))[0]
+        assert cells.shape == (2, 16, 2, 2) and cells[:, 7].abs().max() == 0
+        errors += (cells.reshape(2, 4, 4, 2, 2).mean(2) - truth.reshape(2, 4, 4, 2, 2).mean(2)).norm(dim=0).flatten().tolist()
+        kinds.add(spec.camera)
+        if spec.camera == "zoom" and not spec.sprites:
+            zoom = camera_similarity(video, 7)[0, :, 2]
+            # the content frame zoomed by z per frame: frame t samples it at (1 / z)^(t - 7) times the offset.
+            # Within 0.025 (measured: at most 0.022 off on two clips of 0.6 % and 1.5 % per frame: the
+            # 16-pixel tiles' sub-pixel shifts lean towards whole pixels)
+            expected = spec.scene_zoom ** (7 - torch.arange(16.0)) - 1
+            torch.testing.assert_close(zoom, expected, atol=0.025, rtol=0)
+    errors = torch.tensor(errors)
+    assert kinds >= {"pan", "zoom", "roll", "still"} and len(errors) == 32 * 16
+    assert (errors > 1).float().mean() < 0.1 and errors.max() < 4
+
+
+def test_linear_interpolation_puts_each_sprite_closer_to_where_it_is():
+    """The position the decoder reads for a held-out sprite (camera plus object flow in the sprite's
+    cell, each frame) against the truth. Measured on the first 64 held-out clips at 64 px (1020 checks),
+    more than 2 pixels off: 35 % 'measured+objects' held over each latent frame, 23 % with 'linear'
+    interpolation, 17 % 'measured-similarity+objects' with 'linear'; medians 1.48, 0.70, 0.73 pixel.
+    Here the first 24."""
+    from reducio.vae.blocks import linear_flow
+
+    data = SyntheticClips(split="heldout", size=64, count=24, seed=123)
+    errors = {"held": [], "linear": [], "similarity": []}
+    for index in range(24):
+        spec = data.spec(index)
+        if not spec.sprites:
+            continue
+        video = data[index]["video"][None]
+        flows = {}
+        for kind in ("measured+objects", "measured-similarity+objects"):
+            units = measure_motion(video, 7, (4, 2, 2), kind)
+            camera, objects = read_motion_flow(units), read_object_flow(units)         # latent pixels
+            if kind == "measured+objects":
+                flows["held"] = (camera + objects).repeat_interleave(4, 2).repeat_interleave(32, 3)
+                flows["held"] = flows["held"].repeat_interleave(32, 4) * 32
+                flows["linear"] = linear_flow(camera + objects, (16, 2, 2), space=False)
+                flows["linear"] = flows["linear"].repeat_interleave(32, 3).repeat_interleave(32, 4) * 32
+            else:
+                objects = linear_flow(objects, (16, 2, 2), space=False).repeat_interleave(32, 3).repeat_interleave(32, 4)
+                flows["similarity"] = linear_flow(camera, (16, 64, 64)) + objects * 32
+        for sprite in spec.sprites:
+            for t in range(16):
+                x, y = (sprite.start[k] + sprite.velocity[k] * t for k in (0, 1))
+                if t == 7 or not (0 <= x < 64 and 0 <= y < 64):
+                    continue
+                truth = torch.tensor([sprite.velocity[0], sprite.velocity[1]]) * (7 - t)
+                for name, flow in flows.items():
+                    errors[name].append(float((flow[0, :, t, int(y), int(x)] - truth).norm()))
+    far = {name: (torch.tensor(e) > 2).float().mean() for name, e in errors.items()}
+    assert len(errors["held"]) > 250
+    assert far["similarity"] < far["held"] - 0.1 and far["linear"] < far["held"] - 0.05
+
+
+def test_a_similarity_vae_encodes_the_camera_per_cell_and_checks_its_config():
+    config = measured_config(kind="measured-similarity+objects")
+    config["ddconfig"]["motion_interpolation"] = "linear"
+    torch.manual_seed(0)
+    vae = ReducioVAE(**config).eval()
+    assert vae.decoder.linear_motion and any(hasattr(m, "conv_objects") for m in vae.decoder.modules())
+    data = SyntheticClips(split="train", size=32, count=40)
+    video = data[next(i for i in range(40) if data.spec(i).camera == "zoom")]["video"][None]
+    with torch.no_grad():
+        latent = vae.encode(video, tiling=False)
+        torch.testing.assert_close(latent[:, :4], measure_motion(video, 7, latent.shape[2:], "measured-similarity+objects"),
+                                   atol=1e-4, rtol=0)
+        assert latent[:, :2].std((3, 4)).max() > 0.01          # a zoom: not the same in every cell
+        assert vae.decode(latent, video[:, :, 7], tiling=False).shape == video.shape
+    config["ddconfig"]["motion_interpolation"] = "smooth"
+    with pytest.raises(ConfigError, match="motion_interpolation"):
+        ReducioVAE(**config)
+    config["ddconfig"].update(motion_interpolation="linear", latent_motion="learned")
+    with pytest.raises(ConfigError, match="needs a measured"):
+        ReducioVAE(**config)
+
+
+def test_zoom_roll_direction_reads_the_captioned_zoom_or_roll_off_a_clip():
+    """The first 80 held-out clips at 64 px, sprites included. Measured: every zoom and roll clip read as
+    captioned (31 of 31); pans read 'still' 38 of 41 (3 as a roll), still views 8 of 8."""
+    data = SyntheticClips(split="heldout", size=64, count=80, seed=123)
+    readings = {"zoom": [], "roll": [], "pan": [], "still": []}
+    for index in range(80):
+        spec = data.spec(index)
+        seen = zoom_roll_direction(data[index]["video"])
+        readings[spec.camera].append(seen == spec.direction if spec.camera in ("zoom", "roll") else seen == "still")
+    assert len(readings["zoom"]) + len(readings["roll"]) >= 25
+    assert all(readings["zoom"]) and all(readings["roll"]) and all(readings["still"])
+    assert sum(readings["pan"]) >= 0.85 * len(readings["pan"])
