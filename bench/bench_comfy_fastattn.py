@@ -5,22 +5,16 @@ reports the whole-run wall time, the measured time of the compressible attention
 attention FLOPs kept and the bound they imply. CPU only, 2 shared cores: read the ratios, not the
 absolute times (a GPU with a real window kernel behaves differently).
 
-    COMFYUI_PATH=~/comfy/ComfyUI ~/comfy/ComfyUI/venv/bin/python bench/bench_comfy_fastattn.py
+    COMFYUI_PATH=~/comfy/ComfyUI ~/comfy/ComfyUI/venv/bin/python -m bench.bench_comfy_fastattn
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "harness"))
-sys.path.insert(0, str(ROOT / "tests" / "comfy"))
-
-from harness_comfyui import InProcessComfy, locate_comfyui  # noqa: E402
-
-import fastattn_tiny as tiny  # noqa: E402
+from testkit import fastattn_tiny as tiny
+from testkit.comfyui import InProcessComfy, locate_comfyui
 
 STEPS = 6
 

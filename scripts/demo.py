@@ -11,7 +11,7 @@ model files, content image and caption swapped for the embedded tiny models' (re
 so); the others (the text-to-video graph needs a text-to-image model for its first stage) get
 tiny stand-in files *in the real formats* (random or golden tiny weights: those outputs show that the
 graphs run, not what the models can do, and are labelled so), because no full-size weights can be
-downloaded here. Run with a ComfyUI's own Python (scripts/demo.sh does).
+downloaded here. Run with a ComfyUI's own Python from the repository root as ``python -m scripts.demo`` (scripts/demo.sh does).
 """
 from __future__ import annotations
 
@@ -23,13 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "harness"), str(REPO / "tests" / "server"), str(REPO / "tests" / "comfy")]
+from testkit.comfyui import InProcessComfy, locate_comfyui
+from testkit.golden import GOLDEN_DIR
+from testkit.server import ComfyServer, PromptFailed
+from testkit.workflows import API_DIR, load
 
-from golden import GOLDEN_DIR  # noqa: E402
-from harness_comfyui import InProcessComfy, locate_comfyui  # noqa: E402
-from harness_server import ComfyServer, PromptFailed  # noqa: E402
-from harness_workflows import API_DIR, load  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -41,7 +40,7 @@ class Recipes:
         self.server, self.real_models, self.comfy = server, real_models, comfy
 
     def prepare_reducio_vae(self) -> None:
-        from test_reducio_vae_workflows import VIDEO_NAME, write_test_video
+        from testkit.workflows import VIDEO_NAME, write_test_video
 
         video = self.server.input_dir / VIDEO_NAME
         if not video.exists():
@@ -59,7 +58,7 @@ class Recipes:
                   metadata={"reducio_config": json.dumps(config), "format": "pt"})
 
     def prepare_reducio_dit(self) -> None:
-        import reducio_dit_standins as standins
+        from testkit import reducio_dit_standins as standins
 
         if self.real_models:
             return
@@ -69,8 +68,8 @@ class Recipes:
     def prepare_ditfastattn(self) -> None:
         if self.real_models:
             return
-        import fastattn_tiny as tiny
-        from test_fastattn_workflows import MODEL_FILE
+        from testkit import fastattn_tiny as tiny
+        from testkit.workflows import FASTATTN_MODEL_FILE as MODEL_FILE
 
         folder = self.server.models_dir / "diffusion_models"
         folder.mkdir(parents=True, exist_ok=True)
@@ -92,12 +91,12 @@ class Recipes:
         if name in EMBEDDED_DIT_SWAP:
             return swap_to_embedded_dit(prompt)
         if name.startswith("reducio_dit_"):
-            import reducio_dit_standins as standins
+            from testkit import reducio_dit_standins as standins
 
             return standins.adapt_prompt_to_standins(prompt, steps=4)
         if name.startswith("ditfastattn_"):
             # The tests' small settings (size, steps) for a CPU; the graph itself is the shipped one.
-            from test_fastattn_workflows import COMMON_OVERRIDES, OVERRIDES
+            from testkit.workflows import COMMON_OVERRIDES, OVERRIDES
 
             for overrides in (COMMON_OVERRIDES, OVERRIDES.get(name, {})):
                 for node_id, values in overrides.items():
@@ -218,7 +217,7 @@ def vae_clip(embedded_vae: bool) -> str:
         from reducio import embedded
 
         return embedded.SAMPLE_CLIP
-    from test_reducio_vae_workflows import VIDEO_NAME
+    from testkit.workflows import VIDEO_NAME
 
     return VIDEO_NAME
 

@@ -8,4 +8,4 @@ if [ ! -x "$COMFY/venv/bin/python" ]; then
   echo "ComfyUI is not installed at $COMFY: run scripts/setup_comfyui.sh first" >&2
   exit 2
 fi
-COMFYUI_PATH="$COMFY" exec "$COMFY/venv/bin/python" scripts/demo.py "$@"
+COMFYUI_PATH="$COMFY" exec "$COMFY/venv/bin/python" -m scripts.demo "$@"

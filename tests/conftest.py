@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS_DIR / "harness"))
 
-from golden import golden_path  # noqa: E402
-from harness_comfyui import REPO_ROOT, InProcessComfy, locate_comfyui, missing_comfyui_message  # noqa: E402
+from testkit.golden import golden_path  # noqa: E402
+from testkit.comfyui import REPO_ROOT, InProcessComfy, locate_comfyui, missing_comfyui_message  # noqa: E402
 
 TIERS = {"unit": "tier 1 (pure)", "comfy": "tier 2 (in-process ComfyUI)", "server": "tier 3 (ComfyUI server)"}
 _COMFY_INSTALL = locate_comfyui()
@@ -120,7 +119,7 @@ def comfy(comfy_install, tmp_path_factory) -> InProcessComfy:
 @pytest.fixture(scope="session")
 def comfy_server(comfy_install, tmp_path_factory):
     """Tier 3: a real headless ComfyUI server (CPU) with the pack loaded from this checkout."""
-    from harness_server import ComfyServer
+    from testkit.server import ComfyServer
 
     server = ComfyServer(comfy_install, tmp_path_factory.mktemp("comfy_server"))
     server.start()

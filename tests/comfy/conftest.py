@@ -1,12 +1,9 @@
 """Tier 2 fixtures shared by the DiTFastAttn test modules: the pack's modules as ComfyUI loaded them,
 and tiny randomly initialised native models (see fastattn_tiny.py)."""
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
+from testkit import fastattn_tiny as tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

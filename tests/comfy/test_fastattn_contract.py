@@ -4,14 +4,11 @@ Tiny random native Wan and Flux models, real ComfyUI sampling (nodes.common_ksam
 loaded by ComfyUI's own loader.
 """
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
+from testkit import fastattn_tiny as tiny  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

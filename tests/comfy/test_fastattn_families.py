@@ -5,37 +5,14 @@ For each family: an all-full plan is bit-identical to the unpatched model; a com
 and text-refiner calls are left alone), keeps joint-attention text tokens global, and changes the
 result while staying finite.
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
+from testkit import fastattn_tiny as tiny
+from testkit.fastattn_tiny import mixed_plan, spy_calls  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
-
-
-def spy_calls(fa, monkeypatch):
-    run_state = sys.modules[fa.patcher.RunState.__module__]
-    seen = []
-    original = run_state.RunState.attend
-
-    def spy(self, **kw):
-        seen.append((kw["layer"], kw["prefix_tokens"], kw["suffix_tokens"], kw["token_grid"]))
-        return original(self, **kw)
-
-    monkeypatch.setattr(run_state.RunState, "attend", spy)
-    return seen
-
-
-def mixed_plan(fa, model, steps=4):
-    layers = fa.families.detect_family(model).layer_names(model.model.diffusion_model)
-    rows = [["full_attn"] * len(layers)]
-    for t in range(1, steps):
-        rows.append([("output_share" if (i + t) % 2 else "residual_window_attn") for i in range(len(layers))])
-    return fa.Plan(rows, {"layer_names": layers})
 
 
 FAMILIES = {

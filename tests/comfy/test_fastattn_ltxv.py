@@ -5,15 +5,12 @@ to the unpatched model; a compressing plan (AST + WA-RS) reaches every block's s
 once per model call (the cross-attention that follows it is left alone) and changes the result while
 staying finite.
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
-from test_fastattn_families import mixed_plan, spy_calls  # noqa: E402
+from testkit import fastattn_tiny as tiny  # noqa: E402
+from testkit.fastattn_tiny import mixed_plan, spy_calls  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

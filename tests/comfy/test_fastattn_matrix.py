@@ -6,13 +6,11 @@ is the compressed one), which only holds if step identity, CFG handling and cach
 right for that configuration.
 """
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
+from testkit import fastattn_tiny as tiny  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

@@ -6,13 +6,10 @@ Inputs are checked inside the nodes (``validate_inputs`` for HTTP 400 at /prompt
 import inspect
 import os
 import stat
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
+from testkit import fastattn_tiny as tiny  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

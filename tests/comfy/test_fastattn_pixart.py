@@ -7,13 +7,11 @@ reproduces its calibration run, the input model keeps no object patch, cfg 1 and
 non-standard blocks are left alone.
 """
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
+from testkit import fastattn_tiny as tiny  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

@@ -16,17 +16,14 @@ ComfyUI 0.3.64 / 0.8.0, so each is reproduced here with the same mechanics, read
 
 Every case runs in both orders of application.
 """
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
-from test_fastattn_families import spy_calls  # noqa: E402
+from testkit import fastattn_tiny as tiny  # noqa: E402
+from testkit.fastattn_tiny import spy_calls  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

@@ -4,13 +4,11 @@ hand-written plans) are checked against the run's evaluation count when the run 
 Before, a 10-step plan applied to a 4-step run silently used its first 4 rows.
 """
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
+from testkit import fastattn_tiny as tiny  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

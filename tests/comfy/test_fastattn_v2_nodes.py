@@ -3,14 +3,11 @@
 Families: Flux (joint attention, text tokens before the image: they stay global) and Wan (video).
 Both budgets: the error budget and "attention FLOPs kept".
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fastattn_tiny as tiny  # noqa: E402
+from testkit import fastattn_tiny as tiny  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 

@@ -26,8 +26,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness_comfyui import PACK_FOLDER_NAME, REPO_ROOT
-from harness_workflows import load, ui_workflows
+from testkit.comfyui import PACK_FOLDER_NAME, REPO_ROOT
+from testkit.workflows import load, ui_workflows
 
 BROWSER_DIR = REPO_ROOT / "tests" / "browser"
 DRIVER = BROWSER_DIR / "check_workflows.mjs"

@@ -4,7 +4,7 @@ generates their condition encoders and copies the sample inputs when ComfyUI loa
 a user. The outputs are judged the way ``scripts/demo.sh`` judges them."""
 import copy
 
-from harness_workflows import API_DIR, load
+from testkit.workflows import API_DIR, load
 
 from reducio import embedded
 from reducio.metrics import pan_along, pan_direction

@@ -12,36 +12,25 @@ import copy
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "comfy"))
-from fastattn_ui_format import api_to_ui  # noqa: E402
-from harness_workflows import api_workflows, load, ui_twin  # noqa: E402
+from testkit.fastattn_ui_format import api_to_ui  # noqa: E402
+from testkit.workflows import COMMON_OVERRIDES, FASTATTN_MODEL_FILE, OVERRIDES, api_workflows, load, ui_twin  # noqa: E402
 
 pytestmark = pytest.mark.server
 
-MODEL_FILE = "cosmos_predict2_2B_t2i.safetensors"
 WORKFLOWS = api_workflows("ditfastattn_")
-# Small settings for a 2-core CPU; node ids as in the workflow files.
-OVERRIDES = {
-    "ditfastattn_image_calibrate_apply": {"4": {"width": 64, "height": 64}},
-    "ditfastattn_video_calibrate_apply": {"4": {"width": 64, "height": 64, "length": 9}},
-    "ditfastattn_v2_calibrate_apply": {"4": {"width": 64, "height": 64}},
-}
-COMMON_OVERRIDES = {"5": {"steps": 3, "threshold": 0.1}, "7": {"steps": 3}}
 
 
 @pytest.fixture(scope="module")
 def server_with_model(comfy_server, comfy):
-    import fastattn_tiny as tiny
+    from testkit import fastattn_tiny as tiny
 
     folder = comfy_server.models_dir / "diffusion_models"
     folder.mkdir(parents=True, exist_ok=True)
-    tiny.write_diffusion_model_file(tiny.tiny_cosmos_predict2(seed=0), folder / MODEL_FILE)
+    tiny.write_diffusion_model_file(tiny.tiny_cosmos_predict2(seed=0), folder / FASTATTN_MODEL_FILE)
     return comfy_server
 
 
@@ -122,7 +111,7 @@ def test_saved_plan_reused_from_file_and_embedded_json(server_with_model):
         assert _latent_tensor(latent.read_bytes()) == _latent_tensor(reference)
 
     second["7"]["inputs"]["steps"] = 5
-    from harness_server import PromptFailed
+    from testkit.server import PromptFailed
 
     with pytest.raises(PromptFailed, match="steps"):
         server.run_prompt(second, timeout=600)

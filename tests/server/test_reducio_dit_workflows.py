@@ -4,15 +4,13 @@ Model files are stand-ins in the real formats, written under the workflow's own 
 reducio_dit_standins.py for what each one is); the graphs are the shipped ones with only the video
 size / Reducio VAE cell size adapted to the tiny golden Reducio VAE.
 """
-import sys
 from pathlib import Path
 
 import pytest
-from harness_server import PromptFailed
-from harness_workflows import API_DIR, load
+from testkit.server import PromptFailed
+from testkit.workflows import API_DIR, load
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reducio_dit_standins as standins  # noqa: E402
+from testkit import reducio_dit_standins as standins  # noqa: E402
 
 I2V = API_DIR / "reducio_dit_image_to_video.json"
 T2V = API_DIR / "reducio_dit_text_to_video.json"

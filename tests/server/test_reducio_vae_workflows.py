@@ -15,33 +15,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from harness_comfyui import PACK_FOLDER_NAME
-from harness_workflows import api_workflows, load, ui_twin
+from testkit.comfyui import PACK_FOLDER_NAME
+from testkit.workflows import VIDEO_NAME, api_workflows, load, ui_twin, write_test_video
 
 MODEL_NAME = "reducio-ft4-fs32-attn23.safetensors"
-VIDEO_NAME = "reducio_example.mp4"
 VIDEO_FRAMES, VIDEO_HEIGHT, VIDEO_WIDTH = 24, 36, 44     # 24 frames -> padded to 2 clips of 16
 PADDED_FRAMES = 32
 OUR_NODES = ("ReducioVAELoader", "ReducioVAEEncode", "ReducioVAEDecode")
 WORKFLOWS = {p.name: p for p in api_workflows("reducio_vae_")}
-
-
-def write_test_video(path: Path, frames: int, height: int, width: int, fps: int = 16) -> None:
-    """A small moving-gradient H.264 clip written with PyAV (ComfyUI's own video library)."""
-    import av
-    import numpy as np
-
-    ys, xs = np.mgrid[0:height, 0:width]
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for t in range(frames):
-            rgb = np.stack([(xs * 5 + t * 8) % 256, (ys * 6 + t * 4) % 256,
-                            np.full_like(xs, 40 + t * 6)], axis=-1).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def read_video(path: Path) -> tuple[int, int, int, Fraction]:

@@ -4,8 +4,8 @@ Feature-specific tests (running each API workflow with tiny models) live in
 tests/server/test_<feature>_*.py; these checks hold for every workflow in workflows/.
 """
 import pytest
-from harness_comfyui import PACK_FOLDER_NAME
-from harness_workflows import api_workflows, load, ui_twin, ui_workflows
+from testkit.comfyui import PACK_FOLDER_NAME
+from testkit.workflows import api_workflows, load, ui_twin, ui_workflows
 
 
 def test_pack_nodes_served(comfy_server):

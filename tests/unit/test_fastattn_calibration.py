@@ -14,7 +14,7 @@ from fastattn.calibration import (OFFICIAL_CANDIDATES, CalibrationTarget, Greedy
                                   calibrate_target, layer_thresholds, official_loss)
 from fastattn.plan import AST, ASC, FULL, WARS, WARS_ASC, Plan
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("fastattn")
 def test_official_loss_uses_signed_elementwise_max():

@@ -23,7 +23,7 @@ from fastattn.integrations.diffusers import (UnsupportedModelError, apply_plan, 
                                              measure_attention_share, model_signature)
 from fastattn.plan import AST, ASC, FULL, WARS, WARS_ASC, PlanMismatchError  # noqa: E402
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("fastattn")
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())["calib_dit"]

@@ -9,7 +9,7 @@ from fastattn.flops import (AttentionShape, amdahl_speedup_bound, method_cost,
                             official_counter_macs, plan_cost, residual_steps, window_pairs)
 from fastattn.plan import AST, ASC, FULL, WA_NO_RESIDUAL, WARS, WARS_ASC, Plan
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("fastattn")
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())

@@ -17,7 +17,7 @@ from fastattn.kernels import (
 )
 from fastattn.windows import GridWindow, Window1D
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("fastattn")
 WINDOW_CASES = {

@@ -18,7 +18,7 @@ from fastattn.methods import (
     residual_needed,
 )
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("fastattn")
 OFFICIAL = [

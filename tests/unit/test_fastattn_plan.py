@@ -11,7 +11,7 @@ from fastattn.plan import (AST, ASC, FULL, PLAN_METHODS, WA_NO_RESIDUAL, WARS, W
                            FORMAT_NAME, MAX_STEPS, Plan, PlanFormatError, PlanMetadata,
                            PlanMismatchError, RunSignature, weights_fingerprint)
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("fastattn")
 THRESHOLDS = ("0.005", "0.025", "0.075", "0.15")

@@ -15,7 +15,7 @@ from fastattn.integrations.diffusers_processor import (
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("fastattn")
 # The official processor's outputs and residuals: measured <= 2.4e-7 apart (SDPA vs the

@@ -9,7 +9,7 @@ from fastattn.flops import AttentionShape
 from fastattn.plan import AST, ASC, FULL, WARS, WARS_ASC, Plan
 from fastattn.report import METHOD_STYLE, legend, legend_text, method_map, summarize
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("fastattn")
 def _golden_plan(thr="0.15"):

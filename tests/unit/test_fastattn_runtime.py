@@ -10,7 +10,7 @@ from fastattn import CfgRows, FastAttnRuntime, FastAttnState, MissingCacheError,
 from fastattn.kernels import from_bhld, masked_reference_window_attention, to_bhld
 from fastattn.runtime import methods_from_table, residual_lookahead_from_table
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("fastattn")
 # The official processor's outputs and residuals: measured <= 2.4e-7 apart (SDPA vs the

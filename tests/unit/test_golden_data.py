@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from golden import GOLDEN_DIR, MissingGoldenData, golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import GOLDEN_DIR, MissingGoldenData, golden_path
 
 
 def _sha256(path):

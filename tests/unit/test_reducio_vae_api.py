@@ -11,7 +11,7 @@ from reducio import ReducioVAE
 from reducio.vae import ReducioInterrupted, choose_tile_size, estimate_memory, official_config
 from reducio.vae.blocks import FloatGroupNorm
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("reducio")
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -19,7 +19,7 @@ from reducio.vae import CheckpointError, official_config
 from reducio.vae.blocks import sinusoid_table
 
 REPO = Path(__file__).resolve().parents[2]
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("reducio")
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -13,7 +13,7 @@ import torch
 
 from reducio.vae import ReducioVAE, normalize_latent, official_config
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("reducio")
 LEVEL = os.environ.get("REDUCIO_FULL_SIZE", "")

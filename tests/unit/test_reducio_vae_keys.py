@@ -8,7 +8,7 @@ from reducio import ReducioVAE
 from reducio.vae import OFFICIAL_PARAM_COUNTS, official_config
 from reducio.vae.checkpoint import CheckpointError, check_keys, detect_variant
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("reducio")
 

@@ -13,7 +13,7 @@ from reducio import ReducioVAE
 from reducio.vae import normalize_latent
 from reducio.vae.blocks import FusionBlock, sinusoid_table
 
-from golden import golden_path  # noqa: E402  (tests/harness)
+from testkit.golden import golden_path
 
 GOLDEN = golden_path("reducio")
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
+GOLDEN_DIR = Path(__file__).resolve().parents[1] / "tests" / "golden"
 
 
 class MissingGoldenData(FileNotFoundError):

@@ -17,7 +17,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from harness_comfyui import ComfyInstall, prepare_pack_link
+from testkit.comfyui import ComfyInstall, prepare_pack_link
 
 STARTUP_TIMEOUT_S = 240
 

@@ -7,6 +7,7 @@ uninitialised. Conditioning is random tensors of the model's text width (no text
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
 
@@ -214,3 +215,27 @@ def ltxv_conditioning(length=6, width=32, seed=1, frame_rate=25):
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, length, width, generator=generator),
              {"attention_mask": torch.ones(1, length, dtype=torch.long), "frame_rate": frame_rate}]]
+
+
+# ------------------------------------------------------------------ shared by the tier-2 family tests
+def spy_calls(fa, monkeypatch):
+    """Record (layer, prefix tokens, suffix tokens, token grid) of every attention the patched run takes."""
+    run_state = sys.modules[fa.patcher.RunState.__module__]
+    seen = []
+    original = run_state.RunState.attend
+
+    def spy(self, **kw):
+        seen.append((kw["layer"], kw["prefix_tokens"], kw["suffix_tokens"], kw["token_grid"]))
+        return original(self, **kw)
+
+    monkeypatch.setattr(run_state.RunState, "attend", spy)
+    return seen
+
+
+def mixed_plan(fa, model, steps=4):
+    """A plan of full attention at step 0, then output sharing and residual window attention alternating."""
+    layers = fa.families.detect_family(model).layer_names(model.model.diffusion_model)
+    rows = [["full_attn"] * len(layers)]
+    for t in range(1, steps):
+        rows.append([("output_share" if (i + t) % 2 else "residual_window_attn") for i in range(len(layers))])
+    return fa.Plan(rows, {"layer_names": layers})
