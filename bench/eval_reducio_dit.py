@@ -89,6 +89,7 @@ def evaluate_zoom_roll(model: ReducioDiT, vae: ReducioVAE, encoders, images: lis
                        steps: int | None) -> tuple[dict, dict]:
     """(summary, {(image index, direction): video}) of zoom and roll captions, one per image x direction."""
     hits, videos, found = 0, {}, {}
+    by_caption = {direction: {} for direction in ZOOM_ROLL_CAPTIONS}      # caption -> {reading: count}
     for i, (photo, image) in enumerate(images):
         for direction, caption in ZOOM_ROLL_CAPTIONS.items():
             video, _ = generate_video(model, vae, conditions(encoders, caption.format(PHOTOS[photo]), image), image,
@@ -96,11 +97,12 @@ def evaluate_zoom_roll(model: ReducioDiT, vae: ReducioVAE, encoders, images: lis
             video = video.clamp(-1, 1)
             seen = zoom_roll_direction(video[0], CONTENT_INDEX)
             found[seen] = found.get(seen, 0) + 1
+            by_caption[direction][seen] = by_caption[direction].get(seen, 0) + 1
             hits += seen == direction
             videos[(i, direction)] = video
     total = max(1, len(images) * len(ZOOM_ROLL_CAPTIONS))
     return {"zoom_roll_accuracy": round(hits / total, 3), "zoom_roll_samples": len(images) * len(ZOOM_ROLL_CAPTIONS),
-            "zoom_roll_seen": found}, videos
+            "zoom_roll_seen": found, "zoom_roll_by_caption": by_caption}, videos
 
 
 def sprite_images(size: int, count: int, seed: int) -> list[tuple[str, torch.Tensor, object]]:
@@ -195,9 +197,10 @@ def main(argv=None) -> int:
                   "(\"the camera zooms in / out on the <photo> photo\", \"the camera rolls clockwise / counterclockwise "
                   "over the <photo> photo\"), the zoom or roll read off the clip (`reducio.vae.motion.zoom_roll_direction`)."
                   " Chance is 25 %.", "",
-                  "| model | zoom / roll accuracy | read |", "| --- | --- | --- |"]
+                  "| model | zoom / roll accuracy | read, per caption |", "| --- | --- | --- |"]
         for name, r in (("trained", trained), ("untrained (same architecture)", baseline)):
-            seen = ", ".join(f"{k} {v}" for k, v in sorted(r["zoom_roll_seen"].items()))
+            seen = "; ".join(f"{caption}: " + ", ".join(f"{k} {v}" for k, v in sorted(read.items()))
+                             for caption, read in r["zoom_roll_by_caption"].items())
             lines.append(f"| {name} | {r['zoom_roll_accuracy']:.0%} | {seen} |")
         save_contact_sheet(args.out.parent / (args.out.name + "_zoom_roll.png"),
                            [("content image", images[0][1][:, :, None].expand(-1, -1, 16, -1, -1))]

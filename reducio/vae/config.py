@@ -73,7 +73,7 @@ FUSE_TYPES = ("attn", "add", "add+attn", "warp", "attn+warp")
 # the parts that add content features of the same resolution (they need ch_fuse[level] == level)
 SAME_LEVEL_FUSIONS = ("add", "warp")
 # where the latent's motion comes from: 'learned' (the official encoder), 'measured' (ours: channels 0-1
-# hold the clip's measured global motion, motion.py) or 'measured+objects' (ours: channels 2-3 also hold
+# hold the clip's measured global motion, motion.py), 'measured+objects' (ours: channels 2-3 also hold
 # the measured motion of what moves against the camera, per latent cell) or 'measured-similarity+objects'
 # (ours: that with the camera's pan, zoom and roll held per latent cell); the measured kinds need a warp
 # level and this many channels (motion.MAX_UNITS / MAX_OBJECT_UNITS keep the motion channels' share of

@@ -103,8 +103,8 @@ def test_the_caption_steers_the_camera_through_the_graph(comfy, loaded, content_
     for direction in ("left", "right", "up", "down"):
         frames = graph_frames(comfy, loaded, embedded.sample_caption(direction), content_image, seed=0)
         seen[direction] = pan_along(frames.permute(3, 0, 1, 2) * 2 - 1, direction)
-    # every caption moves the camera its way, more than across it. Measured on the shipped models (px per
-    # frame, seeds 0-2): right 0.40-0.51, up 0.63-0.77, down 0.41-0.47, but left only 0.09-0.17 on this
-    # picture -- slower than pan_direction's 0.25 "still" cut (on 32 held-out clips 31 pan as captioned,
-    # bench/reducio_dit_quality.md)
-    assert all(along > 0.05 and along > across for along, across in seen.values()), seen
+    # every caption moves the camera its way, faster than pan_direction's 0.25 px per frame "still" cut and
+    # more than across it. Measured on the shipped models (px per frame, seeds 0-2, stand-alone pipeline):
+    # left 0.36-0.46, right 0.50-0.73, up 0.67-0.85, down 0.70-0.77, across at most 0.07 (on 32 held-out
+    # clips 31 pan as captioned, bench/reducio_dit_quality.md)
+    assert all(along > 0.25 and along > 2 * across for along, across in seen.values()), seen

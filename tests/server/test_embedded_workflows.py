@@ -43,5 +43,5 @@ def test_image_to_video_workflow_follows_its_caption(comfy_server, tmp_path):
                                     tmp_path / f"{direction}.png", caption=text["inputs"]["text"])
         seen[direction] = pan_along(read_clip(output), direction)
         assert figures["frames"] == 16 and figures["caption_direction"] == direction
-    # each caption moves the camera its way (slowly for "left" on this picture: test_embedded_models.py)
-    assert all(along > 0.05 and along > across for along, across in seen.values()), seen
+    # each caption moves the camera its way (measured speeds: test_embedded_models.py)
+    assert all(along > 0.25 and along > 2 * across for along, across in seen.values()), seen

@@ -87,6 +87,7 @@ def test_dit_bench_counts_every_caption_and_compares_with_the_untrained_model(mo
         assert 0.0 <= result["direction_accuracy"] <= 1.0
         assert sum(result["sprite_directions_seen"].values()) == 4 and 0.0 <= result["sprite_accuracy"] <= 1.0
         assert sum(result["zoom_roll_seen"].values()) == 4 and 0.0 <= result["zoom_roll_accuracy"] <= 1.0
+        assert [sum(read.values()) for read in result["zoom_roll_by_caption"].values()] == [1, 1, 1, 1]
     assert (models["root"] / "dit_quality_sprites.png").stat().st_size > 0
     assert (models["root"] / "dit_quality_zoom_roll.png").stat().st_size > 0
     assert "Chance is 25 %" in out.with_suffix(".md").read_text()
