@@ -44,7 +44,7 @@ velocity fitted per cell instead of the means did worse: median 1.19, 37 % beyon
 Camera per cell (``latent_motion: "measured-similarity+objects"``, ours): channels 0-1 hold the camera's
 motion per latent cell instead of one value for the frame, so a zoom or a roll -- a shift that grows
 with the distance from the centre -- is in the latent too. The camera is a similarity transform (pan,
-zoom, roll) fitted robustly to the shifts of 16-pixel tiles (:func:`camera_similarity`), evaluated at
+zoom, roll) fitted robustly to the shifts of tiles (16 pixels at 64 px) (:func:`camera_similarity`), evaluated at
 each cell's centre; with 'linear' interpolation the decoder gets the transform's field back exactly.
 Measured on the first 96 held-out clips at 64 px against the exact motion (cell x latent-frame checks):
 clips with sprites 5 % more than a pixel off (one shift per frame: 38 %; each cell's own shift: 23 %).
@@ -81,13 +81,15 @@ OBJECT_CHANGE = 0.1
 # without any object; a sprite's cells are at 9 (median), 3.4 (quartile)
 OBJECT_ACCEPT = 0.6
 OBJECT_MIN_CHANGE = 1.0
-# measured-similarity+objects: the camera's similarity transform is fitted to the shifts of tiles this
-# large, reweighted this many times with this residual scale in pixels (measured on the first 96
-# held-out clips at 64 px, 1536 cell x latent-frame checks against the exact motion: with sprites 5 %
-# of the cells more than a pixel off and none beyond 3; 32-pixel tiles 21 % and 9 %)
+# measured-similarity+objects: the camera's similarity transform is fitted to the shifts of tiles at
+# least this large, reweighted this many times with this residual scale in pixels (measured on the
+# first 96 held-out clips at 64 px, 1536 cell x latent-frame checks against the exact motion: with
+# sprites 4.5 % of the cells more than a pixel off and 0.3 % beyond 3; 32-pixel tiles 21 % and 9 %)
 CAMERA_TILE_PIXELS = 16
 CAMERA_FIT_ROUNDS = 6
 CAMERA_FIT_SCALE = 1.0
+# a tile whose content varies less than this share of the median tile's counts that much less
+CAMERA_FLAT_FRACTION = 0.25
 # zoom_roll_direction: a third of the slowest zoom (0.6 % per frame) and roll (0.4 degree per frame) of
 # the synthetic clips (reducio.data.synthetic.ZOOM_RATE, ROLL_RATE)
 ZOOM_SEEN = 0.002
@@ -107,32 +109,45 @@ def frame_shifts(video: torch.Tensor, content_index: int) -> torch.Tensor:
     return shifts
 
 
-def camera_similarity(video: torch.Tensor, content_index: int, tile: int = CAMERA_TILE_PIXELS) -> torch.Tensor:
-    """Per frame, the camera's motion as a similarity transform fitted to the shifts of ``tile``-pixel tiles
-    against the content frame's: ``[B, T, 4]`` = (tx, ty, zoom, roll), the backward flow at (x, y) pixels
-    from the frame's centre being (tx + zoom * x - roll * y, ty + zoom * y + roll * x). Zero for the
-    content frame. Each tile's shift is :func:`frame_shifts` of that tile; the fit is least squares
-    reweighted ``CAMERA_FIT_ROUNDS`` times by 1 / (1 + (residual / ``CAMERA_FIT_SCALE``)^2), so tiles
-    that a sprite moves count little."""
-    batch, _, frames, height, width = video.shape
-    rows, cols = height // tile, width // tile
-    tiles = video[..., :rows * tile, :cols * tile].reshape(batch, -1, frames, rows, tile, cols, tile)
-    tiles = tiles.permute(0, 3, 5, 1, 2, 4, 6).reshape(batch * rows * cols, -1, frames, tile, tile)
+def camera_similarity(video: torch.Tensor, content_index: int, tile: int | None = None) -> torch.Tensor:
+    """Per frame, the camera's motion as a similarity transform fitted to the shifts of square tiles against
+    the content frame: ``[B, T, 4]`` = (tx, ty, zoom, roll), the backward flow at (x, y) pixels from the
+    frame's centre being (tx + zoom * x - roll * y, ty + zoom * y + roll * x). Zero for the content frame.
+
+    Tiles are a quarter of the frame's short side, at least ``CAMERA_TILE_PIXELS`` (``tile`` overrides):
+    a tile's shift (:func:`frame_shifts` of the tile) wraps at half its size, so the reach is 12.5 % of
+    the short side at every size (the 16-pixel tiles the tiny model was trained with at 64 px would lose
+    every shift above 8 pixels at 256 px). (Correlating against the content frame moved by the global
+    shift first was tried: with sprites it put 18 % of cells more than a pixel off, against 5 %.) The
+    fit is least squares, each tile weighted by its texture (its content's standard deviation against
+    ``CAMERA_FLAT_FRACTION`` of the median tile's, at most 1: a flat tile reports a confident but
+    meaningless zero) and reweighted ``CAMERA_FIT_ROUNDS`` times by 1 / (1 + (residual / scale)^2),
+    scale ``CAMERA_FIT_SCALE`` pixels per 16 pixels of tile, so the tiles a sprite moves count little."""
+    batch, channels, frames, height, width = video.shape
+    tile = tile or max(CAMERA_TILE_PIXELS, min(height, width) // 4)
+    rows, cols = max(1, height // tile), max(1, width // tile)
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    cut = video[..., :rows * tile_h, :cols * tile_w].reshape(batch, channels, frames, rows, tile_h, cols, tile_w)
+    tiles = cut.permute(0, 3, 5, 1, 2, 4, 6).reshape(batch * rows * cols, channels, frames, tile_h, tile_w)
     shifts = frame_shifts(tiles, content_index).reshape(batch, rows * cols, 2, frames).permute(0, 3, 2, 1)
     shifts = shifts.reshape(batch, frames, 2 * rows * cols)                 # [B, T, (dx of every tile, dy ...)]
-    ys, xs = torch.meshgrid((torch.arange(rows, dtype=torch.float32) + 0.5) * tile - height / 2,
-                            (torch.arange(cols, dtype=torch.float32) + 0.5) * tile - width / 2, indexing="ij")
+    texture = tiles[:, :, content_index].float().flatten(1).std(1).reshape(batch, rows * cols)
+    flat = CAMERA_FLAT_FRACTION * texture.median(1, keepdim=True).values
+    texture = (texture / flat.clamp_min(1e-6)).clamp(max=1).repeat(1, 2)                         # [B, 2N]
+    ys, xs = torch.meshgrid((torch.arange(rows, dtype=torch.float32) + 0.5) * tile_h - height / 2,
+                            (torch.arange(cols, dtype=torch.float32) + 0.5) * tile_w - width / 2, indexing="ij")
     xs, ys = xs.flatten().to(video.device), ys.flatten().to(video.device)
     one, zero = torch.ones_like(xs), torch.zeros_like(xs)
     design = torch.cat([torch.stack([one, zero, xs, -ys], 1), torch.stack([zero, one, ys, xs], 1)])   # [2N, 4]
-    weights = torch.ones_like(shifts)
+    weights = texture[:, None].expand(-1, frames, -1)
     ridge = 1e-6 * torch.eye(4, device=video.device)
+    scale = CAMERA_FIT_SCALE * tile / CAMERA_TILE_PIXELS
     for _ in range(CAMERA_FIT_ROUNDS):
         weighted = design * weights[..., None]                                                    # [B, T, 2N, 4]
         params = torch.linalg.solve(weighted.transpose(-1, -2) @ design + ridge,
                                     (weighted.transpose(-1, -2) @ shifts[..., None]))[..., 0]    # [B, T, 4]
         residual = (shifts - params @ design.T).reshape(batch, frames, 2, -1).norm(dim=2)
-        weights = (1 / (1 + (residual / CAMERA_FIT_SCALE) ** 2)).repeat(1, 1, 2)
+        weights = (1 / (1 + (residual / scale) ** 2)).repeat(1, 1, 2) * texture[:, None]
     params[:, content_index] = 0.0
     return params
 
@@ -221,8 +236,8 @@ def object_shifts(video: torch.Tensor, camera: torch.Tensor, content_index: int,
     predicted = warp_frames(clip[:, content_index], flow).transpose(1, 2)              # [B, T, 3, h, w]
     weight = ((clip - predicted).abs().mean(2) - OBJECT_CHANGE).clamp_min(0)            # [B, T, h, w]
     # what the camera brings in at the frame's edges was never in the content frame: not an object
-    xs = torch.arange(work_w, device=video.device).reshape(1, 1, 1, work_w) + 0.5 + flow[:, 0, :, :1, :]
-    ys = torch.arange(work_h, device=video.device).reshape(1, 1, work_h, 1) + 0.5 + flow[:, 1, :, :, :1]
+    xs = torch.arange(work_w, device=video.device).reshape(1, 1, 1, work_w) + 0.5 + flow[:, 0]
+    ys = torch.arange(work_h, device=video.device).reshape(1, 1, work_h, 1) + 0.5 + flow[:, 1]
     weight = weight * ((xs >= 0) & (xs <= work_w) & (ys >= 0) & (ys <= work_h))
 
     def cell_cost(candidate: torch.Tensor) -> torch.Tensor:
