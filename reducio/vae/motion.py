@@ -44,13 +44,13 @@ velocity fitted per cell instead of the means did worse: median 1.19, 37 % beyon
 Camera per cell (``latent_motion: "measured-similarity+objects"``, ours): channels 0-1 hold the camera's
 motion per latent cell instead of one value for the frame, so a zoom or a roll -- a shift that grows
 with the distance from the centre -- is in the latent too. The camera is a similarity transform (pan,
-zoom, roll) fitted robustly to the shifts of tiles (16 pixels at 64 px) (:func:`camera_similarity`), evaluated at
-each cell's centre; with 'linear' interpolation the decoder gets the transform's field back exactly.
+zoom, roll) fitted robustly to the shifts of tiles, 16 pixels at 64 px (:func:`camera_similarity`),
+evaluated at each cell's centre; with 'linear' interpolation the decoder gets the transform's field back exactly.
 Measured on the first 96 held-out clips at 64 px against the exact motion (cell x latent-frame checks):
-clips with sprites 5 % more than a pixel off (one shift per frame: 38 %; each cell's own shift: 23 %).
+clips with sprites 4.5 % more than a pixel off (one shift per frame: 38 %; each cell's own shift: 23 %).
 The content frame moved by the measured camera, on the sprite-free zoom clips: 27.9 dB with one shift
-per frame, 34.8 dB with per-cell shifts and 'linear' interpolation (exact motion: 36.2); rolls 39.2 and
-44.4 dB (48.6).
+per frame, 35.8 dB with the similarity fit and 'linear' interpolation (exact motion: 36.2); rolls 38.7
+and 47.7 dB (48.6).
 """
 from __future__ import annotations
 
