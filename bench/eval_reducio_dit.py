@@ -60,23 +60,36 @@ def conditions(encoders, caption: str, image: torch.Tensor) -> Conditions:
                       content_latent=encoders.encode_content(image).float())
 
 
+def evaluate_captions(model: ReducioDiT, vae: ReducioVAE, encoders, cases: list, seed: int, steps: int | None,
+                      read) -> tuple[dict, dict]:
+    """Generate one clip per case (image index, image, expected reading, caption) and read its motion with
+    ``read(video [3, T, H, W], case)``: ({"hits", "total", "found" {reading: n}, "by_expected" {expected:
+    {reading: n}}, "drift" [frame-7 PSNR]}, {(image index, expected): video})."""
+    tally = {"hits": 0, "total": len(cases), "found": {}, "by_expected": {}, "drift": []}
+    videos = {}
+    for index, image, expected, caption in cases:
+        video, _ = generate_video(model, vae, conditions(encoders, caption, image), image, seed=seed + index,
+                                  steps=steps)
+        video = video.clamp(-1, 1)
+        seen = read(video[0], index)
+        tally["found"][seen] = tally["found"].get(seen, 0) + 1
+        counts = tally["by_expected"].setdefault(expected, {})
+        counts[seen] = counts.get(seen, 0) + 1
+        tally["hits"] += seen == expected
+        tally["drift"].append(float(psnr(video[:, :, CONTENT_INDEX:CONTENT_INDEX + 1], image[:, :, None])))
+        videos[(index, expected)] = video
+    return tally, videos
+
+
 def evaluate(model: ReducioDiT, vae: ReducioVAE, encoders, images: list[tuple[str, torch.Tensor]], seed: int,
              steps: int | None) -> tuple[dict, dict]:
-    """(summary, {(image index, direction): video}) of one model on every image x direction."""
-    hits, drift, videos, found = 0, [], {}, {d: 0 for d in DIRECTIONS + ("still",)}
-    for i, (photo, image) in enumerate(images):
-        for direction in DIRECTIONS:
-            caption = f"the camera pans {direction} over the {PHOTOS[photo]} photo"
-            video, _ = generate_video(model, vae, conditions(encoders, caption, image), image, seed=seed + i,
-                                      steps=steps)
-            video = video.clamp(-1, 1)
-            seen = pan_direction(video[0])
-            found[seen] += 1
-            hits += seen == direction
-            drift.append(float(psnr(video[:, :, CONTENT_INDEX:CONTENT_INDEX + 1], image[:, :, None])))
-            videos[(i, direction)] = video
-    total = len(images) * len(DIRECTIONS)
-    return {"direction_accuracy": round(hits / total, 3), "samples": total, "directions_seen": found,
+    """(summary, {(image index, direction): video}) of one model on every image x pan caption."""
+    cases = [(i, image, direction, f"the camera pans {direction} over the {PHOTOS[photo]} photo")
+             for i, (photo, image) in enumerate(images) for direction in DIRECTIONS]
+    tally, videos = evaluate_captions(model, vae, encoders, cases, seed, steps, lambda video, _: pan_direction(video))
+    drift = tally["drift"]
+    return {"direction_accuracy": round(tally["hits"] / tally["total"], 3), "samples": tally["total"],
+            "directions_seen": {d: tally["found"].get(d, 0) for d in DIRECTIONS + ("still",)},
             "frame7_psnr_mean": round(sum(drift) / len(drift), 2), "frame7_psnr_min": round(min(drift), 2)}, videos
 
 
@@ -88,21 +101,13 @@ ZOOM_ROLL_CAPTIONS = {"in": "the camera zooms in on the {} photo", "out": "the c
 def evaluate_zoom_roll(model: ReducioDiT, vae: ReducioVAE, encoders, images: list[tuple[str, torch.Tensor]], seed: int,
                        steps: int | None) -> tuple[dict, dict]:
     """(summary, {(image index, direction): video}) of zoom and roll captions, one per image x direction."""
-    hits, videos, found = 0, {}, {}
-    by_caption = {direction: {} for direction in ZOOM_ROLL_CAPTIONS}      # caption -> {reading: count}
-    for i, (photo, image) in enumerate(images):
-        for direction, caption in ZOOM_ROLL_CAPTIONS.items():
-            video, _ = generate_video(model, vae, conditions(encoders, caption.format(PHOTOS[photo]), image), image,
-                                      seed=seed + i, steps=steps)
-            video = video.clamp(-1, 1)
-            seen = zoom_roll_direction(video[0], CONTENT_INDEX)
-            found[seen] = found.get(seen, 0) + 1
-            by_caption[direction][seen] = by_caption[direction].get(seen, 0) + 1
-            hits += seen == direction
-            videos[(i, direction)] = video
-    total = max(1, len(images) * len(ZOOM_ROLL_CAPTIONS))
-    return {"zoom_roll_accuracy": round(hits / total, 3), "zoom_roll_samples": len(images) * len(ZOOM_ROLL_CAPTIONS),
-            "zoom_roll_seen": found, "zoom_roll_by_caption": by_caption}, videos
+    cases = [(i, image, direction, caption.format(PHOTOS[photo]))
+             for i, (photo, image) in enumerate(images) for direction, caption in ZOOM_ROLL_CAPTIONS.items()]
+    tally, videos = evaluate_captions(model, vae, encoders, cases, seed, steps,
+                                      lambda video, _: zoom_roll_direction(video, CONTENT_INDEX))
+    return {"zoom_roll_accuracy": round(tally["hits"] / max(1, tally["total"]), 3), "zoom_roll_samples": tally["total"],
+            "zoom_roll_seen": tally["found"],
+            "zoom_roll_by_caption": {d: tally["by_expected"].get(d, {}) for d in ZOOM_ROLL_CAPTIONS}}, videos
 
 
 def sprite_images(size: int, count: int, seed: int) -> list[tuple[str, torch.Tensor, object]]:
@@ -120,20 +125,13 @@ def sprite_images(size: int, count: int, seed: int) -> list[tuple[str, torch.Ten
 def evaluate_sprites(model: ReducioDiT, vae: ReducioVAE, encoders, images: list, seed: int,
                      steps: int | None) -> tuple[dict, dict]:
     """(summary, {(image index, direction): video}) of sprite captions, one per image x direction."""
-    hits, videos, found = 0, {}, {}
-    for i, (photo, image, sprite) in enumerate(images):
-        for direction in DIRECTIONS:
-            caption = (f"a still view of the {PHOTOS[photo]} photo; a {sprite.colour} {sprite.shape} moves "
-                       f"{direction}")
-            video, _ = generate_video(model, vae, conditions(encoders, caption, image), image, seed=seed + i,
-                                      steps=steps)
-            seen = sprite_direction(video.clamp(-1, 1)[0], COLOURS[sprite.colour])
-            found[seen] = found.get(seen, 0) + 1
-            hits += seen == direction
-            videos[(i, direction)] = video.clamp(-1, 1)
-    total = max(1, len(images) * len(DIRECTIONS))
-    return {"sprite_accuracy": round(hits / total, 3), "samples": len(images) * len(DIRECTIONS),
-            "sprite_directions_seen": found}, videos
+    cases = [(i, image, direction, f"a still view of the {PHOTOS[photo]} photo; a {sprite.colour} {sprite.shape} "
+                                   f"moves {direction}")
+             for i, (photo, image, sprite) in enumerate(images) for direction in DIRECTIONS]
+    tally, videos = evaluate_captions(model, vae, encoders, cases, seed, steps,
+                                      lambda video, i: sprite_direction(video, COLOURS[images[i][2].colour]))
+    return {"sprite_accuracy": round(tally["hits"] / max(1, tally["total"]), 3), "sprite_samples": tally["total"],
+            "sprite_directions_seen": tally["found"]}, videos
 
 
 def main(argv=None) -> int:

@@ -46,12 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     vae = sub.add_parser("vae", help="train / fine-tune a Reducio VAE (official objective)")
     _data(vae)
     _common(vae, batch=4, lr=2e-5)
-    vae.add_argument("--model", default=None, help="preset: tiny (default), tiny-objects, test, ft4, ft2")
+    vae.add_argument("--model", default=None, help="preset: tiny (default), tiny-objects, tiny-cells, tiny-composite, test, ft4, ft2")
     vae.add_argument("--model-config", default=None, help="JSON file with ReducioVAE constructor kwargs")
     vae.add_argument("--init", default=None, help="start from these VAE weights (official .ckpt or .safetensors)")
     vae.add_argument("--init-matching", action="store_true",
                      help="with --init: build --model / --model-config and take only the tensors that match by "
                           "name and shape (the rest start fresh)")
+    vae.add_argument("--freeze-latent", action="store_true",
+                     help="keep the video encoder (encoder_3d, quant_conv) as it starts: the latents stay the same, "
+                          "so a DiT trained on them stays valid; the content encoder and decoder train")
     vae.add_argument("--kl-weight", type=float, default=1e-6)
     vae.add_argument("--disc-start", type=int, default=10001)
     vae.add_argument("--disc-weight", type=float, default=0.05)

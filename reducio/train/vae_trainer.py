@@ -31,7 +31,7 @@ from .vae_objective import (DiscriminatorPair, PatchDiscriminator3D, VAELossConf
 
 
 def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_position=None, fuse_type="attn",
-            norm_groups=None, latent_motion=None, motion_interpolation=None) -> dict:
+            norm_groups=None, latent_motion=None, motion_interpolation=None, composite_output=None) -> dict:
     extra = {} if content_position is None else {"content_position": content_position}
     if norm_groups is not None:
         extra["norm_groups"] = norm_groups
@@ -39,6 +39,8 @@ def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_positi
         extra["latent_motion"] = latent_motion
     if motion_interpolation is not None:
         extra["motion_interpolation"] = motion_interpolation
+    if composite_output is not None:
+        extra["composite_output"] = composite_output
     return {"ddconfig": {"ch": ch, "ch_in": ch, "f_t": 2, "out_ch": 3, "z_channels": z, "temp_res": 16,
                          "ch_mult": ch_mult, "ch_fuse": ch_fuse, "fuse_type": fuse_type, "num_res_blocks": blocks,
                          "fuse_mid": True, "window_size": 128, **extra},
@@ -65,6 +67,9 @@ def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_positi
 # 'measured-similarity+objects': zooms and rolls are in the latent) and spread linearly over the frames and
 # pixels by the decoder (motion_interpolation 'linear': held at each latent frame's mean, a sprite was
 # off by up to 1.5 frames' motion, and the decoder blurred it). motion.py has the measurements.
+# "tiny-composite": "tiny-cells" whose output mixes in the content frame moved by the decoder's flows
+# (ddconfig.composite_output, FusionDecoder): its sprites and edges blurred through conv_out even where
+# the motion was exact. Fine-tuned with --freeze-latent, its latents are tiny-cells' own.
 # "test": 3 levels (H/4) and 8 channels, for unit tests only.
 TINY_FUSE_TYPES = ["warp", "warp", "attn+warp", "attn+warp", "attn", "attn"]
 VAE_PRESETS = {
@@ -77,6 +82,10 @@ VAE_PRESETS = {
     "tiny-cells": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
                                   content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
                                   latent_motion="measured-similarity+objects", motion_interpolation="linear"),
+    "tiny-composite": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
+                                      content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
+                                      latent_motion="measured-similarity+objects", motion_interpolation="linear",
+                                      composite_output=True),
     "test": lambda: _preset(32, [1, 1, 1], [-1, 1, -1], 32, [1, 1], 8),
     "ft4": lambda: official_config("ft4"),
     "ft2": lambda: official_config("ft2"),
@@ -176,9 +185,10 @@ def lr_factor_d(step: int, start: int, ramp: int, factor: float) -> float:
 class VAETrainer(Trainer):
     name = "vae"
     IDENTITY = ("model_config", "data", "size", "clips", "fps", "seed", "batch_size", "lr", "disc_lr_scale",
-                "kl_weight", "disc_start", "disc_weight", "disc_ndf", "disc_norm", "perceptual",
+                "freeze_latent", "kl_weight", "disc_start", "disc_weight", "disc_ndf", "disc_norm", "perceptual",
                 "perceptual_weight", "penalty_weight", "grad_clip", "lr_decay_steps", "precision", "motion_hint_weight",
                 "posterior")
+    IDENTITY_DEFAULTS = {"freeze_latent": False}
     EXPORT = ("model",)
 
     def __init__(self, settings: dict, dataset, dist):
@@ -202,6 +212,10 @@ class VAETrainer(Trainer):
         if init_state is not None:
             self.vae.load_state_dict(init_state, strict=not self.settings.get("init_matching", False))
         self.vae.train()
+        if s.get("freeze_latent"):
+            # the latent is encoder_3d -> quant_conv (and the measurement): fixed, it stays bit-identical
+            for module in (self.vae.encoder_3d, self.vae.quant_conv):
+                module.requires_grad_(False)
         size = parse_size(s["size"])
         sf, frames = self.vae.spatial_factor, self.vae.latent_frames
         if size[0] % sf or size[1] % sf:
@@ -232,7 +246,7 @@ class VAETrainer(Trainer):
             self.g_model = DDP(self.g_model, device_ids=ids, find_unused_parameters=True)
             self.d_model = DDP(self.d_model, device_ids=ids)
         betas = (0.5, 0.9)
-        self.opt_g = torch.optim.Adam(self.vae.parameters(), lr=s["lr"], betas=betas)
+        self.opt_g = torch.optim.Adam([p for p in self.vae.parameters() if p.requires_grad], lr=s["lr"], betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=s["lr"] * s["disc_lr_scale"], betas=betas)
         self.precision = resolve_precision(s.get("precision"), self.device)
 
@@ -281,7 +295,8 @@ class VAETrainer(Trainer):
         self.opt_g.zero_grad(set_to_none=True)
         total.backward()
         if s.get("grad_clip"):
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), s["grad_clip"])
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_([p for p in self.vae.parameters() if p.requires_grad],
+                                                                  s["grad_clip"])
         self.opt_g.step()
         if disc_on:
             self.opt_d.zero_grad(set_to_none=True)      # drop what the generator loss put there

@@ -95,7 +95,8 @@ def fusion_parts(kind) -> tuple:
     return tuple(str(kind).split("+")) if kind else ()
 _VIDEO_KEYS = {"ch", "ch_in", "f_t", "f_s", "out_ch", "z_channels", "temp_res", "ch_mult", "ch_fuse",
                "fuse_type", "num_res_blocks", "fuse_mid", "fuse_mid_type", "window_size", "tanh_out",
-               "in_channels", "content_position", "norm_groups", "latent_motion", "motion_interpolation"}
+               "in_channels", "content_position", "norm_groups", "latent_motion", "motion_interpolation",
+               "composite_output"}
 _CONTENT_KEYS = {"ch", "ch_mult", "num_res_blocks", "out_z", "window_size", "f_s", "fs", "in_channels"}
 _INERT_CONTENT_KEYS = {"z_channels", "out_ch", "resolution", "attn_resolutions", "dropout",
                        "use_checkpoint", "fp32_attention", "double_z", "resamp_with_conv", "temp_res",
@@ -252,6 +253,19 @@ def validate_config(config) -> dict:
         if dd["motion_interpolation"] != "held" and dd.get("latent_motion", "learned") == "learned":
             raise ConfigError(f"config field ddconfig.motion_interpolation = {dd['motion_interpolation']!r} needs a measured "
                               f"ddconfig.latent_motion ({', '.join(LATENT_MOTION_KINDS[1:])}); {_FIX}")
+    if dd.get("composite_output", False) is not False:
+        # ours (the embedded tiny model): the output mixes in the content frame moved by the decoder's flows
+        # (FusionDecoder's composite output)
+        if dd["composite_output"] is not True:
+            raise ConfigError(f"config field ddconfig.composite_output = {dd['composite_output']!r} is invalid: "
+                              f"expected true or false; {_FIX}")
+        if dd.get("latent_motion", "learned") == "learned":
+            raise ConfigError(f"config field ddconfig.composite_output needs a measured ddconfig.latent_motion "
+                              f"({', '.join(LATENT_MOTION_KINDS[1:])}): it moves the content frame by the measured "
+                              f"motion; {_FIX}")
+        if dd.get("tanh_out", False):
+            raise ConfigError(f"config fields ddconfig.composite_output and ddconfig.tanh_out cannot both be true "
+                              f"(the mix of content pictures already lies in [-1, 1]); {_FIX}")
     if "norm_groups" in dd:
         # ours (the embedded tiny model): the GroupNorm group count of all three branches (official: 32)
         groups = check_int("ddconfig.norm_groups", dd["norm_groups"], 1, 1024, _FIX)

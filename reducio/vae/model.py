@@ -80,7 +80,8 @@ class ReducioVAE(nn.Module):
             fuse_mid=ddconfig.get("fuse_mid", False), fuse_mid_type=ddconfig.get("fuse_mid_type"),
             window_size=window, content_position=ddconfig.get("content_position", "none"),
             fuse_type=ddconfig.get("fuse_type", "attn"), objects=has_object_channels(self.latent_motion),
-            linear_motion=self.motion_interpolation == "linear")
+            linear_motion=self.motion_interpolation == "linear",
+            composite=bool(ddconfig.get("composite_output", False)))
         groups = ddconfig.get("norm_groups", NORM_GROUPS)
         if groups != NORM_GROUPS:
             # ours, not in any official model: with 32 groups on 32-channel features every group is one
@@ -129,20 +130,24 @@ class ReducioVAE(nn.Module):
         """Content features of the content frame [B, 3, H, W].
 
         Untiled: a list (one entry per content-encoder level, taken before its downsample, plus the
-        mid feature as the last entry). Tiled: a [row][col] grid of such lists, blended, uncropped.
+        mid feature as the last entry, and for a composite decoder (``ddconfig.composite_output``) the
+        content frame itself after it). Tiled: a [row][col] grid of such lists, blended, uncropped.
         ``decoder_levels_only`` replaces entries the decoder never reads by None (saves memory).
         """
         if content.ndim != 4:
             raise ValueError(f"encode_2d expects [B, 3, H, W], got shape {tuple(content.shape)}")
         keep = self.decoder.used_content_levels() if decoder_levels_only else None
         if use_tiling:
-            return tiled_content_features(self.encoder_2d.content_features, content,
-                                          self.tile_layout(tile_size), keep)
-        feats = self.encoder_2d.content_features(content)
+            return tiled_content_features(self._content_features, content, self.tile_layout(tile_size), keep)
+        feats = self._content_features(content)
         if keep is not None:
             kept = {k % len(feats) for k in keep}
             feats = [f if i in kept else None for i, f in enumerate(feats)]
         return feats
+
+    def _content_features(self, content: torch.Tensor) -> list:
+        feats = self.encoder_2d.content_features(content)
+        return feats + [content] if self.decoder.composite else feats
 
     def moments(self, video: torch.Tensor) -> torch.Tensor:
         """quant_conv(encoder_3d(video)): [B, 2*embed_dim, T', h, w] (untiled)."""

@@ -1,6 +1,7 @@
 """Tier 1: the Reducio quality benches run end to end on tiny random models (so they cannot rot) and
 write what their docs promise. The figures themselves come from trained models (docs/embedded_models.md)."""
 import json
+import math
 
 import pytest
 
@@ -44,6 +45,12 @@ def test_vae_bench_reports_both_baselines_at_two_sizes(models):
         followed = {name: tuple(map(int, value.split("/"))) for name, value in result["sprites_followed"].items()}
         assert len({total for _, total in followed.values()}) == 1
         assert all(0 <= count <= total for count, total in followed.values())
+        # by sprite count: the groups hold every clip, and their errors pool back to the whole's
+        for name in ("vae", "repeat_content", "holes_filled"):
+            groups = result["psnr_by_sprites"][name].values()
+            assert sum(g["clips"] for g in groups) == result["clips"]
+            pooled = sum(g["clips"] * 10 ** (-g["psnr"] / 10) for g in groups) / result["clips"]
+            assert -10 * math.log10(pooled) == pytest.approx(result[name]["psnr"], abs=0.02)
     assert "Posterior at 16 px" in out.with_suffix(".md").read_text()
     assert "(e) + the ghosts' holes filled" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
@@ -84,6 +91,7 @@ def test_dit_bench_counts_every_caption_and_compares_with_the_untrained_model(mo
     for name in ("trained", "untrained"):
         result = report[name]
         assert result["samples"] == 4 and sum(result["directions_seen"].values()) == 4
+        assert result["sprite_samples"] == 4
         assert 0.0 <= result["direction_accuracy"] <= 1.0
         assert sum(result["sprite_directions_seen"].values()) == 4 and 0.0 <= result["sprite_accuracy"] <= 1.0
         assert sum(result["zoom_roll_seen"].values()) == 4 and 0.0 <= result["zoom_roll_accuracy"] <= 1.0
