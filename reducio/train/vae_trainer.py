@@ -251,7 +251,7 @@ class VAETrainer(Trainer):
         self.precision = resolve_precision(s.get("precision"), self.device)
 
     def identity(self) -> dict:
-        return {k: self.settings.get(k) for k in self.IDENTITY}
+        return {k: self.settings.get(k, self.IDENTITY_DEFAULTS.get(k)) for k in self.IDENTITY}
 
     def _autocast(self):
         return autocast_for(self.precision, self.device)

@@ -214,6 +214,12 @@ def estimate_memory(config_or_model, op: str, frames: int = 16, height: int = 25
                        * (tile_w // 2 ** (i % len(dd2["ch_mult"])))
                        for i in {k % len(dd2["ch_mult"]) for k in dd["ch_fuse"] if k >= 0} | {len(dd2["ch_mult"]) - 1})
             buffers += rows * cols * kept * itemsize
+        if dd.get("composite_output", False):
+            # FusionDecoder._composite (float32): per output element the content frame in each tile, up to
+            # three moved pictures and their distances, the mix's input ((last width + 2) channels) and weights
+            buffers += rows * cols * 3 * tile_h * tile_w * 4
+            width = (dd.get("ch_in") or dd["ch"]) * dd["ch_mult"][0]
+            buffers += clip * tile_h * tile_w * ((3 * 3 + 2 + 3) * 4 + (width + 2) * itemsize)
     total = batch * (_activation_bytes(op, largest, scores, itemsize) + buffers)
     if include_weights:
         total += parameter_count(config_or_model) * itemsize

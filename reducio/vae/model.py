@@ -147,7 +147,8 @@ class ReducioVAE(nn.Module):
 
     def _content_features(self, content: torch.Tensor) -> list:
         feats = self.encoder_2d.content_features(content)
-        return feats + [content] if self.decoder.composite else feats
+        # a copy in float32: tiled content features are blended in place, and the caller's tensor is not ours
+        return feats + [content.float().clone()] if self.decoder.composite else feats
 
     def moments(self, video: torch.Tensor) -> torch.Tensor:
         """quant_conv(encoder_3d(video)): [B, 2*embed_dim, T', h, w] (untiled)."""

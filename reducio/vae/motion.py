@@ -177,22 +177,27 @@ def zoom_roll_direction(video: torch.Tensor, content_index: int = 7) -> str:
 def camera_cells(video: torch.Tensor, content_index: int, cells: tuple[int, int]) -> torch.Tensor:
     """:func:`camera_similarity` at each latent cell's centre (its mean over the cell: the field is linear):
     ``[B, 2, T, h, w]`` (dx, dy) in pixels, the camera channels of ``measured-similarity+objects``."""
-    batch, _, frames, height, width = video.shape
+    height, width = video.shape[3:]
     rows, cols = cells
-    params = camera_similarity(video, content_index)                                   # [B, T, 4]
-    ys, xs = torch.meshgrid((torch.arange(rows, dtype=torch.float32) + 0.5) * height / rows - height / 2,
-                            (torch.arange(cols, dtype=torch.float32) + 0.5) * width / cols - width / 2, indexing="ij")
-    field = params @ similarity_design(xs.to(video.device), ys.to(video.device)).T      # [B, T, 2 * h * w]
-    return field.reshape(batch, frames, 2, rows, cols).transpose(1, 2)
+    params = camera_similarity(video, content_index)[..., None, None]                  # [B, T, 4, 1, 1]
+    ys = ((torch.arange(rows, dtype=torch.float32, device=video.device) + 0.5) * height / rows - height / 2)
+    xs = ((torch.arange(cols, dtype=torch.float32, device=video.device) + 0.5) * width / cols - width / 2)
+    return similarity_flow(params.unbind(2), xs.reshape(1, cols), ys.reshape(rows, 1))
+
+
+def similarity_flow(params, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """The similarity transform (tx, ty, zoom, roll) -- ``params``, four tensors or numbers -- as a flow at
+    the points (``xs``, ``ys``), pixels from the frame's centre: (dx, dy) stacked on dim 1,
+    dx = tx + zoom * x - roll * y, dy = ty + zoom * y + roll * x (:func:`camera_similarity`)."""
+    tx, ty, zoom, roll = params
+    return torch.stack([tx + zoom * xs - roll * ys, ty + zoom * ys + roll * xs], 1)
 
 
 def similarity_design(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """The similarity transform's flow at the points (``xs``, ``ys``) (any shape, pixels from the frame's
-    centre) as a linear map of (tx, ty, zoom, roll): ``[2N, 4]``, the N dx rows first, then the N dy rows
-    -- dx = tx + zoom * x - roll * y, dy = ty + zoom * y + roll * x (:func:`camera_similarity`)."""
-    xs, ys = xs.flatten().float(), ys.flatten().float()
-    one, zero = torch.ones_like(xs), torch.zeros_like(xs)
-    return torch.cat([torch.stack([one, zero, xs, -ys], 1), torch.stack([zero, one, ys, xs], 1)])
+    """:func:`similarity_flow` at the points ``xs``, ``ys`` (any shape, read row-major) as a linear map of (tx, ty, zoom, roll):
+    ``[2N, 4]``, the N dx rows first, then the N dy rows -- each column the flow of one unit parameter."""
+    units = torch.eye(4, dtype=torch.float32, device=xs.device)[:, :, None]          # [4 params, 4, 1]
+    return torch.stack([similarity_flow(unit, xs[None].float(), ys[None].float()).flatten() for unit in units], 1)
 
 
 def measure_latent_motion(video: torch.Tensor, content_index: int, latent_frames: int,

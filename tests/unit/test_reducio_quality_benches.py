@@ -85,15 +85,15 @@ def test_the_vae_ceilings_reproduce_the_clips_they_are_made_from():
 def test_dit_bench_counts_every_caption_and_compares_with_the_untrained_model(models):
     out = models["root"] / "dit_quality"
     assert eval_reducio_dit.main(["--dit", str(models["dit"]), "--vae", str(models["vae"]), "--size", "16",
-                                  "--images", "1", "--steps", "2", "--sprite-images", "1", "--zoom-roll-images", "1",
+                                  "--images", "1", "--steps", "2", "--sprite-images", "2", "--zoom-roll-images", "1",
                                   "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     for name in ("trained", "untrained"):
         result = report[name]
         assert result["samples"] == 4 and sum(result["directions_seen"].values()) == 4
-        assert result["sprite_samples"] == 4
+        assert result["sprite_samples"] == 8          # not the pan count (4): each summary keeps its own
         assert 0.0 <= result["direction_accuracy"] <= 1.0
-        assert sum(result["sprite_directions_seen"].values()) == 4 and 0.0 <= result["sprite_accuracy"] <= 1.0
+        assert sum(result["sprite_directions_seen"].values()) == 8 and 0.0 <= result["sprite_accuracy"] <= 1.0
         assert sum(result["zoom_roll_seen"].values()) == 4 and 0.0 <= result["zoom_roll_accuracy"] <= 1.0
         assert [sum(read.values()) for read in result["zoom_roll_by_caption"].values()] == [1, 1, 1, 1]
     assert (models["root"] / "dit_quality_sprites.png").stat().st_size > 0

@@ -363,7 +363,7 @@ def test_a_composite_decoder_gives_the_content_frame_moved_by_its_flows():
     clip = data[next(i for i in range(40) if data.spec(i).camera == "pan" and not data.spec(i).sprites)]["video"][None]
     content = clip[:, :, 7]
     feats = vae.encode_2d(content)
-    assert feats[-1] is content and vae.decoder.used_content_levels()[-2:] == [-2, -1]
+    assert torch.equal(feats[-1], content) and vae.decoder.used_content_levels()[-2:] == [-2, -1]
     # a still clip, no learned flow on top of the measured one: the camera picture is the content frame
     for module in vae.decoder.modules():
         if isinstance(module, WarpFusion):
@@ -455,7 +455,7 @@ def test_composite_output_configs_are_validated():
         ReducioVAE(**config)
 
 
-def test_freeze_latent_trains_the_decoder_and_keeps_the_latent(tmp_path):
+def test_freeze_latent_trains_the_decoder_and_keeps_the_latent(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from reducio.train.cli import main
@@ -475,7 +475,9 @@ def test_freeze_latent_trains_the_decoder_and_keeps_the_latent(tmp_path):
     assert not torch.equal(before["decoder.mix.weight"], after["decoder.mix.weight"])
     assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
     # resuming without the flag is refused: the settings differ from the checkpoint's
+    capsys.readouterr()
     assert main(["vae", "--steps", "3", "--init", str(start), "--resume", "--out", str(tmp_path / "b"), *common]) == 2
+    assert "freeze_latent: checkpoint true vs now false" in capsys.readouterr().err
 
 
 def test_a_composite_decoder_decodes_tiles_with_each_tiles_own_piece_of_the_content_frame():
@@ -491,3 +493,16 @@ def test_a_composite_decoder_decodes_tiles_with_each_tiles_own_piece_of_the_cont
     # the same picture up to the tiles' borders, where a tile's border repeats instead of reaching into its
     # neighbour (measured: mean 0.0024, against 0.023 from the clip itself)
     assert (whole - tiled).abs().mean() < 0.01 < (whole - clip).abs().mean()
+
+
+def test_a_tiled_composite_decode_leaves_the_callers_content_frame_alone():
+    """The content frame enters the feature list as a copy: tiled features are blended in place."""
+    torch.manual_seed(0)
+    vae = ReducioVAE(**composite_config()).eval()
+    clip = SyntheticClips(split="train", size=64, count=2)[0]["video"][None]
+    content = clip[:, :, 7].clone()
+    shared = content.expand(2, -1, -1, -1)          # a view: in-place writes into it would fail
+    with torch.no_grad():
+        latent = vae.encode(clip.expand(2, -1, -1, -1, -1), tiling=False)
+        vae.decode(latent, shared, tiling=True, tile_size=32)
+    assert torch.equal(content, clip[:, :, 7])
