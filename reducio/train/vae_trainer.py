@@ -246,7 +246,9 @@ class VAETrainer(Trainer):
             self.g_model = DDP(self.g_model, device_ids=ids, find_unused_parameters=True)
             self.d_model = DDP(self.d_model, device_ids=ids)
         betas = (0.5, 0.9)
-        self.opt_g = torch.optim.Adam([p for p in self.vae.parameters() if p.requires_grad], lr=s["lr"], betas=betas)
+        # what the generator optimizer steps and clips (all of the VAE but a frozen latent encoder)
+        self.trainable = [p for p in self.vae.parameters() if p.requires_grad]
+        self.opt_g = torch.optim.Adam(self.trainable, lr=s["lr"], betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=s["lr"] * s["disc_lr_scale"], betas=betas)
         self.precision = resolve_precision(s.get("precision"), self.device)
 
@@ -295,8 +297,7 @@ class VAETrainer(Trainer):
         self.opt_g.zero_grad(set_to_none=True)
         total.backward()
         if s.get("grad_clip"):
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_([p for p in self.vae.parameters() if p.requires_grad],
-                                                                  s["grad_clip"])
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, s["grad_clip"])
         self.opt_g.step()
         if disc_on:
             self.opt_d.zero_grad(set_to_none=True)      # drop what the generator loss put there

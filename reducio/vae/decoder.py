@@ -56,8 +56,8 @@ class FusionDecoder(nn.Module):
     ``composite`` (ours, ``ddconfig.composite_output``): the output is a per-pixel mix, weighted by a
     softmax the decoder predicts (``mix``, from its last features and each picture's mean distance to the
     generated output: the sharp picture that agrees with the blurred estimate), of what ``conv_out``
-    generates and the content frame itself
-    moved by the finest warp level's flow and, with ``objects``, moved by the motion the latent holds
+    generates and the content frame itself moved by the finest warp level's flow and, with ``objects``,
+    moved by the motion the latent holds
     (the camera's plus the cell's object flow, without the warp levels' own refinements: trained, those
     move the sprites too, and added to the object flow they moved them twice -- measured, that picture
     was further off on the sprites than the camera's). The content frame is then the last entry of the
@@ -70,7 +70,9 @@ class FusionDecoder(nn.Module):
     output (``MIX_INIT``), so a model trained without it begins unchanged.
     """
 
-    MIX_INIT = 4.0      # logit of the generated output against 0 for the pictures: 96.5 % generated at first (98 % without object pictures)
+    # logit of the generated output against 0 for the pictures: 96.5 % generated at first (98 % without
+    # object pictures)
+    MIX_INIT = 4.0
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], ch_fuse: Sequence[int], num_res_blocks: int,
                  z_channels: int, temp_res: int, ch_2d: int, ch_mult_2d: Sequence[int],
