@@ -70,6 +70,11 @@ def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_positi
 # "tiny-composite": "tiny-cells" whose output mixes in the content frame moved by the decoder's flows
 # (ddconfig.composite_output, FusionDecoder): its sprites and edges blurred through conv_out even where
 # the motion was exact. Fine-tuned with --freeze-latent, its latents are tiny-cells' own.
+# "tiny-steady": "tiny-composite" with two steady object motions per latent cell in channels 2-5
+# (latent_motion 'measured-similarity+steady-objects', motion.py): with one shift per cell, where two
+# sprites shared a cell one of them was wrong, and clips with two sprites held most of the error.
+# Experimental: fine-tuned from tiny-composite it has not learned to use the second slot yet
+# (docs/embedded_models.md, session 13).
 # "test": 3 levels (H/4) and 8 channels, for unit tests only.
 TINY_FUSE_TYPES = ["warp", "warp", "attn+warp", "attn+warp", "attn", "attn"]
 VAE_PRESETS = {
@@ -86,6 +91,10 @@ VAE_PRESETS = {
                                       content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
                                       latent_motion="measured-similarity+objects", motion_interpolation="linear",
                                       composite_output=True),
+    "tiny-steady": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
+                                   content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
+                                   latent_motion="measured-similarity+steady-objects", motion_interpolation="linear",
+                                   composite_output=True),
     "test": lambda: _preset(32, [1, 1, 1], [-1, 1, -1], 32, [1, 1], 8),
     "ft4": lambda: official_config("ft4"),
     "ft2": lambda: official_config("ft2"),
@@ -126,8 +135,8 @@ def resolve_vae_config(model: str | None, model_config: str | None, init: str | 
             if len(taken) * 2 < len(shapes):
                 raise TrainingError(f"--init {init} --init-matching: only {len(taken)} of the model's {len(shapes)} "
                                     f"tensors match by name and shape; this is not the same family of model")
-            print(f"--init-matching: {len(taken)} tensors taken from {init}, {len(shapes) - len(taken)} start fresh",
-                  file=sys.stderr)
+            print(f"--init-matching: {len(taken)} tensors taken from {init}, {len(shapes) - len(taken)} start fresh "
+                  f"(or from the ones they extend, where the model says so)", file=sys.stderr)
             return config, taken
         if model or model_config:
             wanted = resolve_vae_config(model, model_config, None)[0]

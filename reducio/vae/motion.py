@@ -51,6 +51,23 @@ clips with sprites 4.5 % more than a pixel off (one shift per frame: 38 %; each 
 The content frame moved by the measured camera, on the sprite-free zoom clips: 27.9 dB with one shift
 per frame, 35.8 dB with the similarity fit and 'linear' interpolation (exact motion: 36.2); rolls 38.7
 and 47.7 dB (48.6).
+
+Steady objects (``latent_motion: "measured-similarity+steady-objects"``, ours): channels 2-5 hold two
+object motions per latent cell instead of one (slot after slot, each (dx, dy) in the units above), each a
+steady velocity over the whole clip (:func:`steady_object_velocities`), stored as every latent frame's
+mean shift. Why: one shift per 32-pixel cell cannot hold two sprites that share the cell; with the
+per-cell camera and one object slot, clips with two sprites were 24.9 dB against 30.4 with one and held
+56 % of the error (32 held-out clips at 64 px). A second per-frame slot found by the same search swaps
+sprites between frames; one search over the whole clip does not. Measured on the sprite pixels of 64
+held-out clips at 64 px, the better object picture's mean squared error with one / two sprites: 0.037 /
+0.105 with one per-frame slot, 0.015 / 0.036 with two steady slots (the content frame moved by the
+better of the camera and object pictures: 31.4 / 28.0 dB against 33.0 / 31.1). Finer object cells
+instead did worse (16-pixel cells: 0.12 / 0.14): a sprite crosses them within a latent frame. In a
+sprite-free pan a slot may hold a small correction of the fitted camera (0.1-0.6 pixel per frame, in
+21 of 84 cells of the pan / still clips among 160 training clips). Two slots at their largest everywhere
+would hold more than the latent's unit variance ((2 * 2.4^2 + 4 * 1.4^2) / 16 = 1.21; :func:`embed_motion`
+then shrinks the learned channels to almost nothing); on 300 training clips the motion channels held
+at most 18 % of it (median 4.5 %).
 """
 from __future__ import annotations
 
@@ -81,6 +98,21 @@ OBJECT_CHANGE = 0.1
 # without any object; a sprite's cells are at 9 (median), 3.4 (quartile)
 OBJECT_ACCEPT = 0.6
 OBJECT_MIN_CHANGE = 1.0
+# measured-similarity+steady-objects (steady_object_velocities): slots per latent cell, working pixels per
+# latent cell (32: 1-pixel steps at 64 px) up to this many a side, and the velocity grid's step as a
+# fraction of the frame per frame (0.1 pixel per frame at 64 px). Measured on the sprite pixels of 64
+# held-out clips at 64 px (object picture's mean squared error, the better slot; shipped per-frame
+# measurement 0.037 with one sprite, 0.105 with two): 16 working pixels per cell 0.022 / 0.044, 32:
+# 0.014 / 0.034; a step of 1/1280 no better than 1/640
+STEADY_OBJECT_SLOTS = 2
+STEADY_CELL_PIXELS = 32
+STEADY_MAX_WORK = 128
+STEADY_VELOCITY_STEP = 1 / 640
+# a cell holds a steady object when its change summed over the clip reaches this much per frame (in
+# OBJECT_MIN_CHANGE's units). Measured on the same clips (sprite pixels, better slot, 1 / 2 sprites):
+# 1.0 0.017 / 0.036, 0.5 0.015 / 0.036, 0.27 0.014 / 0.035; on 200 training clips the sprite-free ones
+# got a first slot in 13 of 160 cells at each of the three
+STEADY_MIN_CHANGE = 0.5
 # measured-similarity+objects: the camera's similarity transform is fitted to the shifts of tiles at
 # least this large, reweighted this many times with this residual scale in pixels (measured on the
 # first 96 held-out clips at 64 px, 1536 cell x latent-frame checks against the exact motion: with
@@ -214,6 +246,34 @@ def measure_latent_motion(video: torch.Tensor, content_index: int, latent_frames
     return (grouped * UNITS_PER_FRAME / size).clamp(-MAX_UNITS, MAX_UNITS)
 
 
+def _camera_prediction(video: torch.Tensor, camera: torch.Tensor, content_index: int, cells: tuple[int, int],
+                       work: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The object searches' common start, at ``work`` (h, w) pixels: the clip ``[B, T, 3, h, w]``, the
+    content frame moved by ``camera`` (as in :func:`object_shifts`) and each pixel's change ``[B, T, h, w]``
+    -- its mean |difference| from that prediction beyond ``OBJECT_CHANGE``, zero where the camera brings in
+    what the content frame never showed."""
+    batch, _, frames, height, width = video.shape
+    rows, cols = cells
+    work_h, work_w = work
+    clip = video.float().transpose(1, 2).reshape(batch * frames, -1, height, width)
+    if (work_h, work_w) != (height, width):
+        clip = F.interpolate(clip, size=(work_h, work_w), mode="area")
+    clip = clip.reshape(batch, frames, -1, work_h, work_w)
+    scale = torch.tensor([work_w / width, work_h / height], device=video.device).reshape(1, 2, 1, 1, 1)
+    if camera.ndim == 5:      # pixels -> latent pixels, which linear_flow scales to the working pixels
+        to_cells = torch.tensor([cols / width, rows / height], device=video.device).reshape(1, 2, 1, 1, 1)
+        flow = linear_flow(camera.float() * to_cells, (frames, work_h, work_w))
+    else:
+        flow = (camera.float()[:, :, :, None, None] * scale).expand(-1, -1, -1, work_h, work_w)
+    predicted = warp_frames(clip[:, content_index], flow).transpose(1, 2)              # [B, T, 3, h, w]
+    weight = ((clip - predicted).abs().mean(2) - OBJECT_CHANGE).clamp_min(0)            # [B, T, h, w]
+    # what the camera brings in at the frame's edges was never in the content frame: not an object
+    xs = torch.arange(work_w, device=video.device).reshape(1, 1, 1, work_w) + 0.5 + flow[:, 0]
+    ys = torch.arange(work_h, device=video.device).reshape(1, 1, work_h, 1) + 0.5 + flow[:, 1]
+    weight = weight * ((xs >= 0) & (xs <= work_w) & (ys >= 0) & (ys <= work_h))
+    return clip, predicted, weight
+
+
 def object_shifts(video: torch.Tensor, camera: torch.Tensor, content_index: int,
                   cells: tuple[int, int]) -> torch.Tensor:
     """Per frame and latent cell, the shift of what moves against the camera: ``[B, 2, T, h, w]`` (dx, dy)
@@ -234,22 +294,7 @@ def object_shifts(video: torch.Tensor, camera: torch.Tensor, content_index: int,
     batch, _, frames, height, width = video.shape
     rows, cols = cells
     work_h, work_w = min(height, rows * OBJECT_CELL_PIXELS), min(width, cols * OBJECT_CELL_PIXELS)
-    clip = video.float().transpose(1, 2).reshape(batch * frames, -1, height, width)
-    if (work_h, work_w) != (height, width):
-        clip = F.interpolate(clip, size=(work_h, work_w), mode="area")
-    clip = clip.reshape(batch, frames, -1, work_h, work_w)
-    scale = torch.tensor([work_w / width, work_h / height], device=video.device).reshape(1, 2, 1, 1, 1)
-    if camera.ndim == 5:      # pixels -> latent pixels, which linear_flow scales to the working pixels
-        to_cells = torch.tensor([cols / width, rows / height], device=video.device).reshape(1, 2, 1, 1, 1)
-        flow = linear_flow(camera.float() * to_cells, (frames, work_h, work_w))
-    else:
-        flow = (camera.float()[:, :, :, None, None] * scale).expand(-1, -1, -1, work_h, work_w)
-    predicted = warp_frames(clip[:, content_index], flow).transpose(1, 2)              # [B, T, 3, h, w]
-    weight = ((clip - predicted).abs().mean(2) - OBJECT_CHANGE).clamp_min(0)            # [B, T, h, w]
-    # what the camera brings in at the frame's edges was never in the content frame: not an object
-    xs = torch.arange(work_w, device=video.device).reshape(1, 1, 1, work_w) + 0.5 + flow[:, 0]
-    ys = torch.arange(work_h, device=video.device).reshape(1, 1, work_h, 1) + 0.5 + flow[:, 1]
-    weight = weight * ((xs >= 0) & (xs <= work_w) & (ys >= 0) & (ys <= work_h))
+    clip, predicted, weight = _camera_prediction(video, camera, content_index, cells, (work_h, work_w))
 
     def cell_cost(candidate: torch.Tensor) -> torch.Tensor:
         error = (clip - candidate).abs().mean(2) * weight
@@ -294,25 +339,120 @@ def measure_object_motion(video: torch.Tensor, content_index: int, latent_frames
     return (grouped * OBJECT_UNITS_PER_FRAME).clamp(-MAX_OBJECT_UNITS, MAX_OBJECT_UNITS)
 
 
+def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_index: int,
+                              cells: tuple[int, int], slots: int = STEADY_OBJECT_SLOTS) -> torch.Tensor:
+    """Per latent cell, up to ``slots`` steady motions of what moves against the camera during the clip:
+    ``[B, slots, 2, h, w]`` velocities (dx, dy per frame) as fractions of the frame's width / height, a
+    backward flow on top of ``camera`` (:func:`camera_cells`, pixels): frame t at (x, y) in that cell is
+    near the content frame at (x, y) + camera + velocity * (t - content_index). Zero where none is found.
+
+    Method: the per-frame search of :func:`object_shifts` (every integer shift, at
+    ``STEADY_CELL_PIXELS`` per cell, at most ``STEADY_MAX_WORK`` pixels a side) gives each frame's cost
+    of each shift per cell; a velocity's cost is the sum over the frames of the cost of its shift in that
+    frame (rounded to the working pixels), searched on a grid of ``STEADY_VELOCITY_STEP``. The best
+    velocity is kept under the tests of :func:`object_shifts`, the change summed over the clip
+    (``OBJECT_ACCEPT``; ``OBJECT_MIN_CHANGE`` per frame on average); the pixels it explains (within
+    ``OBJECT_CHANGE``) then leave the search and the next slot searches what is left.
+    Why steady: one search over the whole clip gives each moving thing one slot for the whole clip, so
+    the slots do not swap between frames as per-frame searches do (a second per-frame slot only took
+    sprite pixels more than 2 px off from 27 % to 20 % in two-sprite clips, measured in session 12).
+    """
+    batch, _, frames, height, width = video.shape
+    rows, cols = cells
+    cell_h = min(STEADY_CELL_PIXELS, max(1, STEADY_MAX_WORK // rows))
+    cell_w = min(STEADY_CELL_PIXELS, max(1, STEADY_MAX_WORK // cols))
+    work_h, work_w = rows * cell_h, cols * cell_w
+    clip, predicted, weight = _camera_prediction(video, camera, content_index, cells, (work_h, work_w))
+    reach_y = int(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME * work_h)
+    reach_x = int(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME * work_w)
+    span_x = 2 * reach_x + 1
+    padded = F.pad(predicted.reshape(batch * frames, -1, work_h, work_w), (reach_x, reach_x, reach_y, reach_y),
+                   mode="replicate")                                                     # [B * T, 3, h', w']
+    offsets = torch.arange(frames, device=video.device, dtype=torch.float32) - content_index
+    # the velocity grid reaches MAX_OBJECT_UNITS in the latent frame farthest from the content frame
+    latent_offsets = offsets.reshape(-1, 4).mean(1).abs().max() if frames % 4 == 0 else offsets.abs().max()
+    reach_v = round(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME / float(latent_offsets) / STEADY_VELOCITY_STEP)
+    steps = torch.arange(-reach_v, reach_v + 1, device=video.device, dtype=torch.float32) * STEADY_VELOCITY_STEP
+    grid = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1).reshape(-1, 2)          # [V, 2]
+    shift_x = (grid[:, :1] * offsets * work_w).round().clamp(-reach_x, reach_x).long()          # [V, T]
+    shift_y = (grid[:, 1:] * offsets * work_h).round().clamp(-reach_y, reach_y).long()
+    shift_index = (shift_y + reach_y) * span_x + shift_x + reach_x                             # [V, T]
+    frame_index = torch.arange(frames, device=video.device)[None].expand_as(shift_index)
+    shifts = [(dx, dy) for dy in range(-reach_y, reach_y + 1) for dx in range(-reach_x, reach_x + 1)]
+
+    # only the changed pixels cost anything: the search runs over them alone (a few per cent of the clip)
+    image, ys, xs = weight.reshape(batch * frames, work_h, work_w).nonzero(as_tuple=True)
+    cell = image * rows * cols + (ys // cell_h) * cols + xs // cell_w                      # [K] per (clip, frame, cell)
+    target = clip.reshape(batch * frames, -1, work_h, work_w)[image, :, ys, xs]           # [K, 3]
+    pixel_weight = weight.reshape(batch * frames, work_h, work_w)[image, ys, xs]         # [K]
+
+    def error_at(dx: torch.Tensor | int, dy: torch.Tensor | int) -> torch.Tensor:
+        """Each changed pixel's |difference| from the prediction moved by (dx, dy) working pixels: [K]."""
+        return (target - padded[image, :, ys + reach_y + dy, xs + reach_x + dx]).abs().mean(1)
+
+    def per_cell(values: torch.Tensor) -> torch.Tensor:      # [K] or [K, S] -> summed per (clip, frame, cell)
+        out = torch.zeros(batch * frames * rows * cols, *values.shape[1:], device=video.device)
+        return out.index_add_(0, cell, values).reshape(batch, frames, rows, cols, *values.shape[1:])
+
+    velocities = torch.zeros(batch, slots, 2, rows, cols, device=video.device)
+    unexplained_error = error_at(0, 0)
+    errors = torch.stack([error_at(dx, dy) for dx, dy in shifts], 1)                      # [K, S]
+    for slot in range(slots):
+        costs = per_cell(errors * pixel_weight[:, None]).permute(0, 1, 4, 2, 3)         # [B, T, S, h, w]
+        cost = costs[:, frame_index, shift_index].sum(2)                                   # [B, V, h, w]
+        best, best_index = cost.min(1)
+        unexplained = per_cell(unexplained_error * pixel_weight).sum(1)
+        change = per_cell(pixel_weight).sum(1)
+        kept = (best <= OBJECT_ACCEPT * unexplained) & (
+            change >= STEADY_MIN_CHANGE * (frames - 1) * cell_h * cell_w / OBJECT_CELL_PIXELS ** 2)
+        velocities[:, slot] = torch.where(kept[:, None], grid[best_index].permute(0, 3, 1, 2), 0.0)
+        # the changed pixels this slot explains leave the search for the next
+        chosen = shift_index[best_index].permute(0, 3, 1, 2).reshape(-1)                 # per (clip, frame, cell)
+        chosen = chosen[cell]
+        explained = (errors.gather(1, chosen[:, None])[:, 0] < OBJECT_CHANGE) & kept.reshape(batch, 1, -1).expand(
+            -1, frames, -1).reshape(-1)[cell]
+        pixel_weight = pixel_weight * ~explained
+    return velocities
+
+
+def measure_steady_objects(video: torch.Tensor, content_index: int, latent_frames: int, cells: tuple[int, int],
+                           camera: torch.Tensor) -> torch.Tensor:
+    """The object channels of ``measured-similarity+steady-objects``: ``[B, 2 * slots, latent_frames, h, w]``
+    in units (1/8 of the frame), slot after slot as (dx, dy): each latent frame's mean of
+    :func:`steady_object_velocities` times the frames' distances from the content frame."""
+    frames = video.shape[2]
+    velocities = steady_object_velocities(video, camera, content_index, cells)               # [B, S, 2, h, w]
+    offsets = torch.arange(frames, device=video.device, dtype=torch.float32) - content_index
+    mean_offsets = offsets.reshape(latent_frames, frames // latent_frames).mean(1)
+    shifts = velocities[:, :, :, None] * mean_offsets.reshape(1, 1, 1, -1, 1, 1)             # [B, S, 2, T', h, w]
+    units = (shifts * OBJECT_UNITS_PER_FRAME).clamp(-MAX_OBJECT_UNITS, MAX_OBJECT_UNITS)
+    return units.flatten(1, 2)
+
+
 def measure_motion(video: torch.Tensor, content_index: int, latent_shape: tuple[int, int, int],
                    kind: str) -> torch.Tensor:
     """All measured channels of ``ddconfig.latent_motion`` = ``kind`` for one clip: ``[B, M, T', h, w]``."""
     latent_frames, rows, cols = latent_shape
-    if kind == "measured-similarity+objects":
+    if kind in ("measured-similarity+objects", "measured-similarity+steady-objects"):
         camera = camera_cells(video, content_index, (rows, cols)).float()
         channels = [measure_latent_motion(video, content_index, latent_frames, camera)]
     else:
         camera = frame_shifts(video, content_index).float()
         units = measure_latent_motion(video, content_index, latent_frames, camera)
         channels = [units[:, :, :, None, None].expand(-1, -1, -1, rows, cols)]
-    if has_object_channels(kind):
+    if object_slots(kind) == 1:
         channels.append(measure_object_motion(video, content_index, latent_frames, (rows, cols), camera))
+    elif object_slots(kind) > 1:
+        channels.append(measure_steady_objects(video, content_index, latent_frames, (rows, cols), camera))
     return torch.cat(channels, 1)
 
 
-def has_object_channels(kind: str) -> bool:
-    """Whether ``ddconfig.latent_motion`` = ``kind`` holds object motion in channels 2-3."""
-    return kind.endswith("+objects")
+def object_slots(kind: str) -> int:
+    """How many object motions per latent cell ``ddconfig.latent_motion`` = ``kind`` holds, two channels
+    each from channel 2 on: 0, 1 ('...+objects') or ``STEADY_OBJECT_SLOTS`` ('...+steady-objects')."""
+    if kind.endswith("+steady-objects"):
+        return STEADY_OBJECT_SLOTS
+    return 1 if kind.endswith("+objects") else 0
 
 
 def embed_motion(z: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
@@ -346,10 +486,11 @@ def read_motion_flow(z: torch.Tensor, frame_size: tuple[int, int] | None = None)
     return z[:, :MOTION_CHANNELS].float() * size / UNITS_PER_FRAME
 
 
-def read_object_flow(z: torch.Tensor, frame_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """The object flow ``[B, 2, T', h, w]`` in latent pixels, per cell, from channels 2-3 of a
-    ``measured+objects`` latent (units of 1/8 of the frame; ``frame_size`` as in :func:`read_motion_flow`)."""
+def read_object_flow(z: torch.Tensor, frame_size: tuple[int, int] | None = None, slots: int = 1) -> torch.Tensor:
+    """The object flows ``[B, 2 * slots, T', h, w]`` in latent pixels, per cell, slot after slot as (dx, dy),
+    from channels 2 on of a latent with object channels (units of 1/8 of the frame; ``frame_size`` as in
+    :func:`read_motion_flow`)."""
     height, width = frame_size or z.shape[3:]
-    size = torch.tensor([width, height], dtype=torch.float32, device=z.device).reshape(1, 2, 1, 1, 1)
-    objects = z[:, MOTION_CHANNELS:MOTION_CHANNELS + OBJECT_CHANNELS].float()
+    size = torch.tensor([width, height] * slots, dtype=torch.float32, device=z.device).reshape(1, -1, 1, 1, 1)
+    objects = z[:, MOTION_CHANNELS:MOTION_CHANNELS + OBJECT_CHANNELS * slots].float()
     return objects * size / OBJECT_UNITS_PER_FRAME
