@@ -515,9 +515,10 @@ class WarpFusion(AddFusion):
         """A model with one object slot loads into one with more: the further slots' convolutions start at
         zero, as when they were added (the model then decodes as the one-slot model did)."""
         if hasattr(self, "conv_objects_slots") and prefix + "conv_objects.weight" in state_dict:
-            for index, conv in enumerate(self.conv_objects_slots):
-                for name, value in (("weight", conv.weight), ("bias", conv.bias)):
-                    state_dict.setdefault(f"{prefix}conv_objects_slots.{index}.{name}", torch.zeros_like(value))
+            for index in range(len(self.conv_objects_slots)):
+                for name in ("weight", "bias"):     # the same shapes; dtype and device as the file's
+                    state_dict.setdefault(f"{prefix}conv_objects_slots.{index}.{name}",
+                                          torch.zeros_like(state_dict[f"{prefix}conv_objects.{name}"]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _moved_context(self, context: torch.Tensor, flow: torch.Tensor, conv: nn.Module,

@@ -78,7 +78,7 @@ SAME_LEVEL_FUSIONS = ("add", "warp")
 # (ours: that with the camera's pan, zoom and roll held per latent cell) or 'measured-similarity+steady-objects'
 # (ours: that with two steady object motions per cell in channels 2-5); the measured kinds need a warp
 # level and this many channels (motion.MAX_UNITS / MAX_OBJECT_UNITS keep the motion channels' share of
-# the latent's variance below 1 at 16, with one object slot; motion.embed_motion for two)
+# the latent's variance below 1 at 16, with two steady object slots too)
 LATENT_MOTION_KINDS = ("learned", "measured", "measured+objects", "measured-similarity+objects",
                        "measured-similarity+steady-objects")
 # how the decoder spreads a measured motion over the frames and pixels (ours, motion.py): each latent

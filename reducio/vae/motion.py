@@ -64,10 +64,12 @@ held-out clips at 64 px, the better object picture's mean squared error with one
 better of the camera and object pictures: 31.4 / 28.0 dB against 33.0 / 31.1). Finer object cells
 instead did worse (16-pixel cells: 0.12 / 0.14): a sprite crosses them within a latent frame. In a
 sprite-free pan a slot may hold a small correction of the fitted camera (0.1-0.6 pixel per frame, in
-21 of 84 cells of the pan / still clips among 160 training clips). Two slots at their largest everywhere
-would hold more than the latent's unit variance ((2 * 2.4^2 + 4 * 1.4^2) / 16 = 1.21; :func:`embed_motion`
-then shrinks the learned channels to almost nothing); on 300 training clips the motion channels held
-at most 18 % of it (median 4.5 %).
+21 of 84 cells of the pan / still clips among 160 training clips), and in one-sprite clips the second
+slot often repeats the first (within 0.35 pixel per frame in 21 of 79 cells of the first 80 training
+clips): the edge pixels the first leaves elect nearly the same velocity. The motion channels stay below
+the latent's unit variance: a steady velocity reaches MAX_OBJECT_UNITS only in the farthest latent
+frame, so each object channel's mean square is at most 0.91 and all six hold at most (2 * 2.4^2 + 4 *
+0.91) / 16 = 0.95 of it; on 300 training clips at most 18 % (median 4.5 %).
 """
 from __future__ import annotations
 
@@ -340,7 +342,8 @@ def measure_object_motion(video: torch.Tensor, content_index: int, latent_frames
 
 
 def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_index: int,
-                              cells: tuple[int, int], slots: int = STEADY_OBJECT_SLOTS) -> torch.Tensor:
+                              cells: tuple[int, int], slots: int = STEADY_OBJECT_SLOTS,
+                              latent_frames: int | None = None) -> torch.Tensor:
     """Per latent cell, up to ``slots`` steady motions of what moves against the camera during the clip:
     ``[B, slots, 2, h, w]`` velocities (dx, dy per frame) as fractions of the frame's width / height, a
     backward flow on top of ``camera`` (:func:`camera_cells`, pixels): frame t at (x, y) in that cell is
@@ -350,17 +353,23 @@ def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_
     ``STEADY_CELL_PIXELS`` per cell, at most ``STEADY_MAX_WORK`` pixels a side) gives each frame's cost
     of each shift per cell; a velocity's cost is the sum over the frames of the cost of its shift in that
     frame (rounded to the working pixels), searched on a grid of ``STEADY_VELOCITY_STEP``. The best
-    velocity is kept under the tests of :func:`object_shifts`, the change summed over the clip
-    (``OBJECT_ACCEPT``; ``OBJECT_MIN_CHANGE`` per frame on average); the pixels it explains (within
-    ``OBJECT_CHANGE``) then leave the search and the next slot searches what is left.
+    velocity is kept under :func:`object_shifts`' share test (``OBJECT_ACCEPT``) with the change summed
+    over the clip, where the cell changed by at least ``STEADY_MIN_CHANGE`` per frame on average (in
+    ``OBJECT_MIN_CHANGE``'s units); the pixels it explains (within ``OBJECT_CHANGE``) then leave the
+    search and the next slot searches what is left. The grid reaches ``MAX_OBJECT_UNITS`` in the
+    latent frame farthest from the content frame (``latent_frames``: T / 4 unless given). The shifts are
+    tried one after the other over the changed pixels alone, so the live memory stays near the clip's
+    size; the time grows with the changed pixels times the shifts (0.16 s per 64-px clip on one core of
+    this workplace's CPU; a 128-px clip of pure noise, where every pixel changes, about a minute).
     Why steady: one search over the whole clip gives each moving thing one slot for the whole clip, so
     the slots do not swap between frames as per-frame searches do (a second per-frame slot only took
     sprite pixels more than 2 px off from 27 % to 20 % in two-sprite clips, measured in session 12).
     """
     batch, _, frames, height, width = video.shape
     rows, cols = cells
-    cell_h = min(STEADY_CELL_PIXELS, max(1, STEADY_MAX_WORK // rows))
-    cell_w = min(STEADY_CELL_PIXELS, max(1, STEADY_MAX_WORK // cols))
+    # at most STEADY_CELL_PIXELS per cell, STEADY_MAX_WORK a side, and never more than the frame has
+    cell_h = max(1, min(STEADY_CELL_PIXELS, STEADY_MAX_WORK // rows, height // rows))
+    cell_w = max(1, min(STEADY_CELL_PIXELS, STEADY_MAX_WORK // cols, width // cols))
     work_h, work_w = rows * cell_h, cols * cell_w
     clip, predicted, weight = _camera_prediction(video, camera, content_index, cells, (work_h, work_w))
     reach_y = int(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME * work_h)
@@ -370,8 +379,12 @@ def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_
                    mode="replicate")                                                     # [B * T, 3, h', w']
     offsets = torch.arange(frames, device=video.device, dtype=torch.float32) - content_index
     # the velocity grid reaches MAX_OBJECT_UNITS in the latent frame farthest from the content frame
-    latent_offsets = offsets.reshape(-1, 4).mean(1).abs().max() if frames % 4 == 0 else offsets.abs().max()
-    reach_v = round(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME / float(latent_offsets) / STEADY_VELOCITY_STEP)
+    latent_frames = latent_frames or max(1, frames // 4)
+    farthest = float(offsets.reshape(latent_frames, -1).mean(1).abs().max())
+    velocities = torch.zeros(batch, slots, 2, rows, cols, device=video.device)
+    if farthest == 0:                      # one latent frame centred on the content frame: nothing to find
+        return velocities
+    reach_v = round(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME / farthest / STEADY_VELOCITY_STEP)
     steps = torch.arange(-reach_v, reach_v + 1, device=video.device, dtype=torch.float32) * STEADY_VELOCITY_STEP
     grid = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1).reshape(-1, 2)          # [V, 2]
     shift_x = (grid[:, :1] * offsets * work_w).round().clamp(-reach_x, reach_x).long()          # [V, T]
@@ -394,11 +407,9 @@ def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_
         out = torch.zeros(batch * frames * rows * cols, *values.shape[1:], device=video.device)
         return out.index_add_(0, cell, values).reshape(batch, frames, rows, cols, *values.shape[1:])
 
-    velocities = torch.zeros(batch, slots, 2, rows, cols, device=video.device)
     unexplained_error = error_at(0, 0)
-    errors = torch.stack([error_at(dx, dy) for dx, dy in shifts], 1)                      # [K, S]
     for slot in range(slots):
-        costs = per_cell(errors * pixel_weight[:, None]).permute(0, 1, 4, 2, 3)         # [B, T, S, h, w]
+        costs = torch.stack([per_cell(error_at(dx, dy) * pixel_weight) for dx, dy in shifts], 2)  # [B, T, S, h, w]
         cost = costs[:, frame_index, shift_index].sum(2)                                   # [B, V, h, w]
         best, best_index = cost.min(1)
         unexplained = per_cell(unexplained_error * pixel_weight).sum(1)
@@ -407,10 +418,9 @@ def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_
             change >= STEADY_MIN_CHANGE * (frames - 1) * cell_h * cell_w / OBJECT_CELL_PIXELS ** 2)
         velocities[:, slot] = torch.where(kept[:, None], grid[best_index].permute(0, 3, 1, 2), 0.0)
         # the changed pixels this slot explains leave the search for the next
-        chosen = shift_index[best_index].permute(0, 3, 1, 2).reshape(-1)                 # per (clip, frame, cell)
-        chosen = chosen[cell]
-        explained = (errors.gather(1, chosen[:, None])[:, 0] < OBJECT_CHANGE) & kept.reshape(batch, 1, -1).expand(
-            -1, frames, -1).reshape(-1)[cell]
+        chosen = shift_index[best_index].permute(0, 3, 1, 2).reshape(-1)[cell]            # per changed pixel
+        explained = (error_at(chosen % span_x - reach_x, chosen // span_x - reach_y) < OBJECT_CHANGE) & kept.reshape(
+            batch, 1, -1).expand(-1, frames, -1).reshape(-1)[cell]
         pixel_weight = pixel_weight * ~explained
     return velocities
 
@@ -421,7 +431,8 @@ def measure_steady_objects(video: torch.Tensor, content_index: int, latent_frame
     in units (1/8 of the frame), slot after slot as (dx, dy): each latent frame's mean of
     :func:`steady_object_velocities` times the frames' distances from the content frame."""
     frames = video.shape[2]
-    velocities = steady_object_velocities(video, camera, content_index, cells)               # [B, S, 2, h, w]
+    velocities = steady_object_velocities(video, camera, content_index, cells,
+                                          latent_frames=latent_frames)                       # [B, S, 2, h, w]
     offsets = torch.arange(frames, device=video.device, dtype=torch.float32) - content_index
     mean_offsets = offsets.reshape(latent_frames, frames // latent_frames).mean(1)
     shifts = velocities[:, :, :, None] * mean_offsets.reshape(1, 1, 1, -1, 1, 1)             # [B, S, 2, T', h, w]
@@ -471,7 +482,8 @@ def embed_motion(z: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
     motion_sum = moving.reshape(batch, -1).sum(1, keepdim=True)
     motion_square = moving.reshape(batch, -1).pow(2).sum(1, keepdim=True)
     shift = -motion_sum / learned
-    # MAX_UNITS and MAX_OBJECT_UNITS keep the motion's share of the variance below 1 (C >= 16, config.py)
+    # MAX_UNITS and MAX_OBJECT_UNITS keep the motion's share of the variance below 1 (C >= 16, config.py;
+    # with two steady object slots too, see the module docstring)
     scale = ((total - motion_square) / learned - shift ** 2).clamp_min(1e-3).sqrt()
     rest = (standard * scale + shift).reshape(rest.shape)
     return torch.cat([moving, rest], 1)

@@ -549,6 +549,9 @@ def test_steady_objects_hold_each_sprite_in_a_slot_of_its_cell_with_one_sprite_o
     assert all(total > 40 and right / total >= 0.75 for right, total in found.values()), found
     still = data[0]["video"][:, 7][None, :, None].expand(-1, -1, 16, -1, -1)
     assert steady_object_velocities(still, torch.zeros(1, 2, 16, 2, 2), 7, (2, 2)).abs().max() == 0
+    # one frame: nothing can move (and nothing to divide by)
+    one = steady_object_velocities(still[:, :, :1], torch.zeros(1, 2, 1, 2, 2), 0, (2, 2))
+    assert one.shape == (1, 2, 2, 2, 2) and one.abs().max() == 0
 
 
 def test_steady_object_channels_are_each_latent_frames_mean_shift_slot_after_slot():
