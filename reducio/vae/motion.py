@@ -276,6 +276,17 @@ def _camera_prediction(video: torch.Tensor, camera: torch.Tensor, content_index:
     return clip, predicted, weight
 
 
+def _padded_prediction(predicted: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The camera's prediction ``[B, T, 3, h, w]`` padded (edge values repeated) by the object searches'
+    reach, ``MAX_OBJECT_UNITS`` in working pixels: (``[B * T, 3, h + 2 * reach_y, w + 2 * reach_x]``,
+    reach_y, reach_x)."""
+    work_h, work_w = predicted.shape[-2:]
+    reach_y = int(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME * work_h)
+    reach_x = int(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME * work_w)
+    padded = F.pad(predicted.reshape(-1, *predicted.shape[2:]), (reach_x, reach_x, reach_y, reach_y), mode="replicate")
+    return padded, reach_y, reach_x
+
+
 def object_shifts(video: torch.Tensor, camera: torch.Tensor, content_index: int,
                   cells: tuple[int, int]) -> torch.Tensor:
     """Per frame and latent cell, the shift of what moves against the camera: ``[B, 2, T, h, w]`` (dx, dy)
@@ -306,10 +317,8 @@ def object_shifts(video: torch.Tensor, camera: torch.Tensor, content_index: int,
     change = F.adaptive_avg_pool2d(weight.reshape(batch * frames, 1, work_h, work_w), (rows, cols))
     change = change * (work_h / rows) * (work_w / cols)                                 # sum per cell
     best, best_shift = unexplained.clone(), torch.zeros(batch * frames, 2, rows, cols, device=video.device)
-    reach_y = int(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME * work_h)
-    reach_x = int(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME * work_w)
-    padded = F.pad(predicted.reshape(batch * frames, -1, work_h, work_w), (reach_x, reach_x, reach_y, reach_y),
-                   mode="replicate").reshape(batch, frames, -1, work_h + 2 * reach_y, work_w + 2 * reach_x)
+    padded, reach_y, reach_x = _padded_prediction(predicted)
+    padded = padded.reshape(batch, frames, -1, work_h + 2 * reach_y, work_w + 2 * reach_x)
     for dy in range(-reach_y, reach_y + 1):
         for dx in range(-reach_x, reach_x + 1):
             if dx == 0 and dy == 0:
@@ -372,11 +381,8 @@ def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_
     cell_w = max(1, min(STEADY_CELL_PIXELS, STEADY_MAX_WORK // cols, width // cols))
     work_h, work_w = rows * cell_h, cols * cell_w
     clip, predicted, weight = _camera_prediction(video, camera, content_index, cells, (work_h, work_w))
-    reach_y = int(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME * work_h)
-    reach_x = int(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME * work_w)
+    padded, reach_y, reach_x = _padded_prediction(predicted)                             # [B * T, 3, h', w']
     span_x = 2 * reach_x + 1
-    padded = F.pad(predicted.reshape(batch * frames, -1, work_h, work_w), (reach_x, reach_x, reach_y, reach_y),
-                   mode="replicate")                                                     # [B * T, 3, h', w']
     offsets = torch.arange(frames, device=video.device, dtype=torch.float32) - content_index
     # the velocity grid reaches MAX_OBJECT_UNITS in the latent frame farthest from the content frame
     latent_frames = latent_frames or max(1, frames // 4)
