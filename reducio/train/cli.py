@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     vae = sub.add_parser("vae", help="train / fine-tune a Reducio VAE (official objective)")
     _data(vae)
     _common(vae, batch=4, lr=2e-5)
-    vae.add_argument("--model", default=None, help="preset: tiny (default), tiny-objects, tiny-cells, tiny-composite, tiny-steady, test, ft4, ft2")
+    vae.add_argument("--model", default=None, help="preset: tiny (default), tiny-objects, tiny-cells, tiny-composite, tiny-fine, test, ft4, ft2")
     vae.add_argument("--model-config", default=None, help="JSON file with ReducioVAE constructor kwargs")
     vae.add_argument("--init", default=None, help="start from these VAE weights (official .ckpt or .safetensors)")
     vae.add_argument("--init-matching", action="store_true",

@@ -70,11 +70,9 @@ def _preset(ch, ch_mult, ch_fuse, ch_2d, ch_mult_2d, z, blocks=1, content_positi
 # "tiny-composite": "tiny-cells" whose output mixes in the content frame moved by the decoder's flows
 # (ddconfig.composite_output, FusionDecoder): its sprites and edges blurred through conv_out even where
 # the motion was exact. Fine-tuned with --freeze-latent, its latents are tiny-cells' own.
-# "tiny-steady": "tiny-composite" with two steady object motions per latent cell in channels 2-5
-# (latent_motion 'measured-similarity+steady-objects', motion.py): with one shift per cell, where two
-# sprites shared a cell one of them was wrong, and clips with two sprites held most of the error.
-# Experimental: fine-tuned from tiny-composite it has not learned to use the second slot yet
-# (docs/embedded_models.md, session 13).
+# "tiny-fine": "tiny-composite" with one steady object motion per quarter of a latent cell (16 px at
+# 64 px) in channels 2-9 (latent_motion 'measured-similarity+fine-objects', motion.py): two sprites in one
+# 32-pixel cell mostly get a cell each. Its decoder is tiny-composite's, tensor for tensor.
 # "test": 3 levels (H/4) and 8 channels, for unit tests only.
 TINY_FUSE_TYPES = ["warp", "warp", "attn+warp", "attn+warp", "attn", "attn"]
 VAE_PRESETS = {
@@ -91,10 +89,10 @@ VAE_PRESETS = {
                                       content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
                                       latent_motion="measured-similarity+objects", motion_interpolation="linear",
                                       composite_output=True),
-    "tiny-steady": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
-                                   content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
-                                   latent_motion="measured-similarity+steady-objects", motion_interpolation="linear",
-                                   composite_output=True),
+    "tiny-fine": lambda: _preset(32, [1, 1, 2, 2, 2, 2], [0, 1, 2, 3, -1, -1], 32, [1, 1, 2, 2], 16,
+                                 content_position="sincos2d", fuse_type=list(TINY_FUSE_TYPES), norm_groups=8,
+                                 latent_motion="measured-similarity+fine-objects", motion_interpolation="linear",
+                                 composite_output=True),
     "test": lambda: _preset(32, [1, 1, 1], [-1, 1, -1], 32, [1, 1], 8),
     "ft4": lambda: official_config("ft4"),
     "ft2": lambda: official_config("ft2"),

@@ -484,7 +484,7 @@ class WarpFusion(AddFusion):
 
     FLOW_INIT_SCALE = 0.1
 
-    def __init__(self, dim: int, context_dim: int, frames: int, objects: int = 0):
+    def __init__(self, dim: int, context_dim: int, frames: int, objects: bool = False):
         super().__init__(dim, context_dim, frames)
         self.flow = nn.Conv3d(dim, 2, 3, padding=1)
         with torch.no_grad():
@@ -499,27 +499,6 @@ class WarpFusion(AddFusion):
             self.conv_objects = nn.Conv2d(context_dim, dim, 3, padding=1)
             nn.init.zeros_(self.conv_objects.weight)
             nn.init.zeros_(self.conv_objects.bias)
-        if objects > 1:
-            # further object slots (latent_motion '...+steady-objects'): one more moved picture each, through
-            # its own convolution, zero-initialised likewise, so that the features hold every slot's moved
-            # content and not only its motion through post_quant_conv (one value per 32-pixel cell). Not
-            # enough yet: trained, the output mix still left the second picture at about 2 % of the
-            # sprite pixels of two-sprite clips (docs/embedded_models.md, session 13)
-            self.conv_objects_slots = nn.ModuleList(nn.Conv2d(context_dim, dim, 3, padding=1)
-                                                    for _ in range(objects - 1))
-            for conv in self.conv_objects_slots:
-                nn.init.zeros_(conv.weight)
-                nn.init.zeros_(conv.bias)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A model with one object slot loads into one with more: the further slots' convolutions start at
-        zero, as when they were added (the model then decodes as the one-slot model did)."""
-        if hasattr(self, "conv_objects_slots") and prefix + "conv_objects.weight" in state_dict:
-            for index in range(len(self.conv_objects_slots)):
-                for name in ("weight", "bias"):     # the same shapes; dtype and device as the file's
-                    state_dict.setdefault(f"{prefix}conv_objects_slots.{index}.{name}",
-                                          torch.zeros_like(state_dict[f"{prefix}conv_objects.{name}"]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _moved_context(self, context: torch.Tensor, flow: torch.Tensor, conv: nn.Module,
                        dtype: torch.dtype) -> torch.Tensor:
@@ -530,18 +509,16 @@ class WarpFusion(AddFusion):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, prior_flow: torch.Tensor | None = None,
                 object_flow: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``object_flow`` [B, 2 * slots, T', h, w] in latent pixels, slot after slot (a model with
-        ``conv_objects`` only; one moved picture per slot the model was built for)."""
+        """``object_flow`` [B, 2, T', h, w]: one value per object cell, in pixels of that grid (a model with
+        ``conv_objects`` only)."""
         self._check(x, context)
         flow = self.flow(x).float()
         if prior_flow is not None:
             flow = flow + resize_flow(prior_flow.float(), flow.shape[2:])
         ctx = self._moved_context(context, flow, self.conv_context, x.dtype)
         if object_flow is not None:
-            convs = [self.conv_objects, *getattr(self, "conv_objects_slots", ())]
-            for conv, slot in zip(convs, object_flow.split(2, 1)):
-                objects = resize_flow(slot.float(), flow.shape[2:], mode="nearest")
-                ctx = ctx + self._moved_context(context, flow + objects, conv, x.dtype)
+            objects = resize_flow(object_flow.float(), flow.shape[2:], mode="nearest")
+            ctx = ctx + self._moved_context(context, flow + objects, self.conv_objects, x.dtype)
         out = self.conv(x + ctx + self.temp_embed.to(x.dtype))
         return x + F.silu(self.norm(out)), flow
 

@@ -75,12 +75,12 @@ SAME_LEVEL_FUSIONS = ("add", "warp")
 # where the latent's motion comes from: 'learned' (the official encoder), 'measured' (ours: channels 0-1
 # hold the clip's measured global motion, motion.py), 'measured+objects' (ours: channels 2-3 also hold
 # the measured motion of what moves against the camera, per latent cell), 'measured-similarity+objects'
-# (ours: that with the camera's pan, zoom and roll held per latent cell) or 'measured-similarity+steady-objects'
-# (ours: that with two steady object motions per cell in channels 2-5); the measured kinds need a warp
-# level and this many channels (motion.MAX_UNITS / MAX_OBJECT_UNITS keep the motion channels' share of
-# the latent's variance below 1 at 16, with two steady object slots too)
+# (ours: that with the camera's pan, zoom and roll held per latent cell) or 'measured-similarity+fine-objects'
+# (ours: that with one steady object motion per quarter of a latent cell in channels 2-9); the measured kinds need
+# a warp level and this many channels (motion.MAX_UNITS / MAX_OBJECT_UNITS keep the motion channels'
+# share of the latent's variance below 1 at 16 on the synthetic clips: motion.py)
 LATENT_MOTION_KINDS = ("learned", "measured", "measured+objects", "measured-similarity+objects",
-                       "measured-similarity+steady-objects")
+                       "measured-similarity+fine-objects")
 # how the decoder spreads a measured motion over the frames and pixels (ours, motion.py): each latent
 # frame's held over its frames ('held') or linear between the latent frames and cells ('linear')
 MOTION_INTERPOLATIONS = ("held", "linear")

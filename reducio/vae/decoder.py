@@ -46,9 +46,8 @@ class FusionDecoder(nn.Module):
     ``fuse.0``; every official model), 'add' (``AddFusion``, ``fuse.0``) or 'add+attn' (both, in
     that order); or ours: 'warp' (``WarpFusion``) and 'attn+warp' (cross-attention, then warp).
     ``content_position='sincos2d'`` (ours, not in any official model) adds a fixed 2-D position code
-    to the queries and content tokens of every fusion block; it has no weights. ``objects`` (ours: the
-    latent's object slots, motion.object_slots) gives every warp level one more content picture per
-    slot, moved by that slot's object flow (``WarpFusion``, motion.py); ``linear_motion``
+    to the queries and content tokens of every fusion block; it has no weights. ``objects`` (ours) gives
+    every warp level a second, object-moved content picture (``WarpFusion``, motion.py); ``linear_motion``
     (ours, ``ddconfig.motion_interpolation`` 'linear', motion.py) spreads the flows read from the latent
     linearly over the frames (and the camera's over the pixels) before the first warp level.
     A middle fusion block (content feature [-1]) exists when the content encoder is shallower than
@@ -58,7 +57,7 @@ class FusionDecoder(nn.Module):
     softmax the decoder predicts (``mix``, from its last features and each picture's mean distance to the
     generated output: the sharp picture that agrees with the blurred estimate), of what ``conv_out``
     generates and the content frame itself moved by the finest warp level's flow and, with ``objects``,
-    moved by the motion the latent holds, one picture per object slot
+    moved by the motion the latent holds
     (the camera's plus the cell's object flow, without the warp levels' own refinements: trained, those
     move the sprites too, and added to the object flow they moved them twice -- measured, that picture
     was further off on the sprites than the camera's). The content frame is then the last entry of the
@@ -80,7 +79,7 @@ class FusionDecoder(nn.Module):
                  f_t: int = 0, f_s: Optional[int] = None, f_s_2d: Optional[int] = None,
                  ch_in: Optional[int] = None, out_ch: int = 3, fuse_mid: bool = False,
                  fuse_mid_type: Optional[str] = None, window_size=(256, 256), content_position: str = "none",
-                 fuse_type="attn", objects: int = 0, linear_motion: bool = False, composite: bool = False):
+                 fuse_type="attn", objects: bool = False, linear_motion: bool = False, composite: bool = False):
         super().__init__()
         self.n_levels = len(ch_mult)
         if len(ch_fuse) != self.n_levels:
@@ -128,7 +127,7 @@ class FusionDecoder(nn.Module):
                     if part == "add":
                         stage.fuse.append(AddFusion(block_in, context_dim, frames))
                     elif part == "warp":
-                        stage.fuse.append(WarpFusion(block_in, context_dim, frames, objects=int(objects)))
+                        stage.fuse.append(WarpFusion(block_in, context_dim, frames, objects=objects))
                     else:
                         stage.fuse.append(FusionBlock(block_in, context_dim, frames, window=window,
                                                       plane_position=plane))
@@ -153,29 +152,6 @@ class FusionDecoder(nn.Module):
             with torch.no_grad():
                 self.mix.bias.zero_()
                 self.mix.bias[-1] = self.MIX_INIT
-            if objects > 1:
-                # one more logit per further object slot's picture, from the features and that picture's
-                # distance: a model with one slot keeps ``mix`` as it is, and its weights load into these
-                # as the first slot's (``_load_from_state_dict``)
-                self.mix_slots = nn.ModuleList(nn.Conv3d(block_in + 1, 1, 3, padding=1) for _ in range(objects - 1))
-                for conv in self.mix_slots:
-                    nn.init.zeros_(conv.weight)
-                    nn.init.zeros_(conv.bias)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Weights of a decoder with one object slot load into one with more: each further slot's mix starts
-        as the first slot's logit (its features' weights and its own distance's weight in place of the
-        first picture's), so both pictures compete on their distances from the first step (a zero-
-        initialised logit starts at a small share whose gradient is as small)."""
-        first = prefix + "mix.weight"
-        if hasattr(self, "mix_slots") and first in state_dict and prefix + "mix_slots.0.weight" not in state_dict:
-            weight, bias = state_dict[first], state_dict[prefix + "mix.bias"]
-            width = self.mix.in_channels - 2            # the features; then the camera's and the first slot's distances
-            for index in range(len(self.mix_slots)):
-                state_dict[f"{prefix}mix_slots.{index}.weight"] = torch.cat(
-                    [weight[1:2, :width], weight[1:2, width + 1:width + 2]], 1).clone()
-                state_dict[f"{prefix}mix_slots.{index}.bias"] = bias[1:2].clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def used_content_levels(self) -> list[int]:
         """Indices into the content-feature list that this decoder reads (-1 = the last entry)."""
@@ -197,8 +173,9 @@ class FusionDecoder(nn.Module):
         """z [B, z_channels, T', h, w] (after post_quant_conv), content = content-feature list; ``flow``
         [B, 2, T', h, w] in latent pixels: the coarsest flow when the caller reads it elsewhere (a
         measured-motion latent, see motion.py), else it is read off ``z`` (``LatentFlow``);
-        ``object_flow`` likewise, per cell, for a decoder built with ``objects`` -- ``[B, 2 * objects, T', h, w]``,
-        slot after slot (every warp level and the composite output read them all)."""
+        ``object_flow`` likewise, one value per object cell (the latent's cells, or with
+        '...+fine-objects' a finer grid: motion.read_object_flow) in pixels of that grid, for a decoder
+        built with ``objects`` (every warp level and the composite output)."""
         h = self.mid.block_1(self.conv_in(z))
         for block in self.mid.fuse:
             h = block(h, content[self.mid_content])
@@ -242,14 +219,10 @@ class FusionDecoder(nn.Module):
         size = video.shape[2:]
         pictures = [warp_frames(image.float(), resize_flow(flow.float(), size))]
         if object_flow is not None:
-            camera = resize_flow(read.float(), size)
-            for slot in object_flow.split(2, 1):
-                pictures.append(warp_frames(image.float(), camera + resize_flow(slot.float(), size, mode="nearest")))
+            moved = resize_flow(read.float(), size) + resize_flow(object_flow.float(), size, mode="nearest")
+            pictures.append(warp_frames(image.float(), moved))
         distances = [(picture - video.float()).abs().mean(1, keepdim=True) for picture in pictures]
-        logits = self.mix(torch.cat([h, *distances[:2]], 1).to(h.dtype)).float()
-        extra = [conv(torch.cat([h, distance], 1).to(h.dtype)).float()
-                 for conv, distance in zip(getattr(self, "mix_slots", ()), distances[2:])]
-        weights = torch.cat([logits[:, :-1], *extra, logits[:, -1:]], 1).softmax(1)
+        weights = self.mix(torch.cat([h, *distances], 1).to(h.dtype)).float().softmax(1)
         out = weights[:, -1:] * video.float()
         for index, picture in enumerate(pictures):
             out = out + weights[:, index:index + 1] * picture

@@ -21,7 +21,7 @@ from .blocks import MAX_ATTENTION_SCORE_ELEMENTS
 from .config import fusion_parts, level_fuse_types
 from .decoder import decoder_level_frames, decoder_upsample_kind
 from .encoder import encoder_downsample_kind
-from .motion import object_slots
+from .motion import has_object_channels
 from .tiling import TileLayout
 
 PEAK_ACTIVATION_FACTOR = {"encode": 5.5, "decode": 4.5}
@@ -217,11 +217,11 @@ def estimate_memory(config_or_model, op: str, frames: int = 16, height: int = 25
             buffers += rows * cols * kept * itemsize
         if dd.get("composite_output", False):
             # FusionDecoder._composite (float32): per output element the content frame in each tile, the
-            # moved pictures (the camera's and one per object slot, plus the one being made) and their
-            # distances, the mix's input ((last width + 2) channels) and the weights
+            # moved pictures (the camera's and, with object channels, the objects', plus the one being
+            # made) and their distances, the mix's input ((last width + 2) channels) and the weights
             buffers += rows * cols * 3 * tile_h * tile_w * 4
             width = (dd.get("ch_in") or dd["ch"]) * dd["ch_mult"][0]
-            pictures = 1 + object_slots(dd.get("latent_motion", "learned"))
+            pictures = 1 + has_object_channels(dd.get("latent_motion", "learned"))
             buffers += clip * tile_h * tile_w * ((3 * (pictures + 1) + pictures + pictures + 1) * 4
                                                  + (width + 2) * itemsize)
     total = batch * (_activation_bytes(op, largest, scores, itemsize) + buffers)

@@ -14,7 +14,8 @@ from .config import validate_config
 from .decoder import FusionDecoder
 from .encoder import Encoder
 from .hooks import InterruptFn, ProgressFn, StepHooks
-from .motion import embed_motion, measure_motion, object_slots, read_motion_flow, read_object_flow
+from .motion import (embed_motion, has_object_channels, measure_motion, object_split, read_motion_flow,
+                     read_object_flow)
 from .posterior import DiagonalGaussian, normalize_latent
 from .tiling import ContentGrid, TileLayout, tiled_content_features, tiled_decode, tiled_moments
 
@@ -79,7 +80,7 @@ class ReducioVAE(nn.Module):
             f_t=self.f_t, f_s=ddconfig.get("f_s"), f_s_2d=f_s_2d, out_ch=ddconfig.get("out_ch", 3),
             fuse_mid=ddconfig.get("fuse_mid", False), fuse_mid_type=ddconfig.get("fuse_mid_type"),
             window_size=window, content_position=ddconfig.get("content_position", "none"),
-            fuse_type=ddconfig.get("fuse_type", "attn"), objects=object_slots(self.latent_motion),
+            fuse_type=ddconfig.get("fuse_type", "attn"), objects=has_object_channels(self.latent_motion),
             linear_motion=self.motion_interpolation == "linear",
             composite=bool(ddconfig.get("composite_output", False)))
         groups = ddconfig.get("norm_groups", NORM_GROUPS)
@@ -179,8 +180,8 @@ class ReducioVAE(nn.Module):
         # measured motion: the coarsest flow comes from the latent as given (before post_quant_conv);
         # ``frame_size`` is the whole latent's (h, w) when this is one tile of it
         flow = read_motion_flow(latent, frame_size) if self.measured_motion else None
-        slots = object_slots(self.latent_motion)
-        objects = read_object_flow(latent, frame_size, slots) if slots else None
+        objects = (read_object_flow(latent, frame_size, object_split(self.latent_motion))
+                   if has_object_channels(self.latent_motion) else None)
         video = self.decoder(self.post_quant_conv(latent), content_features, flow, objects)
         return torch.tanh(video) if self.tanh_out else video
 

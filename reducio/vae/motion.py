@@ -52,24 +52,28 @@ The content frame moved by the measured camera, on the sprite-free zoom clips: 2
 per frame, 35.8 dB with the similarity fit and 'linear' interpolation (exact motion: 36.2); rolls 38.7
 and 47.7 dB (48.6).
 
-Steady objects (``latent_motion: "measured-similarity+steady-objects"``, ours): channels 2-5 hold two
-object motions per latent cell instead of one (slot after slot, each (dx, dy) in the units above), each a
-steady velocity over the whole clip (:func:`steady_object_velocities`), stored as every latent frame's
-mean shift. Why: one shift per 32-pixel cell cannot hold two sprites that share the cell; with the
-per-cell camera and one object slot, clips with two sprites were 24.9 dB against 30.4 with one and held
-56 % of the error (32 held-out clips at 64 px). A second per-frame slot found by the same search swaps
-sprites between frames; one search over the whole clip does not. Measured on the sprite pixels of 64
-held-out clips at 64 px, the better object picture's mean squared error with one / two sprites: 0.037 /
-0.105 with one per-frame slot, 0.015 / 0.036 with two steady slots (the content frame moved by the
-better of the camera and object pictures: 31.4 / 28.0 dB against 33.0 / 31.1). Finer object cells
-instead did worse (16-pixel cells: 0.12 / 0.14): a sprite crosses them within a latent frame. In a
-sprite-free pan a slot may hold a small correction of the fitted camera (0.1-0.6 pixel per frame, in
-21 of 84 cells of the pan / still clips among 160 training clips), and in one-sprite clips the second
-slot often repeats the first (within 0.35 pixel per frame in 21 of 79 cells of the first 80 training
-clips): the edge pixels the first leaves elect nearly the same velocity. The motion channels stay below
-the latent's unit variance: a steady velocity reaches MAX_OBJECT_UNITS only in the farthest latent
-frame, so each object channel's mean square is at most 0.91 and all six hold at most (2 * 2.4^2 + 4 *
-0.91) / 16 = 0.95 of it; on 300 training clips at most 18 % (median 4.5 %).
+Fine objects (``latent_motion: "measured-similarity+fine-objects"``, ours): channels 2-9 hold the object
+motion on a grid twice as fine as the latent's each way (16-pixel cells at 64 px; a latent cell's four
+quarters in row-major order, each (dx, dy) in the units above), one steady velocity per quarter over the
+whole clip (:func:`steady_object_velocities`), stored as every latent frame's mean shift; the decoder reads
+it as one object flow on that grid (:func:`read_object_flow`), with the same layers as one shift per
+latent cell. Why: one shift per 32-pixel cell cannot hold two sprites that share the cell; with it, clips
+with two sprites were at 24.9 dB against 30.4 with one and held 56 % of the error (32 held-out clips at
+64 px). Measured on those clips, the content frame moved by the better of the camera and the object
+motion, one / two sprites: one per-frame shift per 32-pixel cell (the mean of the frames' shifts) 32.6 /
+27.8 dB, one steady velocity per 32-pixel cell 33.2 / 27.8, per 16-pixel cell 33.3 / 29.9. (Per-frame
+shifts per 16-pixel cell did worse -- on the sprite pixels of 64 held-out clips 0.12 / 0.14 against
+0.037 / 0.105 --: a sprite crosses such a cell within a latent frame and the mean mixes its shift with
+zeros. Two steady motions
+per 32-pixel cell reach 34.3 / 31.3 as the better of three pictures, but a decoder cannot tell which
+sprite follows which, and trained it did not: docs/embedded_models.md, session 13.) The learned channels
+left, 10-15, carried almost nothing in the tiny model: with channels 4-15 of its latents set to zero it
+decoded at 28.90 dB against 28.91. The motion channels' share of the latent's variance: a steady motion
+reaches its largest unit only in the farthest latent frame (each channel's mean square at most 0.94),
+so a steady camera and every quarter's object at their largest hold (2 * 2.76 + 8 * 0.94) / 16 = 0.82
+of it; on 300 training clips at most 20 % (median 5 %). A camera at its clamp in every latent frame
+with every quarter at its largest would hold 1.19, and the latent's normalisation would then shrink
+all the motion the decoder reads by up to 8 %.
 """
 from __future__ import annotations
 
@@ -100,21 +104,22 @@ OBJECT_CHANGE = 0.1
 # without any object; a sprite's cells are at 9 (median), 3.4 (quartile)
 OBJECT_ACCEPT = 0.6
 OBJECT_MIN_CHANGE = 1.0
-# measured-similarity+steady-objects (steady_object_velocities): slots per latent cell, working pixels per
-# latent cell (32: 1-pixel steps at 64 px) up to this many a side, and the velocity grid's step as a
-# fraction of the frame per frame (0.1 pixel per frame at 64 px). Measured on the sprite pixels of 64
-# held-out clips at 64 px (object picture's mean squared error, the better slot; shipped per-frame
-# measurement 0.037 with one sprite, 0.105 with two): 16 working pixels per cell 0.022 / 0.044, 32:
-# 0.014 / 0.034; a step of 1/1280 no better than 1/640
-STEADY_OBJECT_SLOTS = 2
+# measured-similarity+fine-objects (steady_object_velocities): working pixels per object cell (32: 1-pixel
+# steps at 64 px) up to this many a side, and the velocity grid's step as a fraction of the frame per
+# frame (0.1 pixel per frame at 64 px). Measured with two slots per 32-pixel cell on the sprite pixels
+# of 64 held-out clips at 64 px (object picture's mean squared error, one / two sprites): 16 working
+# pixels per cell 0.022 / 0.044, 32: 0.014 / 0.034; a step of 1/1280 no better than 1/640
 STEADY_CELL_PIXELS = 32
 STEADY_MAX_WORK = 128
 STEADY_VELOCITY_STEP = 1 / 640
 # a cell holds a steady object when its change summed over the clip reaches this much per frame (in
-# OBJECT_MIN_CHANGE's units). Measured on the same clips (sprite pixels, better slot, 1 / 2 sprites):
-# 1.0 0.017 / 0.036, 0.5 0.015 / 0.036, 0.27 0.014 / 0.035; on 200 training clips the sprite-free ones
-# got a first slot in 13 of 160 cells at each of the three
+# OBJECT_MIN_CHANGE's units). Measured on the same clips (sprite pixels, 1 / 2 sprites): 1.0 0.017 /
+# 0.036, 0.5 0.015 / 0.036, 0.27 0.014 / 0.035; on 200 training clips the sprite-free ones got an
+# object motion in 13 of 160 cells at each of the three
 STEADY_MIN_CHANGE = 0.5
+# measured-similarity+fine-objects (measure_fine_objects): object cells per latent cell each way (the
+# module docstring has the measurements)
+FINE_OBJECT_SPLIT = 2
 # measured-similarity+objects: the camera's similarity transform is fitted to the shifts of tiles at
 # least this large, reweighted this many times with this residual scale in pixels (measured on the
 # first 96 held-out clips at 64 px, 1536 cell x latent-frame checks against the exact motion: with
@@ -208,12 +213,16 @@ def zoom_roll_direction(video: torch.Tensor, content_index: int = 7) -> str:
     return "clockwise" if roll < 0 else "counterclockwise"
 
 
-def camera_cells(video: torch.Tensor, content_index: int, cells: tuple[int, int]) -> torch.Tensor:
+def camera_cells(video: torch.Tensor, content_index: int, cells: tuple[int, int],
+                 params: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`camera_similarity` at each latent cell's centre (its mean over the cell: the field is linear):
-    ``[B, 2, T, h, w]`` (dx, dy) in pixels, the camera channels of ``measured-similarity+objects``."""
+    ``[B, 2, T, h, w]`` (dx, dy) in pixels, the camera channels of ``measured-similarity+objects``.
+    ``params``: :func:`camera_similarity` when the caller has it already."""
     height, width = video.shape[3:]
     rows, cols = cells
-    params = camera_similarity(video, content_index)[..., None, None]                  # [B, T, 4, 1, 1]
+    if params is None:
+        params = camera_similarity(video, content_index)
+    params = params[..., None, None]                                                   # [B, T, 4, 1, 1]
     ys = ((torch.arange(rows, dtype=torch.float32, device=video.device) + 0.5) * height / rows - height / 2)
     xs = ((torch.arange(cols, dtype=torch.float32, device=video.device) + 0.5) * width / cols - width / 2)
     return similarity_flow(params.unbind(2), xs.reshape(1, cols), ys.reshape(rows, 1))
@@ -351,12 +360,11 @@ def measure_object_motion(video: torch.Tensor, content_index: int, latent_frames
 
 
 def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_index: int,
-                              cells: tuple[int, int], slots: int = STEADY_OBJECT_SLOTS,
-                              latent_frames: int | None = None) -> torch.Tensor:
-    """Per latent cell, up to ``slots`` steady motions of what moves against the camera during the clip:
-    ``[B, slots, 2, h, w]`` velocities (dx, dy per frame) as fractions of the frame's width / height, a
-    backward flow on top of ``camera`` (:func:`camera_cells`, pixels): frame t at (x, y) in that cell is
-    near the content frame at (x, y) + camera + velocity * (t - content_index). Zero where none is found.
+                              cells: tuple[int, int], latent_frames: int | None = None) -> torch.Tensor:
+    """Per object cell, the steady motion of what moves against the camera during the clip: ``[B, 2, h, w]``
+    velocities (dx, dy per frame) as fractions of the frame's width / height, a backward flow on top of
+    ``camera`` (:func:`camera_cells` on the same ``cells``, pixels): frame t at (x, y) in that cell is near
+    the content frame at (x, y) + camera + velocity * (t - content_index). Zero where none is found.
 
     Method: the per-frame search of :func:`object_shifts` (every integer shift, at
     ``STEADY_CELL_PIXELS`` per cell, at most ``STEADY_MAX_WORK`` pixels a side) gives each frame's cost
@@ -364,15 +372,14 @@ def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_
     frame (rounded to the working pixels), searched on a grid of ``STEADY_VELOCITY_STEP``. The best
     velocity is kept under :func:`object_shifts`' share test (``OBJECT_ACCEPT``) with the change summed
     over the clip, where the cell changed by at least ``STEADY_MIN_CHANGE`` per frame on average (in
-    ``OBJECT_MIN_CHANGE``'s units); the pixels it explains (within ``OBJECT_CHANGE``) then leave the
-    search and the next slot searches what is left. The grid reaches ``MAX_OBJECT_UNITS`` in the
-    latent frame farthest from the content frame (``latent_frames``: T / 4 unless given). The shifts are
-    tried one after the other over the changed pixels alone, so the live memory stays near the clip's
-    size; the time grows with the changed pixels times the shifts (0.16 s per 64-px clip on one core of
-    this workplace's CPU; a 128-px clip of pure noise, where every pixel changes, about a minute).
-    Why steady: one search over the whole clip gives each moving thing one slot for the whole clip, so
-    the slots do not swap between frames as per-frame searches do (a second per-frame slot only took
-    sprite pixels more than 2 px off from 27 % to 20 % in two-sprite clips, measured in session 12).
+    ``OBJECT_MIN_CHANGE``'s units). The grid reaches ``MAX_OBJECT_UNITS`` in the latent frame farthest
+    from the content frame (``latent_frames``: T / 4 unless given). The shifts are tried one after the
+    other over the changed pixels alone, so the live memory stays near the clip's size; the time grows
+    with the changed pixels times the shifts (about 0.1 s per 64-px clip on one core of this workplace's
+    CPU; a 128-px clip of pure noise, where every pixel changes, about a minute).
+    Why steady: one search over the whole clip sums the evidence of every frame -- a cell a sprite
+    crosses in a few frames still gets its motion, where the mean of per-frame shifts mixes it with zeros
+    -- and the decoder, reading it linearly, gets the motion back exactly in every frame.
     """
     batch, _, frames, height, width = video.shape
     rows, cols = cells
@@ -387,9 +394,8 @@ def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_
     # the velocity grid reaches MAX_OBJECT_UNITS in the latent frame farthest from the content frame
     latent_frames = latent_frames or max(1, frames // 4)
     farthest = float(offsets.reshape(latent_frames, -1).mean(1).abs().max())
-    velocities = torch.zeros(batch, slots, 2, rows, cols, device=video.device)
     if farthest == 0:                      # one latent frame centred on the content frame: nothing to find
-        return velocities
+        return torch.zeros(batch, 2, rows, cols, device=video.device)
     reach_v = round(MAX_OBJECT_UNITS / OBJECT_UNITS_PER_FRAME / farthest / STEADY_VELOCITY_STEP)
     steps = torch.arange(-reach_v, reach_v + 1, device=video.device, dtype=torch.float32) * STEADY_VELOCITY_STEP
     grid = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1).reshape(-1, 2)          # [V, 2]
@@ -405,71 +411,74 @@ def steady_object_velocities(video: torch.Tensor, camera: torch.Tensor, content_
     target = clip.reshape(batch * frames, -1, work_h, work_w)[image, :, ys, xs]           # [K, 3]
     pixel_weight = weight.reshape(batch * frames, work_h, work_w)[image, ys, xs]         # [K]
 
-    def error_at(dx: torch.Tensor | int, dy: torch.Tensor | int) -> torch.Tensor:
-        """Each changed pixel's |difference| from the prediction moved by (dx, dy) working pixels: [K]."""
-        return (target - padded[image, :, ys + reach_y + dy, xs + reach_x + dx]).abs().mean(1)
+    def weighted_error(dx: int, dy: int) -> torch.Tensor:
+        """Each changed pixel's change-weighted |difference| from the prediction moved by (dx, dy): [K]."""
+        return (target - padded[image, :, ys + reach_y + dy, xs + reach_x + dx]).abs().mean(1) * pixel_weight
 
-    def per_cell(values: torch.Tensor) -> torch.Tensor:      # [K] or [K, S] -> summed per (clip, frame, cell)
-        out = torch.zeros(batch * frames * rows * cols, *values.shape[1:], device=video.device)
-        return out.index_add_(0, cell, values).reshape(batch, frames, rows, cols, *values.shape[1:])
+    def per_cell(values: torch.Tensor) -> torch.Tensor:      # [K] -> summed per (clip, frame, cell)
+        out = torch.zeros(batch * frames * rows * cols, device=video.device)
+        return out.index_add_(0, cell, values).reshape(batch, frames, rows, cols)
 
-    unexplained_error = error_at(0, 0)
-    for slot in range(slots):
-        costs = torch.stack([per_cell(error_at(dx, dy) * pixel_weight) for dx, dy in shifts], 2)  # [B, T, S, h, w]
-        cost = costs[:, frame_index, shift_index].sum(2)                                   # [B, V, h, w]
-        best, best_index = cost.min(1)
-        unexplained = per_cell(unexplained_error * pixel_weight).sum(1)
-        change = per_cell(pixel_weight).sum(1)
-        kept = (best <= OBJECT_ACCEPT * unexplained) & (
-            change >= STEADY_MIN_CHANGE * (frames - 1) * cell_h * cell_w / OBJECT_CELL_PIXELS ** 2)
-        velocities[:, slot] = torch.where(kept[:, None], grid[best_index].permute(0, 3, 1, 2), 0.0)
-        # the changed pixels this slot explains leave the search for the next
-        chosen = shift_index[best_index].permute(0, 3, 1, 2).reshape(-1)[cell]            # per changed pixel
-        explained = (error_at(chosen % span_x - reach_x, chosen // span_x - reach_y) < OBJECT_CHANGE) & kept.reshape(
-            batch, 1, -1).expand(-1, frames, -1).reshape(-1)[cell]
-        pixel_weight = pixel_weight * ~explained
-    return velocities
+    costs = torch.stack([per_cell(weighted_error(dx, dy)) for dx, dy in shifts], 2)       # [B, T, S, h, w]
+    best, best_index = costs[:, frame_index, shift_index].sum(2).min(1)                   # [B, h, w]
+    unexplained = per_cell(weighted_error(0, 0)).sum(1)
+    change = per_cell(pixel_weight).sum(1)
+    kept = (best <= OBJECT_ACCEPT * unexplained) & (
+        change >= STEADY_MIN_CHANGE * (frames - 1) * cell_h * cell_w / OBJECT_CELL_PIXELS ** 2)
+    return torch.where(kept[:, None], grid[best_index].permute(0, 3, 1, 2), 0.0)
 
 
-def measure_steady_objects(video: torch.Tensor, content_index: int, latent_frames: int, cells: tuple[int, int],
-                           camera: torch.Tensor) -> torch.Tensor:
-    """The object channels of ``measured-similarity+steady-objects``: ``[B, 2 * slots, latent_frames, h, w]``
-    in units (1/8 of the frame), slot after slot as (dx, dy): each latent frame's mean of
-    :func:`steady_object_velocities` times the frames' distances from the content frame."""
-    frames = video.shape[2]
-    velocities = steady_object_velocities(video, camera, content_index, cells,
-                                          latent_frames=latent_frames)                       # [B, S, 2, h, w]
+def measure_fine_objects(video: torch.Tensor, content_index: int, latent_frames: int, cells: tuple[int, int],
+                         params: torch.Tensor) -> torch.Tensor:
+    """The object channels of ``measured-similarity+fine-objects``: ``[B, 2 * FINE_OBJECT_SPLIT ** 2,
+    latent_frames, h, w]`` in units (1/8 of the frame): one steady object motion
+    (:func:`steady_object_velocities`) per cell of a grid ``FINE_OBJECT_SPLIT`` times finer than the
+    latent's each way, as each latent frame's mean shift; a latent cell's sub-cells in row-major order,
+    each as (dx, dy). ``params``: :func:`camera_similarity` of the clip."""
+    split = FINE_OBJECT_SPLIT
+    fine = (cells[0] * split, cells[1] * split)
+    camera = camera_cells(video, content_index, fine, params).float()
+    velocities = steady_object_velocities(video, camera, content_index, fine, latent_frames)   # [B, 2, H', W']
+    batch, frames = video.shape[0], video.shape[2]
     offsets = torch.arange(frames, device=video.device, dtype=torch.float32) - content_index
     mean_offsets = offsets.reshape(latent_frames, frames // latent_frames).mean(1)
-    shifts = velocities[:, :, :, None] * mean_offsets.reshape(1, 1, 1, -1, 1, 1)             # [B, S, 2, T', h, w]
+    shifts = velocities[:, :, None] * mean_offsets.reshape(1, 1, -1, 1, 1)                # [B, 2, T', H', W']
     units = (shifts * OBJECT_UNITS_PER_FRAME).clamp(-MAX_OBJECT_UNITS, MAX_OBJECT_UNITS)
-    return units.flatten(1, 2)
+    units = units.reshape(batch, 2, latent_frames, cells[0], split, cells[1], split)
+    return units.permute(0, 4, 6, 1, 2, 3, 5).reshape(batch, 2 * split * split, latent_frames, *cells)
 
 
 def measure_motion(video: torch.Tensor, content_index: int, latent_shape: tuple[int, int, int],
                    kind: str) -> torch.Tensor:
     """All measured channels of ``ddconfig.latent_motion`` = ``kind`` for one clip: ``[B, M, T', h, w]``."""
     latent_frames, rows, cols = latent_shape
-    if kind in ("measured-similarity+objects", "measured-similarity+steady-objects"):
+    if kind == "measured-similarity+fine-objects":
+        params = camera_similarity(video, content_index)
+        camera = camera_cells(video, content_index, (rows, cols), params).float()
+        return torch.cat([measure_latent_motion(video, content_index, latent_frames, camera),
+                          measure_fine_objects(video, content_index, latent_frames, (rows, cols), params)], 1)
+    if kind == "measured-similarity+objects":
         camera = camera_cells(video, content_index, (rows, cols)).float()
         channels = [measure_latent_motion(video, content_index, latent_frames, camera)]
     else:
         camera = frame_shifts(video, content_index).float()
         units = measure_latent_motion(video, content_index, latent_frames, camera)
         channels = [units[:, :, :, None, None].expand(-1, -1, -1, rows, cols)]
-    if object_slots(kind) == 1:
+    if has_object_channels(kind):
         channels.append(measure_object_motion(video, content_index, latent_frames, (rows, cols), camera))
-    elif object_slots(kind) > 1:
-        channels.append(measure_steady_objects(video, content_index, latent_frames, (rows, cols), camera))
     return torch.cat(channels, 1)
 
 
-def object_slots(kind: str) -> int:
-    """How many object motions per latent cell ``ddconfig.latent_motion`` = ``kind`` holds, two channels
-    each from channel 2 on: 0, 1 ('...+objects') or ``STEADY_OBJECT_SLOTS`` ('...+steady-objects')."""
-    if kind.endswith("+steady-objects"):
-        return STEADY_OBJECT_SLOTS
-    return 1 if kind.endswith("+objects") else 0
+def has_object_channels(kind: str) -> bool:
+    """Whether ``ddconfig.latent_motion`` = ``kind`` holds object motion from channel 2 on (two channels per
+    object cell: :func:`object_split`)."""
+    return kind.endswith(("+objects", "+fine-objects"))
+
+
+def object_split(kind: str) -> int:
+    """How many object cells a latent cell holds each way for ``ddconfig.latent_motion`` = ``kind``:
+    ``FINE_OBJECT_SPLIT`` for '...+fine-objects', else 1."""
+    return FINE_OBJECT_SPLIT if kind.endswith("+fine-objects") else 1
 
 
 def embed_motion(z: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
@@ -489,7 +498,7 @@ def embed_motion(z: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
     motion_square = moving.reshape(batch, -1).pow(2).sum(1, keepdim=True)
     shift = -motion_sum / learned
     # MAX_UNITS and MAX_OBJECT_UNITS keep the motion's share of the variance below 1 (C >= 16, config.py;
-    # with two steady object slots too, see the module docstring)
+    # for fine objects with a steady camera: the module docstring)
     scale = ((total - motion_square) / learned - shift ** 2).clamp_min(1e-3).sqrt()
     rest = (standard * scale + shift).reshape(rest.shape)
     return torch.cat([moving, rest], 1)
@@ -504,11 +513,16 @@ def read_motion_flow(z: torch.Tensor, frame_size: tuple[int, int] | None = None)
     return z[:, :MOTION_CHANNELS].float() * size / UNITS_PER_FRAME
 
 
-def read_object_flow(z: torch.Tensor, frame_size: tuple[int, int] | None = None, slots: int = 1) -> torch.Tensor:
-    """The object flows ``[B, 2 * slots, T', h, w]`` in latent pixels, per cell, slot after slot as (dx, dy),
-    from channels 2 on of a latent with object channels (units of 1/8 of the frame; ``frame_size`` as in
-    :func:`read_motion_flow`)."""
+def read_object_flow(z: torch.Tensor, frame_size: tuple[int, int] | None = None, split: int = 1) -> torch.Tensor:
+    """The object flow ``[B, 2, T', h * split, w * split]`` from channels 2 on of a latent with object channels
+    (units of 1/8 of the frame; ``frame_size`` as in :func:`read_motion_flow`): one (dx, dy) per object cell
+    in pixels of the object cells' grid -- the latent's, or with ``split`` (:func:`object_split`) one
+    ``split`` times finer each way, read from :func:`measure_fine_objects`' channel order."""
     height, width = frame_size or z.shape[3:]
-    size = torch.tensor([width, height] * slots, dtype=torch.float32, device=z.device).reshape(1, -1, 1, 1, 1)
-    objects = z[:, MOTION_CHANNELS:MOTION_CHANNELS + OBJECT_CHANNELS * slots].float()
+    size = torch.tensor([width * split, height * split], dtype=torch.float32, device=z.device).reshape(1, 2, 1, 1, 1)
+    objects = z[:, MOTION_CHANNELS:MOTION_CHANNELS + OBJECT_CHANNELS * split * split].float()
+    if split > 1:
+        batch, _, frames, rows, cols = objects.shape
+        objects = objects.reshape(batch, split, split, 2, frames, rows, cols)
+        objects = objects.permute(0, 3, 4, 5, 1, 6, 2).reshape(batch, 2, frames, rows * split, cols * split)
     return objects * size / OBJECT_UNITS_PER_FRAME

@@ -8,7 +8,7 @@ from reducio.data import SyntheticClips
 from reducio.vae import ReducioVAE, normalize_latent
 from reducio.vae.config import ConfigError
 from reducio.vae.motion import (MAX_OBJECT_UNITS, MAX_UNITS, camera_cells, camera_similarity, embed_motion, frame_shifts,
-                                measure_latent_motion, measure_motion, measure_object_motion, measure_steady_objects,
+                                measure_fine_objects, measure_latent_motion, measure_motion, measure_object_motion,
                                 object_shifts, read_motion_flow, read_object_flow, steady_object_velocities,
                                 zoom_roll_direction)
 
@@ -517,20 +517,20 @@ def test_a_tiled_composite_decode_leaves_the_callers_content_frame_alone():
 
 
 # ---------------------------------------------------------------------------------------------------
-# two steady object motions per cell (latent_motion 'measured-similarity+steady-objects')
+# one steady object motion per quarter cell (latent_motion 'measured-similarity+fine-objects')
 # ---------------------------------------------------------------------------------------------------
-def steady_config():
+def fine_config():
     config = composite_config()
-    config["ddconfig"]["latent_motion"] = "measured-similarity+steady-objects"
+    config["ddconfig"]["latent_motion"] = "measured-similarity+fine-objects"
     return config
 
 
-def test_steady_objects_hold_each_sprite_in_a_slot_of_its_cell_with_one_sprite_or_two():
-    """Each sprite's motion against the camera (backward: scene shift - velocity, per frame) is in one of
-    the two slots of the cell it covers at the content frame. Measured on the pan / still clips among the
-    first 160 training clips: within 0.35 pixel per frame for 45 of 53 sprites alone in their clip and 52
-    of 62 in two-sprite clips (within 0.15: 38 and 41; the rest mostly sprites that leave the cell soon
-    or move nearly with the camera); a clip that does not change holds nothing."""
+def test_fine_objects_hold_each_sprites_motion_in_the_quarter_cell_it_covers():
+    """Each sprite's motion against the camera (backward: scene shift - velocity, per frame) is the steady
+    motion of the 16-pixel cell its centre is in at the content frame. Measured on the pan / still clips
+    among the first 160 training clips: within 0.35 pixel per frame for 37 of 53 sprites alone in their
+    clip and 50 of 62 in two-sprite clips (within 0.15: 28 and 39; the rest mostly sprites whose centre
+    cell they soon leave, or that move nearly with the camera)."""
     data = SyntheticClips(split="train", size=64, count=160)
     found = {1: [0, 0], 2: [0, 0]}
     for index in range(160):
@@ -538,133 +538,80 @@ def test_steady_objects_hold_each_sprite_in_a_slot_of_its_cell_with_one_sprite_o
         if spec.camera not in ("pan", "still") or not spec.sprites:
             continue
         video = data[index]["video"][None]
-        velocities = steady_object_velocities(video, camera_cells(video, 7, (2, 2)), 7, (2, 2))[0] * 64
+        velocities = steady_object_velocities(video, camera_cells(video, 7, (4, 4)), 7, (4, 4))[0] * 64
         for sprite in spec.sprites:
             truth = torch.tensor([spec.scene_shift[k] - sprite.velocity[k] for k in (0, 1)])
             x, y = (sprite.start[k] + sprite.velocity[k] * 7 for k in (0, 1))
-            row, col = min(1, max(0, int(y // 32))), min(1, max(0, int(x // 32)))
-            error = (velocities[:, :, row, col] - truth).abs().max(1).values.min()
-            found[len(spec.sprites)][0] += int(error <= 0.35)
+            row, col = min(3, max(0, int(y // 16))), min(3, max(0, int(x // 16)))
+            found[len(spec.sprites)][0] += int((velocities[:, row, col] - truth).abs().max() <= 0.35)
             found[len(spec.sprites)][1] += 1
-    assert all(total > 40 and right / total >= 0.75 for right, total in found.values()), found
+    assert all(total > 40 and right / total >= 0.65 for right, total in found.values()), found
     still = data[0]["video"][:, 7][None, :, None].expand(-1, -1, 16, -1, -1)
-    assert steady_object_velocities(still, torch.zeros(1, 2, 16, 2, 2), 7, (2, 2)).abs().max() == 0
+    assert steady_object_velocities(still, torch.zeros(1, 2, 16, 4, 4), 7, (4, 4)).abs().max() == 0
     # one frame: nothing can move (and nothing to divide by)
-    one = steady_object_velocities(still[:, :, :1], torch.zeros(1, 2, 1, 2, 2), 0, (2, 2))
-    assert one.shape == (1, 2, 2, 2, 2) and one.abs().max() == 0
+    one = steady_object_velocities(still[:, :, :1], torch.zeros(1, 2, 1, 4, 4), 0, (4, 4))
+    assert one.shape == (1, 2, 4, 4) and one.abs().max() == 0
 
 
-def test_steady_object_channels_are_each_latent_frames_mean_shift_slot_after_slot():
+def test_fine_object_channels_hold_each_latent_cells_quarters_and_read_back_as_a_finer_grid():
     data = SyntheticClips(split="train", size=64, count=40)
     index = next(i for i in range(40) if data.spec(i).camera == "still" and len(data.spec(i).sprites) == 2)
     video = data[index]["video"][None]
-    camera = camera_cells(video, 7, (2, 2))
-    velocities = steady_object_velocities(video, camera, 7, (2, 2))               # [1, 2, 2, 2, 2]
-    units = measure_steady_objects(video, 7, 4, (2, 2), camera)
+    params = camera_similarity(video, 7)
+    velocities = steady_object_velocities(video, camera_cells(video, 7, (4, 4), params), 7, (4, 4))
     offsets = (torch.arange(16.0) - 7).reshape(4, 4).mean(1)                       # -5.5, -1.5, 2.5, 6.5
-    expected = (velocities[:, :, :, None] * offsets.reshape(1, 1, 1, 4, 1, 1) * 8).clamp(-1.4, 1.4)
-    torch.testing.assert_close(units, expected.flatten(1, 2))
-    assert (velocities[0].abs().sum(1) > 0).sum() >= 3        # both sprites found, in some cell each
-    # in the latent: channels 2-5, read back in latent pixels slot after slot
+    fine = (velocities[:, :, None] * offsets.reshape(1, 1, 4, 1, 1) * 8).clamp(-1.4, 1.4)   # [1, 2, 4, 4, 4] units
+    units = measure_fine_objects(video, 7, 4, (2, 2), params)                      # [1, 8, 4, 2, 2]
+    for row in range(4):
+        for col in range(4):               # latent cell (row // 2, col // 2), quarter (row % 2, col % 2)
+            quarter = 2 * (row % 2) + col % 2
+            torch.testing.assert_close(units[0, 2 * quarter:2 * quarter + 2, :, row // 2, col // 2],
+                                       fine[0, :, :, row, col])
+    assert (velocities[0].abs().sum(0) > 0).sum() >= 2         # both sprites found, in some cell each
+    # read back: the finer grid's flow in its own pixels (4 a side), 1/8 of the frame per unit
+    torch.testing.assert_close(read_object_flow(torch.cat([torch.zeros(1, 2, 4, 2, 2), units], 1), split=2),
+                               fine * 4 / 8)
+    # in a model's latent (the test preset: 4 pixels per latent cell): channels 0-1 the camera, 2-9 the quarters
     torch.manual_seed(0)
-    vae = ReducioVAE(**steady_config()).eval()
-    small = torch.nn.functional.interpolate(video[0].transpose(0, 1), size=(32, 32), mode="area")
-    small = small.transpose(0, 1)[None]
+    vae = ReducioVAE(**fine_config()).eval()
     with torch.no_grad():
-        latent = vae.encode(small, tiling=False)
-    motion = measure_motion(small, 7, tuple(latent.shape[2:]), "measured-similarity+steady-objects")
-    torch.testing.assert_close(latent[:, :6], motion, atol=1e-4, rtol=0)
-    flow = read_object_flow(latent, slots=2)
-    assert latent.shape[3:] == (8, 8)
-    torch.testing.assert_close(flow, latent[:, 2:6] * 8 / 8)           # 8 latent pixels a side, 1/8 a unit
+        latent = vae.encode(video, tiling=False)
+    motion = measure_motion(video, 7, tuple(latent.shape[2:]), "measured-similarity+fine-objects")
+    torch.testing.assert_close(latent[:, :10], motion, atol=1e-4, rtol=0)
 
 
-def test_a_two_slot_composite_decoder_moves_each_object_picture_by_its_own_slot():
+def test_a_fine_objects_decoder_moves_the_object_picture_by_each_quarter_cells_own_flow():
     torch.manual_seed(0)
-    vae = ReducioVAE(**steady_config()).eval()
+    vae = ReducioVAE(**fine_config()).eval()
     decoder = vae.decoder
     image, video, hidden, refined, read = composite_inputs(decoder)
-    objects = torch.zeros(1, 4, 16, 2, 2)
-    objects[:, 0, :, 0, 0] = 3.0 / 8           # slot 1: 3 pixels right in the top-left cell
-    objects[:, 3, :, 0, 0] = 2.0 / 8           # slot 2: 2 pixels down there
+    objects = torch.zeros(1, 2, 16, 4, 4)        # 4 output pixels per quarter cell
+    objects[:, 0, :, 0, 1] = 2.0 / 4             # 2 pixels right in the second quarter of the top row
+    force_mix(vae, 1)
     with torch.no_grad():
-        decoder.mix.bias.fill_(-50.0)
-        decoder.mix_slots[0].bias.fill_(50.0)     # take the second slot's picture everywhere
         out = decoder._composite(video, hidden, image, refined, read, objects)
-        torch.testing.assert_close(out[0, :, 5, :6, :8], image[0, :, 2:8, :8], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out[0, :, 5, 8:, :], image[0, :, 8:, :], atol=1e-5, rtol=0)
-        decoder.mix_slots[0].bias.fill_(-50.0)
-        decoder.mix.bias[1] = 50.0               # the first slot's
-        out = decoder._composite(video, hidden, image, refined, read, objects)
-        torch.testing.assert_close(out[0, :, 5, :8, :5], image[0, :, :8, 3:8], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0, :, 5, :4, 4:8], image[0, :, :4, 6:10], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0, :, 5, :4, :4], image[0, :, :4, :4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0, :, 5, 4:, :], image[0, :, 4:, :], atol=1e-5, rtol=0)
 
 
-def test_a_two_slot_model_starts_from_a_one_slot_composite_models_weights():
-    """A one-slot composite model's weights load whole: the second slot's mix starts as the first slot's
-    logit, with its own distance's weight; a tiled decode matches the untiled one away from the tile
-    borders, as for one slot."""
+def test_a_fine_objects_model_takes_a_composite_models_weights_whole_and_decodes_tiles():
+    """The kind changes what channels 2-9 hold, not the decoder: a tiny-composite model's weights load
+    tensor for tensor (the shipped tiny-fine VAE was fine-tuned so); a tiled decode reads each tile's
+    quarters at the whole frame's scale (as the one-slot test above, within the tiles' borders)."""
     torch.manual_seed(0)
-    one = ReducioVAE(**composite_config()).eval()
-    with torch.no_grad():
-        one.decoder.mix.weight.normal_()
-        one.decoder.mix.bias.normal_()
-    two = ReducioVAE(**steady_config()).eval()
-    two.load_state_dict(one.state_dict())                       # strict: nothing missing
-    assert all(not conv.weight.any() for conv in two.modules() if isinstance(conv, torch.nn.Conv2d)
-               and conv in [c for m in two.modules() for c in getattr(m, "conv_objects_slots", [])])
-    width = one.decoder.mix.in_channels - 2
-    first, second = one.decoder.mix, two.decoder.mix_slots[0]
-    assert torch.equal(second.weight[0, :width], first.weight[1, :width])
-    assert torch.equal(second.weight[0, width], first.weight[1, width + 1])
-    assert torch.equal(second.bias, first.bias[1:2]) and torch.equal(two.decoder.mix.weight, first.weight)
-    # the same pictures and distances give the second slot the first slot's logit
-    hidden = torch.randn(1, width, 2, 4, 4)
-    distance, camera_distance = torch.rand(1, 1, 2, 4, 4), torch.zeros(1, 1, 2, 4, 4)
-    with torch.no_grad():
-        one_logit = first(torch.cat([hidden, camera_distance, distance], 1))[:, 1:2]
-        torch.testing.assert_close(second(torch.cat([hidden, distance], 1)), one_logit, atol=1e-5, rtol=0)
-    two = ReducioVAE(**steady_config()).eval()
+    composite = ReducioVAE(**composite_config())
+    vae = ReducioVAE(**fine_config()).eval()
+    assert vae.load_state_dict(composite.state_dict(), strict=True)
     data = SyntheticClips(split="train", size=64, count=40)
-    clip = data[next(i for i in range(40) if len(data.spec(i).sprites) == 2)]["video"][None]
+    clip = data[next(i for i in range(40) if data.spec(i).camera == "still" and data.spec(i).sprites)]["video"][None]
+    force_mix(vae, 1)
     with torch.no_grad():
-        two.decoder.mix.bias.fill_(-50.0)
-        two.decoder.mix_slots[0].bias.fill_(50.0)       # the second slot's picture: the latent's motion alone
-        latent = two.encode(clip, tiling=False)
-        assert latent[:, 4:6].abs().max() > 0.1
-        whole = two.decode(latent, clip[:, :, 7], tiling=False)
-        tiled = two.decode(latent, clip[:, :, 7], tiling=True, tile_size=32)
+        latent = vae.encode(clip, tiling=False)
+        whole = vae.decode(latent, clip[:, :, 7], tiling=False)
+        tiled = vae.decode(latent, clip[:, :, 7], tiling=True, tile_size=32)
     assert (whole - tiled).abs().mean() < 0.01 < (whole - clip).abs().mean()
-    config = steady_config()
+    config = fine_config()
     config["embed_dim"] = config["ddconfig"]["z_channels"] = 8
     with pytest.raises(ConfigError, match="at least 16 latent channels"):
         ReducioVAE(**config)
-
-
-def test_every_warp_level_moves_the_content_by_each_object_slot_through_its_own_convolution():
-    from reducio.vae.blocks import WarpFusion
-
-    torch.manual_seed(0)
-    block = WarpFusion(32, 4, 4, objects=2).eval()
-    x, context = torch.randn(1, 32, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    prior = torch.zeros(1, 2, 4, 8, 8)
-    first, second = torch.zeros(1, 2, 4, 2, 2), torch.zeros(1, 2, 4, 2, 2)
-    second[:, 0, :, 0, 1] = 0.5                    # the second slot: half a cell right, in the top-right cell
-    with torch.no_grad():
-        block.conv_objects.weight.normal_()
-        alone = block(x, context, prior, torch.cat([first, torch.zeros_like(second)], 1))[0]
-        # zero-initialised: the second slot's picture changes nothing yet
-        torch.testing.assert_close(block(x, context, prior, torch.cat([first, second], 1))[0], alone)
-        # with the first slot's weights, the second slot is read the same way: the slots can swap
-        block.conv_objects_slots[0].load_state_dict(block.conv_objects.state_dict())
-        torch.testing.assert_close(block(x, context, prior, torch.cat([first, second], 1))[0],
-                                   block(x, context, prior, torch.cat([second, first], 1))[0])
-        assert not torch.allclose(block(x, context, prior, torch.cat([first, second], 1))[0], alone)
-
-
-def test_the_memory_estimate_counts_the_second_slots_picture():
-    from reducio.vae import estimate_memory
-
-    one = estimate_memory(composite_config(), "decode", 16, 64, 64, tiling=False, include_weights=False)
-    two = estimate_memory(steady_config(), "decode", 16, 64, 64, tiling=False, include_weights=False)
-    # one more moved picture (3 channels), its distance and its weight, float32, per output element
-    assert two - one == 5 * 4 * 16 * 64 * 64
