@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --init: build --model / --model-config and take only the tensors that match by "
                           "name and shape (the rest start fresh)")
     vae.add_argument("--freeze-latent", action="store_true",
-                     help="keep the video encoder (encoder_3d, quant_conv) as it starts: the latents stay the same, "
-                          "so a DiT trained on them stays valid; the content encoder and decoder train")
+                     help="keep the video encoder (encoder_3d, quant_conv) as it starts: with the same latent_motion "
+                          "the latents stay the same, so a DiT trained on them stays valid; the content encoder "
+                          "and decoder train")
     vae.add_argument("--kl-weight", type=float, default=1e-6)
     vae.add_argument("--disc-start", type=int, default=10001)
     vae.add_argument("--disc-weight", type=float, default=0.05)

@@ -78,7 +78,8 @@ SAME_LEVEL_FUSIONS = ("add", "warp")
 # (ours: that with the camera's pan, zoom and roll held per latent cell) or 'measured-similarity+fine-objects'
 # (ours: that with one steady object motion per quarter of a latent cell in channels 2-9); the measured kinds need
 # a warp level and this many channels (motion.MAX_UNITS / MAX_OBJECT_UNITS keep the motion channels'
-# share of the latent's variance below 1 at 16 on the synthetic clips: motion.py)
+# share of the latent's variance below 1 at 16; for '+fine-objects' with a steady camera, not in the worst
+# case the clamps allow: motion.py)
 LATENT_MOTION_KINDS = ("learned", "measured", "measured+objects", "measured-similarity+objects",
                        "measured-similarity+fine-objects")
 # how the decoder spreads a measured motion over the frames and pixels (ours, motion.py): each latent

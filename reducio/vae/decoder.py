@@ -153,6 +153,17 @@ class FusionDecoder(nn.Module):
                 self.mix.bias.zero_()
                 self.mix.bias[-1] = self.MIX_INIT
 
+    def warp_level_scales(self) -> list[int]:
+        """Each warp level's resolution in multiples of the latent's (features before its upsample): the
+        spatial upsamples of the levels nearer the latent, which run first."""
+        scales = []
+        for level in range(self.n_levels):
+            if any(isinstance(block, WarpFusion) for block in self.up[level].fuse):
+                ups = sum(decoder_upsample_kind(k, self.n_levels, self.f_s, self.f_t) in (SPATIAL, FULL)
+                          for k in range(level + 1, self.n_levels))
+                scales.append(2 ** ups)
+        return scales
+
     def used_content_levels(self) -> list[int]:
         """Indices into the content-feature list that this decoder reads (-1 = the last entry)."""
         used = [i for i in self.ch_fuse if i >= 0]
@@ -185,7 +196,7 @@ class FusionDecoder(nn.Module):
             flow = self.latent_flow(z)
         if self.linear_motion:
             # every frame's own motion, and the camera's at every output pixel, before the warp levels
-            # resample them (the object flow stays one value per latent cell)
+            # resample them (the object flow stays one value per object cell)
             height, width = z.shape[3] * 2 ** self.f_s, z.shape[4] * 2 ** self.f_s
             if flow is not None:
                 flow = linear_flow(flow.float(), (self.temp_res, height, width))

@@ -104,9 +104,10 @@ OBJECT_CHANGE = 0.1
 # without any object; a sprite's cells are at 9 (median), 3.4 (quartile)
 OBJECT_ACCEPT = 0.6
 OBJECT_MIN_CHANGE = 1.0
-# measured-similarity+fine-objects (steady_object_velocities): working pixels per object cell (32: 1-pixel
-# steps at 64 px) up to this many a side, and the velocity grid's step as a fraction of the frame per
-# frame (0.1 pixel per frame at 64 px). Measured with two slots per 32-pixel cell on the sprite pixels
+# measured-similarity+fine-objects (steady_object_velocities): working pixels per object cell, at most
+# one per frame pixel (16 at 64 px, where an object cell is 16 pixels: 1-pixel steps), up to this many a
+# side, and the velocity grid's step as a fraction of the frame per frame (0.1 pixel per frame at 64 px).
+# Measured with two slots per 32-pixel cell on the sprite pixels
 # of 64 held-out clips at 64 px (object picture's mean squared error, one / two sprites): 16 working
 # pixels per cell 0.022 / 0.044, 32: 0.014 / 0.034; a step of 1/1280 no better than 1/640
 STEADY_CELL_PIXELS = 32
@@ -433,7 +434,7 @@ def measure_fine_objects(video: torch.Tensor, content_index: int, latent_frames:
     """The object channels of ``measured-similarity+fine-objects``: ``[B, 2 * FINE_OBJECT_SPLIT ** 2,
     latent_frames, h, w]`` in units (1/8 of the frame): one steady object motion
     (:func:`steady_object_velocities`) per cell of a grid ``FINE_OBJECT_SPLIT`` times finer than the
-    latent's each way, as each latent frame's mean shift; a latent cell's sub-cells in row-major order,
+    latent's each way, as each latent frame's mean shift; a latent cell's quarters in row-major order,
     each as (dx, dy). ``params``: :func:`camera_similarity` of the clip."""
     split = FINE_OBJECT_SPLIT
     fine = (cells[0] * split, cells[1] * split)

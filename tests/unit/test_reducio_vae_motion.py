@@ -598,7 +598,8 @@ def test_a_fine_objects_decoder_moves_the_object_picture_by_each_quarter_cells_o
 def test_a_fine_objects_model_takes_a_composite_models_weights_whole_and_decodes_tiles():
     """The kind changes what channels 2-9 hold, not the decoder: a tiny-composite model's weights load
     tensor for tensor (the shipped tiny-fine VAE was fine-tuned so); a tiled decode reads each tile's
-    quarters at the whole frame's scale (as the one-slot test above, within the tiles' borders)."""
+    quarters at the whole frame's scale (the same picture up to the tiles' borders, as for one shift
+    per latent cell above)."""
     torch.manual_seed(0)
     composite = ReducioVAE(**composite_config())
     vae = ReducioVAE(**fine_config()).eval()
@@ -615,3 +616,27 @@ def test_a_fine_objects_model_takes_a_composite_models_weights_whole_and_decodes
     config["embed_dim"] = config["ddconfig"]["z_channels"] = 8
     with pytest.raises(ConfigError, match="at least 16 latent channels"):
         ReducioVAE(**config)
+    # a warp level at the latent's own resolution would take one quarter's flow for the whole cell
+    config = fine_config()
+    config["ddconfig_2d"]["ch_mult"] = [1, 1, 1]
+    config["ddconfig"].update(ch_fuse=[0, 1, 2], fuse_type=["warp", "attn+warp", "warp"])
+    with pytest.raises(ConfigError, match="runs at 1x the latent's resolution"):
+        ReducioVAE(**config)
+
+
+def test_a_fine_objects_model_decodes_each_quarters_motion_where_that_quarter_is():
+    """Through the model's own decode path (the latent read at the finer grid): a motion in one quarter
+    of one latent cell moves the object picture there and nowhere else."""
+    torch.manual_seed(0)
+    vae = ReducioVAE(**fine_config()).eval()
+    force_mix(vae, 1)
+    clip = SyntheticClips(split="train", size=32, count=2)[0]["video"][None]
+    content = clip[:, :, 7]
+    latent = torch.zeros(1, 16, 4, 8, 8)                  # the test preset: 4 pixels per latent cell
+    latent[:, 2 + 2 * 3, :, 1, 2] = 8 * 2 / 32             # quarter 3 (bottom right) of cell (1, 2): 2 px right
+    with torch.no_grad():
+        out = vae.decode(latent, content, tiling=False)
+    moved = (out - content[:, :, None]).abs().amax((0, 1, 2)) > 1e-4     # [H, W]
+    assert moved[6:8, 10:12].all()                          # that quarter: rows 6-7, columns 10-11
+    moved[6:8, 10:12] = False
+    assert not moved.any()
