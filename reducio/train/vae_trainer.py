@@ -133,8 +133,8 @@ def resolve_vae_config(model: str | None, model_config: str | None, init: str | 
             if len(taken) * 2 < len(shapes):
                 raise TrainingError(f"--init {init} --init-matching: only {len(taken)} of the model's {len(shapes)} "
                                     f"tensors match by name and shape; this is not the same family of model")
-            print(f"--init-matching: {len(taken)} tensors taken from {init}, {len(shapes) - len(taken)} start fresh "
-                  f"(or from the ones they extend, where the model says so)", file=sys.stderr)
+            print(f"--init-matching: {len(taken)} tensors taken from {init}, {len(shapes) - len(taken)} start fresh",
+                  file=sys.stderr)
             return config, taken
         if model or model_config:
             wanted = resolve_vae_config(model, model_config, None)[0]

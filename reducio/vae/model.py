@@ -8,9 +8,9 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..validation import ConfigError
 from . import clips as clip_utils
 from .blocks import NORM_GROUPS, FloatGroupNorm
-from ..validation import ConfigError
 from .config import validate_config
 from .decoder import FusionDecoder
 from .encoder import Encoder
@@ -93,13 +93,13 @@ class ReducioVAE(nn.Module):
                 for norm in module.modules():
                     if isinstance(norm, FloatGroupNorm):
                         norm.num_groups = groups
-        split = object_split(self.latent_motion)
-        if split > 1 and min(self.decoder.warp_level_scales()) < split:
+        split, coarsest_warp = object_split(self.latent_motion), min(self.decoder.warp_level_scales(), default=1)
+        if split > 1 and coarsest_warp < split:
             # a warp level coarser than the object grid would take one object cell's flow per pixel
             # (resize_flow 'nearest'), not the motion of the others it covers
             raise ConfigError(f"config field ddconfig.latent_motion = {self.latent_motion!r} holds the object motion "
                               f"on a grid {split} times finer than the latent, but a decoder level with 'warp' "
-                              f"fusion runs at {min(self.decoder.warp_level_scales())}x the latent's resolution; "
+                              f"fusion runs at {coarsest_warp}x the latent's resolution; "
                               f"fix: use 'warp' only at levels with at least {split}x (ddconfig.fuse_type) or "
                               f"latent_motion 'measured-similarity+objects'")
         self.quant_conv = nn.Conv3d(2 * z_channels, 2 * embed_dim, 1)

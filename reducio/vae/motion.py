@@ -64,9 +64,9 @@ motion, one / two sprites: one per-frame shift per 32-pixel cell (the mean of th
 27.8 dB, one steady velocity per 32-pixel cell 33.2 / 27.8, per 16-pixel cell 33.3 / 29.9. (Per-frame
 shifts per 16-pixel cell did worse -- on the sprite pixels of 64 held-out clips 0.12 / 0.14 against
 0.037 / 0.105 --: a sprite crosses such a cell within a latent frame and the mean mixes its shift with
-zeros. Two steady motions
-per 32-pixel cell reach 34.3 / 31.3 as the better of three pictures, but a decoder cannot tell which
-sprite follows which, and trained it did not: docs/embedded_models.md, session 13.) The learned channels
+zeros. Two steady motions per 32-pixel cell reach 34.3 / 31.3 as the better of three pictures, but a
+decoder cannot tell which sprite follows which, and trained it did not: docs/embedded_models.md, session
+13.) The learned channels
 left, 10-15, carried almost nothing in the tiny model: with channels 4-15 of its latents set to zero it
 decoded at 28.90 dB against 28.91. The motion channels' share of the latent's variance: a steady motion
 reaches its largest unit only in the farthest latent frame (each channel's mean square at most 0.94),
@@ -107,9 +107,9 @@ OBJECT_MIN_CHANGE = 1.0
 # measured-similarity+fine-objects (steady_object_velocities): working pixels per object cell, at most
 # one per frame pixel (16 at 64 px, where an object cell is 16 pixels: 1-pixel steps), up to this many a
 # side, and the velocity grid's step as a fraction of the frame per frame (0.1 pixel per frame at 64 px).
-# Measured with two slots per 32-pixel cell on the sprite pixels
-# of 64 held-out clips at 64 px (object picture's mean squared error, one / two sprites): 16 working
-# pixels per cell 0.022 / 0.044, 32: 0.014 / 0.034; a step of 1/1280 no better than 1/640
+# Measured with two slots per 32-pixel cell on the sprite pixels of 64 held-out clips at 64 px (object
+# picture's mean squared error, one / two sprites): 16 working pixels per cell 0.022 / 0.044, 32: 0.014 /
+# 0.034; a step of 1/1280 no better than 1/640
 STEADY_CELL_PIXELS = 32
 STEADY_MAX_WORK = 128
 STEADY_VELOCITY_STEP = 1 / 640
